@@ -1,0 +1,51 @@
+"""The backend switch: which implementation computes batch norm.
+
+``"numba"``  fused multi-core kernels in :mod:`bnlab.kernels` (default when numba imports);
+``"numpy"``  the readable reference in :mod:`bnlab.functional` (always available).
+
+The switch is explicit state, set by :func:`set_backend` or overridden per call with ``backend=``.
+It never changes *what* is computed (same conventions, same validation, same errors), only how.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+BACKENDS = ("numpy", "numba")
+
+_state = {"backend": None}
+
+
+def numba_available() -> bool:
+    """True when numba is installed and bnlab's kernels package is present."""
+    return (
+        importlib.util.find_spec("numba") is not None
+        and importlib.util.find_spec("bnlab.kernels") is not None
+    )
+
+
+def _default_backend() -> str:
+    return "numba" if numba_available() else "numpy"
+
+
+def get_backend() -> str:
+    """The backend used when a call passes ``backend=None``."""
+    if _state["backend"] is None:
+        _state["backend"] = _default_backend()
+    return _state["backend"]
+
+
+def set_backend(name: str) -> None:
+    """Select the default backend: ``"numba"`` or ``"numpy"``."""
+    _state["backend"] = resolve_backend(name)
+
+
+def resolve_backend(name: str | None) -> str:
+    """Validate a ``backend=`` argument; ``None`` means the current default."""
+    if name is None:
+        return get_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "numba" and not numba_available():
+        raise ValueError("backend='numba' was requested but numba is not installed")
+    return name

@@ -1,0 +1,32 @@
+"""Exception types raised by bnlab.
+
+Every class subclasses the builtin a caller would naturally catch (``ValueError`` or ``TypeError``),
+so ``except ValueError`` keeps working; the bnlab type lets a caller be more precise. Messages
+always name the offending argument and say what was expected.
+"""
+
+from __future__ import annotations
+
+
+class BNLabError(Exception):
+    """Base class of every bnlab-specific error."""
+
+
+class ShapeError(BNLabError, ValueError):
+    """An array has the wrong number of dimensions or the wrong size along an axis."""
+
+
+class DTypeError(BNLabError, TypeError):
+    """An array has a dtype bnlab does not accept (e.g. integers where floats are needed)."""
+
+
+class NonFiniteError(BNLabError, ValueError):
+    """A batch contains NaN or Inf and the caller asked for an error instead of a warning."""
+
+
+class DataFormatError(BNLabError, ValueError):
+    """A data file (IDX, checkpoint, safetensors, npz) is corrupt, truncated or of another format."""
+
+
+class NonFiniteBatchWarning(RuntimeWarning):
+    """A training batch had non-finite statistics; running statistics were left unchanged."""
