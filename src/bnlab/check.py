@@ -1,0 +1,349 @@
+"""Self-check of the normalization family: every implementation, every layout, random inputs.
+
+For each operation (batch norm in training and in inference, layer norm, group norm, instance
+norm) and each layout, on a small random float64 input with a *random* upstream gradient
+(never ones: batch norm's input gradient is then zero and every bug passes), measure:
+
+``graph``    closed-form backward vs the staged computational-graph backward (batch norm train)
+``numeric``  every gradient (dx, dgamma, dbeta) vs central differences of  L = Σ dout·f(x)
+``torch``    outputs, gradients and running statistics vs ``torch.nn.functional`` + autograd
+``numba``    the numba backend vs this NumPy reference, in float32 (batch norm only)
+
+Each error is ``max|a − b| / max(1, max|b|)`` (the largest deviation relative to the largest
+reference value, so it means the same for every tensor) and fails when above its tolerance in
+:data:`TOLERANCES`. ``bnlab check`` prints the table and exits non-zero on any failure.
+
+:data:`DTYPE_TOLERANCES` is the single place stating how close a float16/32/64 result must be to
+the float64 answer; the test suite imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bnlab import functional as F
+from bnlab.functional._layout import LAYOUTS, get_layout
+
+# --------------------------------------------------------------------------- tolerances
+
+#: Largest accepted :func:`rel_error` per check.
+TOLERANCES: dict[str, float] = {
+    "graph": 1e-12,  # two exact derivations in float64: rounding only
+    "numeric": 1e-6,  # central differences, h=1e-5: truncation O(h²) + rounding O(ε/h) ≈ 1e-10
+    "torch": 1e-10,  # same float64 math, different summation order
+    "numba": 1e-4,  # float32 kernels vs the float32 reference: different summation order
+}
+
+#: How close a result computed in a given input dtype must be to the float64 answer,
+#: as :func:`rel_error`. float16 output is rounded to 11 significant bits
+#: (relative step 2^-11 ≈ 4.9e-4); statistics are accumulated in float32.
+DTYPE_TOLERANCES: dict[np.dtype, float] = {
+    np.dtype(np.float64): 1e-10,
+    np.dtype(np.float32): 1e-4,
+    np.dtype(np.float16): 4e-3,
+}
+
+NUMERIC_STEP = 1e-5
+
+
+def rel_error(a, b) -> float:
+    """max|a − b| / max(1, max|b|): the largest deviation relative to the reference's magnitude.
+
+    The floor of 1 makes it an absolute error for tensors that are ~0 (e.g. dx of a norm over a
+    single value, where only rounding noise remains); every check input is O(1)-scaled.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare shapes {a.shape} and {b.shape}")
+    scale = max(float(np.max(np.abs(b), initial=0.0)), 1.0)
+    return float(np.max(np.abs(a - b), initial=0.0)) / scale
+
+
+def numeric_gradient(f: Callable[[], np.ndarray], p: np.ndarray, dout: np.ndarray, h=NUMERIC_STEP):
+    """Central-difference gradient of L = Σ dout·f() with respect to ``p`` (perturbed in place).
+
+        ∂L/∂p_i ≈ (L(p_i + h) − L(p_i − h)) / 2h
+
+    ``f`` reads ``p`` when called; ``p`` is restored exactly after each probe.
+    """
+    grad = np.zeros_like(p, dtype=np.float64)
+    it = np.nditer(p, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = p[i]
+        p[i] = old + h
+        plus = float(np.sum(f() * dout))
+        p[i] = old - h
+        minus = float(np.sum(f() * dout))
+        p[i] = old
+        grad[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class Op:
+    """One member of the family, as the checks see it.
+
+    ``forward(x, gamma, beta, layout, **extra) -> (y, cache)``;
+    ``backward(dout, cache) -> (dx, dgamma, dbeta)``;
+    ``param_shape(x_shape, layout)`` the shape of γ and β.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    param_shape: Callable
+    graph_backward: Callable | None = None
+    has_buffers: bool = False
+
+
+def _channel_params(shape, layout):
+    return (shape[get_layout(layout).channel_axis],)
+
+
+def layer_norm_shape(shape, layout) -> tuple[int, ...]:
+    """The layer-norm ``normalized_shape`` for a layout: the channel for NC/NLC/NHWC
+    (transformer style, channels last), all of (C, *spatial) for channels-first layouts."""
+    lay = get_layout(layout)
+    if lay.channel_axis == lay.ndim - 1:
+        return (shape[-1],)
+    return tuple(shape[1:])
+
+
+def _bn_train(x, g, b, layout, **kw):
+    return F.batch_norm_forward(x, g, b, training=True, layout=layout, **kw)
+
+
+def _bn_eval(x, g, b, layout, running_mean, running_var, **kw):
+    return F.batch_norm_forward(
+        x, g, b, training=False, running_mean=running_mean, running_var=running_var,
+        layout=layout, **kw,
+    )  # fmt: skip
+
+
+def _ln(x, g, b, layout, **kw):
+    return F.layer_norm_forward(x, layer_norm_shape(x.shape, layout), g, b)
+
+
+GN_GROUPS = 2
+
+
+def _gn(x, g, b, layout, **kw):
+    return F.group_norm_forward(x, GN_GROUPS, g, b, layout=layout)
+
+
+def _in(x, g, b, layout, **kw):
+    return F.instance_norm_forward(x, g, b, layout=layout)
+
+
+OPS: dict[str, Op] = {
+    "batch_norm[train]": Op(
+        "batch_norm[train]", _bn_train, F.batch_norm_backward, _channel_params,
+        graph_backward=F.batch_norm_backward_graph, has_buffers=True,
+    ),
+    "batch_norm[eval]": Op(
+        "batch_norm[eval]", _bn_eval, F.batch_norm_backward, _channel_params, has_buffers=True
+    ),
+    "layer_norm": Op("layer_norm", _ln, F.layer_norm_backward, layer_norm_shape),
+    "group_norm": Op("group_norm", _gn, F.group_norm_backward, _channel_params),
+    "instance_norm": Op("instance_norm", _in, F.instance_norm_backward, _channel_params),
+}  # fmt: skip
+
+#: Small shapes with odd sizes; C=4 so that group norm has 2 groups of 2 channels.
+CHECK_SHAPES: dict[str, tuple[int, ...]] = {
+    "NC": (5, 4),
+    "NCL": (3, 4, 5),
+    "NLC": (3, 5, 4),
+    "NCHW": (3, 4, 3, 2),
+    "NHWC": (3, 3, 2, 4),
+}
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass
+class Problem:
+    """A random float64 problem: input, parameters, buffers and a random upstream gradient."""
+
+    x: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    dout: np.ndarray
+
+    @classmethod
+    def random(cls, op: Op, shape, layout, rng: np.random.Generator) -> Problem:
+        c = shape[get_layout(layout).channel_axis]
+        pshape = op.param_shape(shape, layout)
+        return cls(
+            x=rng.standard_normal(shape) * 2.0 + 0.5,
+            gamma=rng.standard_normal(pshape) + 1.0,
+            beta=rng.standard_normal(pshape),
+            running_mean=rng.standard_normal(c) * 0.5,
+            running_var=rng.uniform(0.5, 2.0, c),
+            dout=rng.standard_normal(shape),
+        )
+
+    def buffers(self, dtype=np.float64) -> dict[str, np.ndarray]:
+        return {
+            "running_mean": self.running_mean.astype(dtype),
+            "running_var": self.running_var.astype(dtype),
+        }
+
+
+def _run(op: Op, p: Problem, layout, dtype=np.float64, **kw):
+    """Forward + backward of ``op`` in ``dtype``; returns (y, dx, dgamma, dbeta, buffers)."""
+    buffers = p.buffers(dtype) if op.has_buffers else {}
+    x, g, b = (a.astype(dtype) for a in (p.x, p.gamma, p.beta))
+    y, cache = op.forward(x, g, b, layout, **buffers, **kw)
+    dx, dg, db = op.backward(p.dout.astype(dtype), cache)
+    return y, dx, dg, db, buffers
+
+
+def check_graph(op: Op, p: Problem, layout) -> float | None:
+    if op.graph_backward is None:
+        return None
+    y, cache = op.forward(p.x, p.gamma, p.beta, layout)
+    closed = op.backward(p.dout, cache)
+    graph = op.graph_backward(p.dout, cache)
+    return max(rel_error(a, b) for a, b in zip(graph, closed, strict=True))
+
+
+def check_numeric(op: Op, p: Problem, layout) -> float:
+    """Analytic gradients vs central differences (buffers are only read, never updated here)."""
+    x, g, b = p.x.copy(), p.gamma.copy(), p.beta.copy()
+    extra = p.buffers() if op.name == "batch_norm[eval]" else {}
+
+    def f():
+        return op.forward(x, g, b, layout, **extra)[0]
+
+    _, cache = op.forward(x, g, b, layout, **extra)
+    analytic = op.backward(p.dout, cache)
+    numeric = [numeric_gradient(f, a, p.dout) for a in (x, g, b)]
+    return max(rel_error(a, n) for a, n in zip(analytic, numeric, strict=True))
+
+
+def torch_reference(op: Op, p: Problem, layout, momentum=0.1, eps=1e-5):
+    """The same computation with ``torch.nn.functional`` and autograd, in float64.
+
+    Returns (y, dx, dgamma, dbeta, buffers) as NumPy arrays, like :func:`_run`.
+    """
+    import torch.nn.functional as TF
+
+    import torch
+
+    ch = get_layout(layout).channel_axis
+    xt = torch.tensor(p.x, requires_grad=True)
+    gt = torch.tensor(p.gamma, requires_grad=True)
+    bt = torch.tensor(p.beta, requires_grad=True)
+    bufs = {k: torch.tensor(v) for k, v in p.buffers().items()} if op.has_buffers else {}
+    xc = xt.movedim(ch, 1)  # torch wants channels at axis 1
+    if op.name.startswith("batch_norm"):
+        training = op.name == "batch_norm[train]"
+        yc = TF.batch_norm(
+            xc, bufs["running_mean"], bufs["running_var"], gt, bt, training, momentum, eps
+        )
+    elif op.name == "layer_norm":
+        yc = TF.layer_norm(xt, layer_norm_shape(p.x.shape, layout), gt, bt, eps).movedim(ch, 1)
+    else:
+        groups = GN_GROUPS if op.name == "group_norm" else p.x.shape[ch]
+        yc = TF.group_norm(xc, groups, gt, bt, eps)
+    y = yc.movedim(1, ch)
+    y.backward(torch.tensor(p.dout))
+    grads = [t.grad.numpy() for t in (xt, gt, bt)]
+    return (y.detach().numpy(), *grads, {k: v.numpy() for k, v in bufs.items()})
+
+
+def check_torch(op: Op, p: Problem, layout) -> float:
+    ours = _run(op, p, layout)
+    ref = torch_reference(op, p, layout)
+    errors = [rel_error(a, b) for a, b in zip(ours[:4], ref[:4], strict=True)]
+    errors += [rel_error(ours[4][k], ref[4][k]) for k in ours[4]]
+    return max(errors)
+
+
+def check_numba(op: Op, p: Problem, layout) -> float | None:
+    """numba backend vs the NumPy reference, both in float32 (batch norm only)."""
+    if not op.name.startswith("batch_norm"):
+        return None
+    ours = _run(op, p, layout, np.float32, backend="numba")
+    ref = _run(op, p, layout, np.float32, backend="numpy")
+    errors = [rel_error(a, b) for a, b in zip(ours[:4], ref[:4], strict=True)]
+    errors += [rel_error(ours[4][k], ref[4][k]) for k in ours[4]]
+    return max(errors)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    op: str
+    layout: str
+    shape: tuple[int, ...]
+    errors: dict[str, float | None] = field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        return [
+            k
+            for k, e in self.errors.items()
+            if e is not None and not (np.isfinite(e) and e <= TOLERANCES[k])
+        ]
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_checks(
+    seed: int = 0,
+    *,
+    use_torch: bool | None = None,
+    use_numba: bool | None = None,
+    ops: dict[str, Op] | None = None,
+    layouts=None,
+) -> list[Row]:
+    """Run every check on every (operation, layout); None for a check means 'when available'."""
+    from bnlab.backend import numba_available
+
+    use_torch = torch_available() if use_torch is None else use_torch
+    use_numba = numba_available() if use_numba is None else use_numba
+    rng = np.random.default_rng(seed)
+    rows = []
+    for op in (ops or OPS).values():
+        for layout in layouts or LAYOUTS:
+            shape = CHECK_SHAPES[layout]
+            p = Problem.random(op, shape, layout, rng)
+            row = Row(op.name, layout, shape)
+            row.errors["graph"] = check_graph(op, p, layout)
+            row.errors["numeric"] = check_numeric(op, p, layout)
+            row.errors["torch"] = check_torch(op, p, layout) if use_torch else None
+            row.errors["numba"] = check_numba(op, p, layout) if use_numba else None
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of the errors; '-' where a check does not apply or was not run."""
+    cols = list(TOLERANCES)
+    head = ["operation", "layout", "shape"] + [f"{c} (tol {TOLERANCES[c]:.0e})" for c in cols]
+    lines = ["| " + " | ".join(head + ["ok"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        cells = [r.op, r.layout, "x".join(map(str, r.shape))]
+        cells += ["-" if r.errors.get(c) is None else f"{r.errors[c]:.1e}" for c in cols]
+        cells.append("FAIL " + ",".join(r.failures()) if r.failures() else "ok")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
