@@ -1,0 +1,39 @@
+"""bnlab for PyTorch: d2l's batch norm done right, a drop-in CPU BatchNorm, SyncBatchNorm on CPU.
+
+Optional: ``import bnlab`` never imports torch; only ``import bnlab.torch`` does.
+
+=========================== =====================================================================
+``batch_norm``, ``BatchNorm``  d2l's from-scratch function and module, with an explicit ``training``
+                             flag and the moving statistics registered as buffers
+``BatchNorm1d/2d``           drop-in ``torch.nn.BatchNorm1d/2d`` whose math is bnlab's kernels
+``convert`` / ``revert``     swap every ``nn.BatchNorm1d/2d`` of a model for bnlab's and back
+``SyncBatchNorm``            batch statistics over a ``torch.distributed`` group (gloo on CPU)
+``functional``               the stateless math (``functional.batch_norm`` mirrors ``F.batch_norm``)
+=========================== =====================================================================
+"""
+
+from __future__ import annotations
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "bnlab.torch needs PyTorch, which is an optional extra: pip install bnlab[torch]"
+    ) from err
+
+from bnlab.torch import functional
+from bnlab.torch.d2l import BatchNorm, batch_norm
+from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, convert, revert
+from bnlab.torch.sync import SyncBatchNorm, convert_sync_batchnorm
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert",
+    "convert_sync_batchnorm",
+    "functional",
+    "revert",
+]
