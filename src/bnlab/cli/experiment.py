@@ -1,0 +1,102 @@
+"""``bnlab experiment NAME|all [--quick|--tiny] [--seeds 3] [--out reports/NAME]``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+HELP = "reproduce a textbook claim about batch norm: results.json, PNG plots, report section"
+
+
+def add_arguments(parser) -> None:
+    from bnlab.experiments._registry import EXPERIMENTS  # noqa: PLC0415 (light: no numpy)
+
+    parser.add_argument(
+        "name",
+        metavar="NAME",
+        help=f"one of: {', '.join(EXPERIMENTS)}; or 'all' to run every experiment in order",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="budget",
+        help="smaller budgets (all seven finish in about 15 minutes on 2 cores)",
+    )
+    budget.add_argument(
+        "--tiny",
+        action="store_const",
+        const="tiny",
+        dest="budget",
+        help="smoke test of the pipeline in seconds; the numbers mean nothing",
+    )
+    parser.set_defaults(budget="full")
+    parser.add_argument(
+        "--seeds", type=int, default=3, metavar="N", help="number of seeds 0..N-1 (default 3)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default reports/NAME; with 'all': the parent, default reports)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="Markdown report to update (default: experiments.md next to the output folder)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _targets(args) -> list[tuple[str, Path, Path]]:
+    """(name, out_dir, report) for each experiment to run; raises for an unknown name."""
+    from bnlab.experiments._registry import EXPERIMENTS, load_experiment  # noqa: PLC0415
+    from bnlab.experiments._runner import default_report_path  # noqa: PLC0415
+
+    if args.name == "all":
+        root = args.out or Path("reports")
+        report = args.report or root / "experiments.md"
+        return [(name, root / name, report) for name in EXPERIMENTS]
+    load_experiment(args.name)  # unknown name -> error listing the valid ones
+    out = args.out or Path("reports") / args.name
+    return [(args.name, out, args.report or default_report_path(out))]
+
+
+def run(args) -> int:
+    from bnlab.experiments._io import ensure_writable_dir  # noqa: PLC0415
+    from bnlab.experiments._runner import run_experiment  # noqa: PLC0415
+
+    try:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be a positive integer, got {args.seeds}")
+        targets = _targets(args)
+        for _, out, report in targets:  # fail before hours of training, not after
+            ensure_writable_dir(out, "--out")
+            ensure_writable_dir(report.parent, "--report")
+    except (ValueError, OSError) as err:
+        print(f"bnlab experiment: error: {err}", file=sys.stderr)
+        return 2
+
+    status = 0
+    for name, out, report in targets:
+        start = time.monotonic()
+        result = run_experiment(
+            name,
+            out,
+            budget=args.budget,
+            seeds=args.seeds,
+            report_path=report,
+            progress=not args.no_progress,
+        )
+        elapsed = time.monotonic() - start
+        if result["status"] == "skipped":
+            print(f"{name}: skipped ({result['skip_reason']})")
+            continue
+        verdict = result["verdict"]
+        word = {True: "holds", False: "does NOT hold", None: "inconclusive"}[verdict["holds"]]
+        print(f"{name}: claim {word}: {verdict['text']}  [{elapsed:.0f}s, {out}/results.json]")
+    print(f"report: {targets[-1][2]}")
+    return status

@@ -1,0 +1,47 @@
+"""The few training primitives the experiments share, on bnlab's own engine (bnlab.nn/optim).
+
+Pure bookkeeping: forward, loss, backward, SGD step, accuracy. The math lives in bnlab.nn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bnlab.experiments._data import Split
+
+
+def sgd_step(model, loss_fn, opt, x: np.ndarray, y: np.ndarray) -> float:
+    """One step of minibatch SGD in training mode; returns the batch loss (NaN if diverged)."""
+    model.train()
+    opt.zero_grad()
+    with np.errstate(all="ignore"):  # a diverging run is expected at lr 1.0 and recorded as NaN
+        logits = model.forward(x)
+        loss = float(loss_fn.forward(logits, y))
+        if not math.isfinite(loss):
+            return float("nan")
+        model.backward(loss_fn.backward())
+        opt.step()
+    return loss
+
+
+def evaluate(model, data: Split, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` in eval mode; the model's mode is restored."""
+    from bnlab.nn import CrossEntropyLoss, no_grad  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    loss_fn = CrossEntropyLoss()
+    total_loss, correct = 0.0, 0
+    try:
+        with no_grad(), np.errstate(all="ignore"):
+            for i in range(0, len(data), batch_size):
+                x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
+                logits = model.forward(x)
+                total_loss += float(loss_fn.forward(logits, y)) * len(y)
+                correct += int((np.argmax(logits, axis=1) == y).sum())
+    finally:
+        model.train(was_training)
+    loss = total_loss / len(data)
+    return (loss if math.isfinite(loss) else float("nan")), correct / len(data)
