@@ -1,0 +1,184 @@
+"""bnlab.torch.BatchNorm2d vs torch.nn.BatchNorm2d on CPU, measured side by side in one process.
+
+Cases: forward+backward of one BN layer at (64, 64, 56, 56) float32, NCHW and channels_last (the
+training mode a ResNet-50 stage-1 BN sees), and one LeNet-BN training step (batch 256, 28×28)
+with each implementation. Every case is checked for equal results *before* it is timed; the peers
+run interleaved (round robin) so that load on a shared machine hits both alike. Reports median ms,
+the speedup (torch / bnlab) and, for the BN layer, the achieved bandwidth against a NumPy copy
+measured in the same run (fwd+bwd moves at least 5 tensors: read x, write y; read x, dy, write dx).
+
+    python benchmarks/bench_torch.py                      # full table (Markdown) + JSON
+    python benchmarks/bench_torch.py --quick              # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bnlab
+import bnlab.torch as bt
+import torch
+from bnlab.torch.models import lenet_bn
+from torch import nn
+
+FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls alternating between the peers."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth_gbs(nbytes: int, repeats: int = 5) -> float:
+    """Read+write bandwidth of ``np.copyto`` on arrays of ``nbytes`` (the practical limit)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(interleaved({"copy": lambda: np.copyto(dst, src)}, repeats, 1)["copy"])
+    return 2 * nbytes / best / 1e9
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def bn_layer_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """One forward+backward; returns (y, dx, dweight) for the pre-timing check."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    y = module(x)
+    y.backward(dy)
+    return y, x.grad, module.weight.grad
+
+
+def bn_case(shape, fmt: str):
+    """Two closures over identical modules and inputs, checked equal first."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(memory_format=FORMATS[fmt]).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(memory_format=FORMATS[fmt])
+    ref, ours = nn.BatchNorm2d(shape[1]), bt.BatchNorm2d(shape[1])
+    for a, b in zip(bn_layer_step(ref, x, dy), bn_layer_step(ours, x, dy), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    return {
+        "torch": lambda: bn_layer_step(ref, x, dy),
+        "bnlab": lambda: bn_layer_step(ours, x, dy),
+    }
+
+
+def lenet_case(batch: int):
+    """One SGD step of LeNet-BN (same init, same batch) with torch's and with bnlab's BN."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make(norm):
+        model = lenet_bn(norm, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), labels)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    steps = {"torch": make("torch"), "bnlab": make("bnlab")}
+    torch.testing.assert_close(steps["bnlab"](), steps["torch"](), rtol=1e-4, atol=1e-5)
+    return steps
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarize(name, times, nbytes=None, copy_gbs=None):
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    row = {"case": name, "torch_ms": ms["torch"], "bnlab_ms": ms["bnlab"]}
+    row["speedup"] = ms["torch"] / ms["bnlab"]
+    if nbytes is not None:
+        row["bnlab_gbs"] = nbytes / (ms["bnlab"] / 1e3) / 1e9
+        row["torch_gbs"] = nbytes / (ms["torch"] / 1e3) / 1e9
+        row["bnlab_pct_of_copy"] = 100 * row["bnlab_gbs"] / copy_gbs
+    return row
+
+
+def markdown(rows, env) -> str:
+    lines = [
+        f"bnlab backend `{env['bnlab_backend']}`, torch {env['torch']} with "
+        f"{env['torch_threads']} threads, {env['cpu_count']} CPUs; NumPy copy bandwidth "
+        f"{env['copy_gbs']:.1f} GB/s",
+        "",
+        "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        bw = f"{r['bnlab_gbs']:.1f} ({r['bnlab_pct_of_copy']:.0f}%)" if "bnlab_gbs" in r else "-"
+        lines.append(
+            f"| {r['case']} | {r['torch_ms']:.2f} | {r['bnlab_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {bw} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--shape", type=int, nargs=4, default=[64, 64, 56, 56], metavar=("N", "C", "H", "W")
+    )
+    p.add_argument("--batch", type=int, default=256, help="LeNet-BN batch size")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small shape, few repeats (smoke test)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shape, args.batch, args.repeats, args.warmup = [8, 16, 14, 14], 32, 3, 1
+
+    shape = tuple(args.shape)
+    nbytes = 5 * int(np.prod(shape)) * 4  # x, y, x, dy, dx in float32
+    copy_gbs = copy_bandwidth_gbs(int(np.prod(shape)) * 4)
+    rows = []
+    for fmt in FORMATS:
+        times = interleaved(bn_case(shape, fmt), args.repeats, args.warmup)
+        rows.append(summarize(f"BN fwd+bwd {shape} {fmt}", times, nbytes, copy_gbs))
+    times = interleaved(lenet_case(args.batch), args.repeats, args.warmup)
+    rows.append(summarize(f"LeNet-BN train step, batch {args.batch}", times))
+
+    env = {
+        "bnlab_backend": bnlab.get_backend(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "copy_gbs": copy_gbs,
+        "repeats": args.repeats,
+    }
+    print(markdown(rows, env))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
