@@ -69,11 +69,15 @@ def get_convention(convention: str | NormConvention) -> NormConvention:
 
 
 def convert_momentum(momentum: float, src: str, dst: str) -> float:
-    """The momentum value in ``dst``'s meaning that gives the same update as ``momentum`` in ``src``.
+    """The momentum in ``dst``'s meaning giving the same update as ``momentum`` in ``src``.
 
     >>> convert_momentum(0.1, "pytorch", "keras")
     0.9
     """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
+        raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     w = get_convention(src).new_batch_weight(momentum)
     return round(get_convention(dst).momentum_for_weight(w), 15)
 

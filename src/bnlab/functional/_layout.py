@@ -27,6 +27,11 @@ class Layout:
     channel_axis: int
 
     @property
+    def axes_description(self) -> str:
+        """``"(N, C, H, W)"`` for NCHW: the expected shape spelled out for error messages."""
+        return "(" + ", ".join(self.name) + ")"
+
+    @property
     def channels_last(self) -> bool:
         return self.channel_axis == self.ndim - 1 and self.ndim > 2
 
@@ -86,7 +91,7 @@ def check_input(x, layout: str | Layout, name: str = "x") -> Layout:
     check_float_array(x, name)
     if x.ndim != lay.ndim:
         raise ShapeError(
-            f"{name} must be {lay.ndim}-D for layout {lay.name!r} ({lay.name}), "
+            f"{name} must be {lay.ndim}-D {lay.axes_description} for layout {lay.name!r}, "
             f"got shape {x.shape} ({x.ndim}-D)"
         )
     return lay

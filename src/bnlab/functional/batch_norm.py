@@ -64,7 +64,7 @@ def _check_training_batch(x: np.ndarray, lay: Layout) -> int:
     if m == 0:
         raise ShapeError(f"x must not be empty when training, got shape {x.shape}")
     if m == 1:
-        raise ValueError(
+        raise ShapeError(
             f"Expected more than 1 value per channel when training, got input of shape {x.shape} "
             f"(layout {lay.name!r}): batch statistics of a single value are undefined"
         )

@@ -28,11 +28,14 @@ def moments(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     """
     acc = accumulation_dtype(x.dtype)
     xa = x.astype(acc, copy=False)
-    mean = xa.mean(axis=axes, keepdims=True, dtype=acc)
-    d = xa - mean
-    correction = d.mean(axis=axes, keepdims=True, dtype=acc)
-    var = (d * d).mean(axis=axes, keepdims=True, dtype=acc) - correction * correction
-    np.maximum(var, 0, out=var)
+    # Inf − Inf = NaN is the expected outcome for a non-finite batch; callers check the
+    # statistics with np.isfinite, so numpy's "invalid value" warning would only be noise.
+    with np.errstate(invalid="ignore"):
+        mean = xa.mean(axis=axes, keepdims=True, dtype=acc)
+        d = xa - mean
+        correction = d.mean(axis=axes, keepdims=True, dtype=acc)
+        var = (d * d).mean(axis=axes, keepdims=True, dtype=acc) - correction * correction
+        np.maximum(var, 0, out=var)
     return mean + correction, var
 
 
