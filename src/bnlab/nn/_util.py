@@ -49,3 +49,10 @@ def check_dout(dout, shape: tuple[int, ...], name: str) -> np.ndarray:
         got = getattr(dout, "shape", type(dout).__name__)
         raise ShapeError(f"{name}.backward: dout must have the output shape {shape}, got {got}")
     return dout
+
+
+def use_numba() -> bool:
+    """The engine's own kernels follow bnlab's backend switch (``bnlab.set_backend``)."""
+    from bnlab.backend import get_backend
+
+    return get_backend() == "numba"

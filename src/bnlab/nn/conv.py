@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from bnlab import init
 from bnlab.errors import ShapeError
-from bnlab.nn._util import check_dout, check_x, float_dtype, pair, positive_int
+from bnlab.nn._util import check_dout, check_x, float_dtype, pair, positive_int, use_numba
 from bnlab.nn.module import Module, Parameter
 
 
@@ -58,7 +58,21 @@ def im2col(xp, kernel, stride, dilation, out_hw, out=None) -> np.ndarray:
 
 
 def col2im(dcols, padded_shape, kernel, stride, dilation, out_hw) -> np.ndarray:
-    """Adjoint of :func:`im2col`: scatter-add (N, C·kh·kw, OH·OW) back to a padded NCHW array."""
+    """Adjoint of :func:`im2col`: scatter-add (N, C·kh·kw, OH·OW) back to a padded NCHW array.
+
+    Uses the numba kernel when the backend is "numba", else :func:`col2im_reference`.
+    """
+    if use_numba():
+        from bnlab.nn import _kernels
+
+        dxp = np.empty(padded_shape, dcols.dtype)
+        dc = np.ascontiguousarray(dcols)
+        return _kernels.col2im_add(dc, *kernel, *stride, *dilation, *out_hw, dxp)
+    return col2im_reference(dcols, padded_shape, kernel, stride, dilation, out_hw)
+
+
+def col2im_reference(dcols, padded_shape, kernel, stride, dilation, out_hw) -> np.ndarray:
+    """NumPy col2im: one strided add per kernel tap."""
     n, c, hp, wp = padded_shape
     (kh, kw), (s_h, s_w), (d_h, d_w) = kernel, stride, dilation
     oh, ow = out_hw

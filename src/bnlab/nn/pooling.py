@@ -16,9 +16,46 @@ import math
 import numpy as np
 
 from bnlab.errors import ShapeError
-from bnlab.nn._util import check_dout, check_x, pair
+from bnlab.nn._util import check_dout, check_x, pair, use_numba
 from bnlab.nn.conv import conv_output_size, patch_view
 from bnlab.nn.module import Module
+
+
+def avgpool_tile_reference(x: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """Mean over non-overlapping kh×kw tiles of (N, C, H, W), H % kh == W % kw == 0."""
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // kh, kh, w // kw, kw).sum(axis=(3, 5))
+    y *= x.dtype.type(1.0 / (kh * kw))
+    return y
+
+
+def avgpool_tile_backward_reference(dout: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """Each tile cell receives dout/(kh·kw)."""
+    n, c, oh, ow = dout.shape
+    d = dout * dout.dtype.type(1.0 / (kh * kw))
+    dx = np.empty((n, c, oh, kh, ow, kw), d.dtype)
+    dx[...] = d[:, :, :, None, :, None]
+    return dx.reshape(n, c, oh * kh, ow * kw)
+
+
+def _avgpool_tile(x, kh, kw):
+    if not use_numba():
+        return avgpool_tile_reference(x, kh, kw)
+    from bnlab.nn import _kernels
+
+    n, c, h, w = x.shape
+    out = np.empty((n, c, h // kh, w // kw), x.dtype)
+    return _kernels.avgpool_tile_forward(np.ascontiguousarray(x), kh, kw, out)
+
+
+def _avgpool_tile_backward(dout, kh, kw):
+    if not use_numba():
+        return avgpool_tile_backward_reference(dout, kh, kw)
+    from bnlab.nn import _kernels
+
+    n, c, oh, ow = dout.shape
+    dx = np.empty((n, c, oh * kh, ow * kw), dout.dtype)
+    return _kernels.avgpool_tile_backward(np.ascontiguousarray(dout), kh, kw, dx)
 
 
 def _check_pool_input(x, name: str) -> None:
@@ -52,14 +89,14 @@ class _Pool2d(Module):
             )
         return oh, ow
 
-    def _tiles(self, x) -> bool:
-        """True when windows tile x exactly: the reshape fast path applies."""
+    def _tiles(self, shape) -> bool:
+        """True when windows tile an input of this shape exactly: the tile fast path applies."""
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         return (
             (kh, kw) == (sh, sw)
             and self.padding == (0, 0)
-            and x.shape[2] % kh == 0
-            and x.shape[3] % kw == 0
+            and shape[2] % kh == 0
+            and shape[3] % kw == 0
         )
 
     def _padded(self, x, fill) -> np.ndarray:
@@ -92,14 +129,11 @@ class AvgPool2d(_Pool2d):
     def forward(self, x: np.ndarray) -> np.ndarray:
         oh, ow = self._geometry(x)
         kh, kw = self.kernel_size
-        scale = x.dtype.type(1.0 / (kh * kw))
-        if self._tiles(x):
-            n, c = x.shape[:2]
-            y = x.reshape(n, c, oh, kh, ow, kw).sum(axis=(3, 5))
-        else:
-            y = self._windows(self._padded(x, 0), (oh, ow)).sum(axis=(2, 3))
-        y *= scale
         self._cache = (x.shape, (oh, ow))
+        if self._tiles(x.shape):
+            return _avgpool_tile(x, kh, kw)
+        y = self._windows(self._padded(x, 0), (oh, ow)).sum(axis=(2, 3))
+        y *= x.dtype.type(1.0 / (kh * kw))
         return y
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
@@ -107,11 +141,9 @@ class AvgPool2d(_Pool2d):
         n, c = xshape[:2]
         check_dout(dout, (n, c, oh, ow), "AvgPool2d")
         kh, kw = self.kernel_size
+        if self._tiles(xshape):
+            return _avgpool_tile_backward(dout, kh, kw)
         d = dout * dout.dtype.type(1.0 / (kh * kw))
-        if self._tiles(np.empty((0, 0, *xshape[2:]))):
-            dx = np.empty((n, c, oh, kh, ow, kw), d.dtype)
-            dx[...] = d[:, :, :, None, :, None]
-            return dx.reshape(xshape)
         dwin = np.broadcast_to(d[:, :, None, None], (n, c, kh, kw, oh, ow))
         return self._scatter(dwin, xshape, (oh, ow))
 

@@ -1,0 +1,156 @@
+"""Training checkpoints: model + optimizer + epoch + RNG state, pickle-free and atomic.
+
+A checkpoint is two files written atomically (temp file in the same folder, fsync, rename,
+fsync folder — :mod:`bnlab.io`):
+
+    NAME.safetensors   tensors "model.<state_dict key>" and "optim.<optimizer key>", and the full
+                       metadata (JSON string under "bnlab") in the safetensors header
+    NAME.json          the same metadata, human-readable, plus the sha256 of NAME.safetensors
+
+The safetensors file is self-describing; the sidecar is checked against it (sha256), so a pair
+from two different saves, or a truncated file, is refused with a clear error. Nothing is
+unpickled. Metadata: format, version, model name, epoch (completed epochs), config, optimizer
+hyperparameters, RNG state (the data-order key: batches of epoch e are a pure function of
+(seed, e), see :mod:`bnlab.data.batches`) and the metrics so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.errors import DataFormatError
+
+FORMAT = "bnlab-checkpoint"
+VERSION = 1
+MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: state dicts and metadata (``meta["epoch"]`` epochs completed)."""
+
+    model_state: dict[str, np.ndarray]
+    optim_state: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epoch"])
+
+
+def paths(path) -> tuple[Path, Path]:
+    """(weights, sidecar) for a checkpoint given as NAME, NAME.safetensors, NAME.json or a run
+    folder (which holds ``checkpoint.safetensors``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint"
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, optimizer, *, model_name: str, epoch: int, extra=None) -> Path:
+    """Write ``model`` and ``optimizer`` state after ``epoch`` completed epochs; returns the
+    weights path. ``extra`` (JSON-serialisable dict) is stored in the metadata."""
+    from bnlab.io import atomic_write_json, save_safetensors
+
+    weights, sidecar = paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    tensors.update({OPTIM_PREFIX + k: v for k, v in optimizer.state_dict().items()})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_name,
+        "epoch": int(epoch),
+        "optimizer": {"type": type(optimizer).__name__, **optimizer.hyperparameters()},
+        **(extra or {}),
+    }
+    save_safetensors(weights, tensors, metadata={"bnlab": json.dumps(meta, sort_keys=True)})
+    atomic_write_json(sidecar, {**meta, "weights": weights.name, "sha256": _sha256(weights)})
+    return weights
+
+
+def load_checkpoint(path, *, expect_model: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint (see the module docstring for what is checked).
+
+    Raises:
+        FileNotFoundError: the weights file is missing.
+        DataFormatError: truncated/corrupt file, not a bnlab checkpoint, or sidecar mismatch.
+        ValueError: ``expect_model`` is given and the checkpoint is of another model.
+    """
+    from bnlab.io import load_safetensors
+
+    weights, sidecar = paths(path)
+    if not weights.exists():
+        raise FileNotFoundError(f"checkpoint weights not found: {weights}")
+    tensors, header = load_safetensors(weights)
+    meta = _parse_meta(weights, header)
+    _check_sidecar(weights, sidecar)
+    if expect_model is not None and meta["model"] != expect_model:
+        raise ValueError(
+            f"{weights} is a checkpoint of model {meta['model']!r}, expected {expect_model!r}"
+        )
+    model_state = {
+        k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)
+    }
+    optim_state = {
+        k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)
+    }
+    stray = [k for k in tensors if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
+    if stray:
+        raise DataFormatError(f"{weights}: unexpected tensors {stray} in a bnlab checkpoint")
+    return Checkpoint(model_state, optim_state, meta)
+
+
+def _parse_meta(weights: Path, header: dict) -> dict:
+    raw = header.get("bnlab")
+    if raw is None:
+        raise DataFormatError(f"{weights}: not a bnlab checkpoint (no 'bnlab' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{weights}: corrupt checkpoint metadata: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataFormatError(f"{weights}: not a bnlab checkpoint (format {meta!r:.60})")
+    if meta.get("version") != VERSION:
+        raise DataFormatError(
+            f"{weights}: checkpoint version {meta.get('version')!r}, this bnlab reads {VERSION}"
+        )
+    for key, kind in (("model", str), ("epoch", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise DataFormatError(f"{weights}: checkpoint metadata field {key!r} is missing/bad")
+    return meta
+
+
+def _check_sidecar(weights: Path, sidecar: Path) -> None:
+    """The JSON sidecar, when present, must describe exactly these weights."""
+    if not sidecar.exists():
+        return
+    try:
+        side = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{sidecar}: corrupt checkpoint sidecar: {err}") from None
+    if not isinstance(side, dict) or side.get("sha256") != _sha256(weights):
+        raise DataFormatError(
+            f"{sidecar} does not match {weights.name} (sha256 differs): the pair comes from "
+            "different saves or a file was modified"
+        )

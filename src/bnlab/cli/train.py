@@ -1,0 +1,123 @@
+"""``bnlab train``: train LeNet or LeNet-BN on Fashion-MNIST with bnlab's own engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train LeNet / LeNet-BN on Fashion-MNIST (metrics.json, checkpoints, report.md)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["lenet-bn", "lenet"], default="lenet-bn")
+    p.add_argument("--epochs", type=_nonneg_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--lr", type=_positive_float, default=1.0)
+    p.add_argument("--momentum", type=_nonneg_float, default=0.0)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--out", required=True, help="run folder (metrics.json, checkpoint, report.md)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="Fashion-MNIST folder (default: $BNLAB_DATA, "
+        "./data, /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        default=None,
+        help="use only the first N training images (quick runs)",
+    )
+    p.add_argument("--test-limit", type=_positive_int, default=None)
+    p.add_argument(
+        "--backend",
+        choices=["numba", "numpy"],
+        default=None,
+        help="kernels for BN and the engine (default: numba when installed)",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="numba threads (default: numba's own)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args) -> int:
+    from bnlab.backend import set_backend
+    from bnlab.train import TrainConfig, train
+
+    if args.backend is not None:
+        set_backend(args.backend)
+    if args.threads is not None:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    config = TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+    )
+    try:
+        metrics = train(
+            config,
+            args.out,
+            resume=args.resume,
+            data_root=args.data,
+            progress=False if args.no_progress else None,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"bnlab train: error: {err}", file=sys.stderr)
+        return 2
+    if metrics["epochs"]:
+        print(
+            f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; "
+            f"report: {args.out}/report.md"
+        )
+    return 0
