@@ -1,8 +1,7 @@
 """Fashion-MNIST subsets for the experiments (via :mod:`bnlab.data`, never downloaded).
 
 The subset is a fixed function of its sizes (data seed 0), so every seed and every variant of an
-experiment sees the same images; seeds vary initialisation and batch order only. Images are
-standardized with the training subset's mean and std (one scalar each).
+experiment sees the same images; seeds vary initialisation and batch order only.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ DATA_SEED = 0
 
 @dataclass(frozen=True)
 class Split:
-    """``x`` float32 (N, 1, 28, 28) standardized; ``y`` int64 (N,)."""
+    """``x`` float32 (N, 1, 28, 28) (or (N, 784) after :func:`flat`); ``y`` int64 (N,)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -30,9 +29,13 @@ def _take(images, labels, idx, mean, std) -> Split:
     return Split(np.ascontiguousarray(x[:, None]), labels[idx].astype(np.int64))
 
 
-def fashion_mnist(n_train: int, n_val: int, n_test: int) -> tuple[Split, Split, Split]:
+def fashion_mnist(
+    n_train: int, n_val: int, n_test: int, *, standardize: bool = True
+) -> tuple[Split, Split, Split]:
     """(train, val, test): train and val are disjoint subsets of the training split, test of
-    the test split. Sizes are capped at what the files hold (60000 + 10000)."""
+    the test split (capped at its 10000 images). ``standardize=False`` keeps pixels in [0, 1]
+    (d2l's ``ToTensor``); True subtracts the training subset's mean and divides by its std
+    (cs231n's preprocessing)."""
     from bnlab.data import load_fashion_mnist  # noqa: PLC0415
 
     tr_img, tr_lbl = load_fashion_mnist("train")
@@ -47,7 +50,8 @@ def fashion_mnist(n_train: int, n_val: int, n_test: int) -> tuple[Split, Split, 
         np.random.default_rng(DATA_SEED).permutation(len(te_lbl))[: min(n_test, len(te_lbl))]
     )
     pixels = tr_img[tr_idx].astype(np.float64) / 255.0
-    mean, std = np.float32(pixels.mean()), np.float32(pixels.std())
+    mean, std = (pixels.mean(), pixels.std()) if standardize else (0.0, 1.0)
+    mean, std = np.float32(mean), np.float32(std)
     return (
         _take(tr_img, tr_lbl, tr_idx, mean, std),
         _take(tr_img, tr_lbl, val_idx, mean, std),

@@ -12,7 +12,7 @@ An experiment is a module of this package defining
     report(result) -> str               Markdown: setup and tables, from ``result`` only
     unavailable() -> str | None         (optional) why it cannot run here, e.g. no torch
 
-``progress(total, desc)`` returns a :class:`~bnlab.experiments._progress.Progress`.
+``progress(total, desc)`` returns a :class:`bnlab.progress.Progress` (a context manager).
 The runner never measures time into results.json, so a fixed seed gives identical JSON.
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnlab.experiments._io import dumps_json, ensure_writable_dir, write_json
-from bnlab.experiments._progress import Progress
 from bnlab.experiments._registry import load_experiment
 from bnlab.experiments._report import relative_link, render_section, update_report
+from bnlab.progress import Progress
 
 BUDGETS = ("full", "quick", "tiny")
 SCHEMA_VERSION = 1
@@ -121,7 +121,8 @@ def run_experiment(
 
 def _run_seeds(exp, name: str, cfg: dict, seed_list: list[int], progress: bool) -> dict:
     def make_bar(total: int, desc: str) -> Progress:
-        return Progress(total, f"{name} {desc}", enabled=progress)
+        # enabled=None: draw on a terminal, stay silent in logs; False: never draw.
+        return Progress(total, f"{name} {desc}", enabled=None if progress else False)
 
     per_seed = []
     for seed in seed_list:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from bnlab.experiments._data import Split
+from bnlab.experiments._data import Split, batch_indices
 
 
 def sgd_step(model, loss_fn, opt, x: np.ndarray, y: np.ndarray) -> float:
@@ -45,3 +45,31 @@ def evaluate(model, data: Split, batch_size: int = 1000) -> tuple[float, float]:
         model.train(was_training)
     loss = total_loss / len(data)
     return (loss if math.isfinite(loss) else float("nan")), correct / len(data)
+
+
+def train_steps(
+    model,
+    train: Split,
+    *,
+    batch_size: int,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    seed: int = 0,
+    on_step=None,
+) -> list[float]:
+    """``steps`` SGD steps on seeded batches of ``train``; returns the per-step losses.
+
+    ``on_step(step, loss)`` is called after every step (progress bars, measurements).
+    """
+    from bnlab.nn import CrossEntropyLoss  # noqa: PLC0415
+    from bnlab.optim import SGD  # noqa: PLC0415
+
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum)
+    loss_fn = CrossEntropyLoss()
+    losses = []
+    for step, idx in enumerate(batch_indices(len(train), batch_size, seed, steps)):
+        losses.append(sgd_step(model, loss_fn, opt, train.x[idx], train.y[idx]))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
