@@ -119,9 +119,8 @@ def _check_dtypes(x: torch.Tensor, params: list[torch.Tensor]) -> None:
     raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
 
 
-def check_batch_norm_args(x, running_mean, running_var, weight, bias, training) -> None:
-    """The checks of ``F.batch_norm``, with PyTorch's exception types and messages; run before
-    anything is modified, so a bad call leaves every buffer untouched."""
+def check_tensor_args(x, running_mean, running_var, weight, bias) -> None:
+    """Types, dims, dtypes and (C,) sizes, with PyTorch's exception types and messages."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
@@ -132,6 +131,12 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, training) 
     _check_vector_sizes(x, **given)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
+
+
+def check_batch_norm_args(x, running_mean, running_var, weight, bias, training) -> None:
+    """The checks of ``F.batch_norm``, with PyTorch's exception types and messages; run before
+    anything is modified, so a bad call leaves every buffer untouched."""
+    check_tensor_args(x, running_mean, running_var, weight, bias)
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training and values_per_channel(x) == 1:
