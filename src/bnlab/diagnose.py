@@ -612,8 +612,8 @@ def format_table(d: Diagnosis) -> str:
     for lay in d.layers:
         rows.append((
             lay.name, lay.kind, str(lay.num_features), f"{lay.values_per_channel:.0f}",
-            "None (cumulative)" if lay.momentum is None else _fmt(lay.momentum, "g"), _fmt(lay.max_abs_shift_sigma),
-            _fmt(lay.worst_var_ratio, ".3g"),
+            "None (cumulative)" if lay.momentum is None else _fmt(lay.momentum, "g"),
+            _fmt(lay.max_abs_shift_sigma), _fmt(lay.worst_var_ratio, ".3g"),
             _fmt(lay.train_eval_rms, ".3f"), _fmt(lay.batch_noise_rms, ".3f"),
             str(len(lay.dead_channels)), str(len(lay.nonfinite_channels)), lay.verdict.upper(),
         ))  # fmt: skip
