@@ -1,0 +1,49 @@
+"""Fixed work partitioning: a pure function of the tensor's shape, never of the thread count.
+
+Every reduction is split into the same chunks and its partial results are combined in the same
+order whatever the number of threads, so 1, 2 or 64 threads give bit-identical results.
+
+Channels-first (N, C, S): each (n, c) row of S values is cut into ``pieces`` segments of at most
+``SEGMENT`` values; a channel's ``units`` (n, piece) are dealt into ``groups`` consecutive ranges,
+one parallel task per (group, channel).
+
+Channels-last (N, S, C) is seen as R = N·S rows of C values; the rows are cut into ``blocks``
+consecutive ranges of at least ``MIN_BLOCK_ROWS`` rows (so the (blocks, C) float64 partials stay a
+small fraction of x) and the channels into tiles of ``CHANNEL_TILE``; one parallel task per
+(block, tile), vectorized across the channels of its tile.
+"""
+
+from __future__ import annotations
+
+SEGMENT = 16384  # values per channels-first row segment (64 KiB of float32)
+MIN_TASKS = 32  # enough independent tasks to balance a few threads, whatever C is
+MAX_BLOCKS = 64  # channels-last row blocks: bounds the (blocks, C) partials
+MIN_BLOCK_ROWS = 64  # partials are at most 3·8/(64·itemsize) of x: 9% for float32
+MIN_BLOCK_VALUES = 8192  # a channels-last block is at least this many values (overhead)
+CHANNEL_TILE = 512  # channels per channels-last task: its float64 accumulators stay in L1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def row_pieces(s: int) -> int:
+    """Segments per (n, c) row of s values."""
+    return max(1, _ceil_div(s, SEGMENT))
+
+
+def channel_groups(n: int, c: int, s: int) -> int:
+    """How many consecutive (n, piece) ranges each channel's reduction is split into."""
+    units = n * row_pieces(s)
+    return max(1, min(units, _ceil_div(MIN_TASKS, max(c, 1))))
+
+
+def row_blocks(rows: int, c: int) -> int:
+    """How many consecutive row ranges a channels-last (rows, C) tensor is split into."""
+    by_size = _ceil_div(rows * c, MIN_BLOCK_VALUES)
+    return max(1, min(rows // MIN_BLOCK_ROWS, MAX_BLOCKS, by_size))
+
+
+def channel_tiles(c: int) -> int:
+    """How many tiles of at most CHANNEL_TILE channels a channels-last row is split into."""
+    return max(1, _ceil_div(c, CHANNEL_TILE))

@@ -1,0 +1,231 @@
+"""The reduction core: per-channel statistics in one read of the tensor, deterministic.
+
+All sums are accumulated in float64 whatever the input dtype, in ``LANES`` independent
+accumulators (so LLVM vectorizes the loop without ``fastmath``: each lane is a plain sequential
+sum, the order is fixed by the code, never by the scheduler).
+
+Moments (training forward). Each chunk (a row segment, or a block of rows for channels-last) is
+summed *shifted* by its own first value k, which removes the cancellation of E[x²] − E[x]²:
+
+    s1 = Σ (x − k)        s2 = Σ (x − k)²        over the m values of the chunk
+    mean = k + s1/m       M2 = s2 − s1²/m        (M2 = Σ (x − mean)²)
+
+and the chunks are merged in a fixed order with the parallel (Chan et al.) update:
+
+    δ = mean_b − mean_a,  n = n_a + n_b,  mean = mean_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
+
+Gradient sums (backward): Σ dy and Σ dy·(x − μ) per channel, chunked the same way.
+
+Shapes: channels-first x (N, C, S); channels-last x (R, C) (R = N·S rows); partials (G, C).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+LANES = 32  # independent float64 accumulators per row segment (a multiple of the SIMD width)
+
+
+# --------------------------------------------------------------------------- per-chunk sums
+
+
+@njit(cache=True)
+def _shifted_sums(seg, k):
+    """(Σ (x − k), Σ (x − k)²) over a 1-D segment, in float64, LANES-way interleaved.
+
+    Indices start at 0 (non-negative by construction), so no wraparound check blocks SIMD."""
+    acc1 = np.zeros(LANES)
+    acc2 = np.zeros(LANES)
+    full = seg.shape[0] // LANES * LANES
+    for base in range(0, full, LANES):
+        for j in range(LANES):
+            d = np.float64(seg[base + j]) - k
+            acc1[j] += d
+            acc2[j] += d * d
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(LANES):
+        s1 += acc1[j]
+        s2 += acc2[j]
+    for i in range(full, seg.shape[0]):
+        d = np.float64(seg[i]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(cache=True)
+def _grad_sums(dyseg, xseg, mu):
+    """(Σ dy, Σ dy·(x − μ)) over two 1-D segments of equal length, float64, LANES-way."""
+    acc1 = np.zeros(LANES)
+    acc2 = np.zeros(LANES)
+    full = xseg.shape[0] // LANES * LANES
+    for base in range(0, full, LANES):
+        for j in range(LANES):
+            g = np.float64(dyseg[base + j])
+            acc1[j] += g
+            acc2[j] += g * (np.float64(xseg[base + j]) - mu)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(LANES):
+        s1 += acc1[j]
+        s2 += acc2[j]
+    for i in range(full, xseg.shape[0]):
+        g = np.float64(dyseg[i])
+        s1 += g
+        s2 += g * (np.float64(xseg[i]) - mu)
+    return s1, s2
+
+
+@njit(cache=True)
+def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Parallel-variance merge of two (count, mean, M2) summaries (Chan, Golub, LeVeque)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    f = n_b / n
+    return n, mean_a + delta * f, m2_a + m2_b + delta * delta * n_a * f
+
+
+@njit(cache=True)
+def _segment(u, pieces, s):
+    """Row n and [lo, hi) of the u-th (n, piece) unit of a channels-first row of s values."""
+    n = u // pieces
+    p = u % pieces
+    return n, p * s // pieces, (p + 1) * s // pieces
+
+
+# --------------------------------------------------------------------------- moments
+
+
+@njit(parallel=True, cache=True)
+def moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2):
+    """Partial (count, mean, M2) per (group, channel) of x (N, C, S) into the (G, C) partials."""
+    n, c, s = x.shape
+    units = n * pieces
+    for t in prange(groups * c):
+        g = t // c
+        ch = t % c
+        cnt, mean, m2 = 0.0, 0.0, 0.0
+        for u in range(g * units // groups, (g + 1) * units // groups):
+            i, lo, hi = _segment(u, pieces, s)
+            seg = x[i, ch, lo:hi]
+            k = np.float64(seg[0])
+            s1, s2 = _shifted_sums(seg, k)
+            m = np.float64(hi - lo)
+            cnt, mean, m2 = _merge(cnt, mean, m2, m, k + s1 / m, s2 - s1 * s1 / m)
+        p_cnt[g, ch] = cnt
+        p_mean[g, ch] = mean
+        p_m2[g, ch] = m2
+
+
+@njit(cache=True)
+def _tile(t, tiles, c):
+    """Channel range [c0, c1) of task t's tile (tiles of equal width, the last one shorter)."""
+    width = (c + tiles - 1) // tiles
+    c0 = (t % tiles) * width
+    return c0, min(c, c0 + width)
+
+
+@njit(parallel=True, cache=True)
+def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
+    """Partial (count, mean, M2) per (row block, channel) of x (R, C), one task per (block,
+    channel tile), shifted by the block's first row; the inner loop runs across contiguous
+    channels, so it vectorizes."""
+    rows, c = x.shape
+    for t in prange(blocks * tiles):
+        b = t // tiles
+        c0, c1 = _tile(t, tiles, c)
+        r0 = b * rows // blocks
+        r1 = (b + 1) * rows // blocks
+        w = c1 - c0
+        k = np.empty(w)
+        for j in range(w):
+            k[j] = np.float64(x[r0, c0 + j])
+        acc1 = np.zeros(w)
+        acc2 = np.zeros(w)
+        for r in range(r0, r1):
+            xr = x[r, c0:c1]
+            for j in range(w):
+                d = np.float64(xr[j]) - k[j]
+                acc1[j] += d
+                acc2[j] += d * d
+        m = np.float64(r1 - r0)
+        for j in range(w):
+            p_cnt[b, c0 + j] = m
+            p_mean[b, c0 + j] = k[j] + acc1[j] / m
+            p_m2[b, c0 + j] = acc2[j] - acc1[j] * acc1[j] / m
+
+
+@njit(cache=True)
+def merge_moments(p_cnt, p_mean, p_m2, mean, var):
+    """Merge the (G, C) partials in group order into mean (C,) and biased var = M2/count (C,).
+
+    A negative variance from rounding is clamped to 0; NaN stays NaN (non-finite batches must
+    be detectable from the statistics)."""
+    groups, c = p_cnt.shape
+    for ch in range(c):
+        cnt, mu, m2 = p_cnt[0, ch], p_mean[0, ch], p_m2[0, ch]
+        for g in range(1, groups):
+            cnt, mu, m2 = _merge(cnt, mu, m2, p_cnt[g, ch], p_mean[g, ch], p_m2[g, ch])
+        v = m2 / cnt
+        if v < 0.0:
+            v = 0.0
+        mean[ch] = mu
+        var[ch] = v
+
+
+# --------------------------------------------------------------------------- gradient sums
+
+
+@njit(parallel=True, cache=True)
+def grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu):
+    """Partial Σ dy and Σ dy·(x − μ) per (group, channel) of dy, x (N, C, S)."""
+    n, c, s = x.shape
+    units = n * pieces
+    for t in prange(groups * c):
+        g = t // c
+        ch = t % c
+        mu = mean[ch]
+        a, b = 0.0, 0.0
+        for u in range(g * units // groups, (g + 1) * units // groups):
+            i, lo, hi = _segment(u, pieces, s)
+            s1, s2 = _grad_sums(dy[i, ch, lo:hi], x[i, ch, lo:hi], mu)
+            a += s1
+            b += s2
+        p_dy[g, ch] = a
+        p_dyxmu[g, ch] = b
+
+
+@njit(parallel=True, cache=True)
+def grad_sums_cl(dy, x, mean, blocks, tiles, p_dy, p_dyxmu):
+    """Partial Σ dy and Σ dy·(x − μ) per (row block, channel) of dy, x (R, C)."""
+    rows, c = x.shape
+    for t in prange(blocks * tiles):
+        b = t // tiles
+        c0, c1 = _tile(t, tiles, c)
+        w = c1 - c0
+        mu = mean[c0:c1]
+        acc1 = np.zeros(w)
+        acc2 = np.zeros(w)
+        for r in range(b * rows // blocks, (b + 1) * rows // blocks):
+            dyr = dy[r, c0:c1]
+            xr = x[r, c0:c1]
+            for j in range(w):
+                g = np.float64(dyr[j])
+                acc1[j] += g
+                acc2[j] += g * (np.float64(xr[j]) - mu[j])
+        for j in range(w):
+            p_dy[b, c0 + j] = acc1[j]
+            p_dyxmu[b, c0 + j] = acc2[j]
+
+
+@njit(cache=True)
+def sum_partials(p, total):
+    """total[c] = Σ_g p[g, c], in group order (fixed, so deterministic)."""
+    groups, c = p.shape
+    for ch in range(c):
+        acc = 0.0
+        for g in range(groups):
+            acc += p[g, ch]
+        total[ch] = acc

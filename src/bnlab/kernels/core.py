@@ -1,0 +1,106 @@
+"""Layout-level drivers of the numba kernels: per-channel reductions and elementwise passes over a
+canonical 3-D view, with the fixed chunking of :mod:`._chunks`.
+
+A 3-D array is channels-first (N, C, S) or channels-last (N, S, C). The kernels see channels-first
+as is and channels-last as (R, C) rows with R = N·S. Two degenerate cases are swapped to the
+layout that vectorizes: channels-last with C = 1 is the same memory as channels-first (N, 1, S),
+and channels-first with S = 1 the same as channels-last (N, C).
+
+These drivers trust their inputs (shapes, contiguity, dtypes); :mod:`.batch_norm` checks them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _chunks, _elementwise, _reduce
+
+
+def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:
+    """(view, channels_last) as the kernels take it: (N, C, S) or (R, C)."""
+    if channels_last:
+        n, s, c = a.shape
+        if c == 1 and s > 1:
+            return a.reshape(n, 1, s), False
+        return a.reshape(n * s, c), True
+    n, c, s = a.shape
+    if s == 1 and c > 1:
+        return a.reshape(n, c), True
+    return a, False
+
+
+def _partials(groups: int, c: int, k: int) -> list[np.ndarray]:
+    return [np.empty((groups, c)) for _ in range(k)]
+
+
+def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance (C,), float64, of a non-empty 3-D array.
+
+    One read of x; see :mod:`._reduce` for the shifted sums and the parallel merge."""
+    x, cl = kernel_view(x3, channels_last)
+    c = x.shape[-1] if cl else x.shape[1]
+    if cl:
+        groups = _chunks.row_blocks(x.shape[0], c)
+        p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
+        _reduce.moments_cl(x, groups, _chunks.channel_tiles(c), p_cnt, p_mean, p_m2)
+    else:
+        pieces = _chunks.row_pieces(x.shape[2])
+        groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+        p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
+        _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
+    mean, var = np.empty(c), np.empty(c)
+    _reduce.merge_moments(p_cnt, p_mean, p_m2, mean, var)
+    return mean, var
+
+
+def channel_grad_sums(
+    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, channels_last: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel Σ dy and Σ dy·(x − mean) (C,), float64; one read of dy and x."""
+    dy, cl = kernel_view(dy3, channels_last)
+    x, _ = kernel_view(x3, channels_last)
+    c = x.shape[-1] if cl else x.shape[1]
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    if cl:
+        groups = _chunks.row_blocks(x.shape[0], c)
+        p_dy, p_dyxmu = _partials(groups, c, 2)
+        _reduce.grad_sums_cl(dy, x, mean, groups, _chunks.channel_tiles(c), p_dy, p_dyxmu)
+    else:
+        pieces = _chunks.row_pieces(x.shape[2])
+        groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+        p_dy, p_dyxmu = _partials(groups, c, 2)
+        _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
+    sum_dy, sum_dyxmu = np.empty(c), np.empty(c)
+    _reduce.sum_partials(p_dy, sum_dy)
+    _reduce.sum_partials(p_dyxmu, sum_dyxmu)
+    return sum_dy, sum_dyxmu
+
+
+def _coef(v: np.ndarray, dtype) -> np.ndarray:
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
+    """out = (x − m)·a + b per channel, computed in x's dtype; one read, one write."""
+    x, cl = kernel_view(x3, channels_last)
+    o, _ = kernel_view(out, channels_last)
+    m, a, b = (_coef(v, x.dtype) for v in (m, a, b))
+    if cl:
+        _elementwise.affine_cl(x, m, a, b, _chunks.row_blocks(x.shape[0], x.shape[1]), o)
+    else:
+        _elementwise.affine_cf(x, m, a, b, _chunks.row_pieces(x.shape[2]), o)
+    return out
+
+
+def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> np.ndarray:
+    """dx = A·dy + B·(x − μ) + D per channel, in x's dtype; one read of dy and x, one write."""
+    dy, cl = kernel_view(dy3, channels_last)
+    x, _ = kernel_view(x3, channels_last)
+    dx, _ = kernel_view(dx3, channels_last)
+    mu, ca, cb, cd = (_coef(v, x.dtype) for v in (mu, ca, cb, cd))
+    if cl:
+        blocks = _chunks.row_blocks(x.shape[0], x.shape[1])
+        _elementwise.backward_cl(dy, x, mu, ca, cb, cd, blocks, dx)
+    else:
+        _elementwise.backward_cf(dy, x, mu, ca, cb, cd, _chunks.row_pieces(x.shape[2]), dx)
+    return dx3
