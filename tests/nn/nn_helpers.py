@@ -1,0 +1,36 @@
+"""Shared helpers of the nn tests: numeric gradients and the PyTorch twin of a bnlab module."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import bnlab.nn.conv
+import bnlab.nn.pooling
+
+
+def set_engine_kernels(monkeypatch, on: bool) -> None:
+    """Force the engine's numba kernels on or off (independently of the BN backend)."""
+    monkeypatch.setattr(bnlab.nn.conv, "use_numba", lambda: on)
+    monkeypatch.setattr(bnlab.nn.pooling, "use_numba", lambda: on)
+
+
+def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar f() with respect to every entry of ``a`` (in place)."""
+    g = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+def to_torch_state(module):
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in module.state_dict().items()}
