@@ -1,0 +1,93 @@
+"""The engine's fast paths against their slow, obvious references (float32 and float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnlab import nn
+from bnlab.nn import conv, pooling
+
+numba = pytest.importorskip("numba")
+from bnlab.nn import _kernels  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "k", "stride", "dil"),
+    [((3, 2, 9, 8), (3, 3), (1, 1), (1, 1)), ((2, 3, 10, 9), (2, 3), (2, 1), (2, 1))],
+)
+def test_col2im_kernel_equals_reference(dtype, shape, k, stride, dil):
+    rng = np.random.default_rng(0)
+    n, c, hp, wp = shape
+    oh = (hp - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    ow = (wp - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    dcols = rng.standard_normal((n, c * k[0] * k[1], oh * ow)).astype(dtype)
+    ref = conv.col2im_reference(dcols, shape, k, stride, dil, (oh, ow))
+    out = _kernels.col2im_add(dcols, *k, *stride, *dil, oh, ow, np.full(shape, np.nan, dtype))
+    np.testing.assert_allclose(out, ref, rtol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [(2, 2), (3, 2)])
+def test_avgpool_tile_kernels_equal_reference(dtype, k):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4, 6, 8)).astype(dtype)
+    out = np.empty((3, 4, 6 // k[0], 8 // k[1]), dtype)
+    np.testing.assert_allclose(
+        _kernels.avgpool_tile_forward(x, *k, out),
+        pooling.avgpool_tile_reference(x, *k),
+        rtol=1e-6,
+        atol=1e-6,  # summation order differs: cancellation on values of order 1
+    )
+    d = rng.standard_normal(out.shape).astype(dtype)
+    np.testing.assert_allclose(
+        _kernels.avgpool_tile_backward(d, *k, np.empty_like(x)),
+        pooling.avgpool_tile_backward_reference(d, *k),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"kernel_size": 5},
+        {"kernel_size": 3, "stride": 2, "padding": 1},
+        {"kernel_size": (2, 3), "dilation": (1, 2), "padding": (1, 2)},
+        {"kernel_size": 3, "groups": 2},
+    ],
+)
+def test_conv_im2col_equals_direct_loops(kw):
+    rng = np.random.default_rng(2)
+    layer = nn.Conv2d(4, 6, **kw, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((2, 4, 9, 10))
+    ref = conv.conv2d_reference(
+        x,
+        layer.weight.data,
+        layer.bias.data,
+        kw.get("stride", 1),
+        kw.get("padding", 0),
+        kw.get("dilation", 1),
+        kw.get("groups", 1),
+    )
+    np.testing.assert_allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_bit_identical_across_thread_counts():
+    """Resume exactness relies on results not depending on the number of threads."""
+    rng = np.random.default_rng(3)
+    dcols = rng.standard_normal((8, 6 * 9, 36)).astype(np.float32)
+    before = numba.get_num_threads()
+    outs = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            outs.append(
+                _kernels.col2im_add(
+                    dcols, 3, 3, 1, 1, 1, 1, 6, 6, np.empty((8, 6, 8, 8), np.float32)
+                )
+            )
+    finally:
+        numba.set_num_threads(before)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
