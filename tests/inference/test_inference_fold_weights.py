@@ -1,4 +1,4 @@
-"""Pure fold functions vs PyTorch's fusion utilities and vs running the unfolded layers (float64)."""
+"""Pure fold functions vs PyTorch fusion utilities and vs running the unfolded layers (float64)."""
 
 from __future__ import annotations
 

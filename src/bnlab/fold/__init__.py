@@ -9,12 +9,15 @@ Formulas in :mod:`bnlab.fold.weights`; ``docs/inference.md`` explains the certif
 """
 
 from bnlab.fold.certificate import FoldCertificate, PairError
+from bnlab.fold.model import find_pairs, fold
 from bnlab.fold.weights import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn
 
 __all__ = [
     "FoldCertificate",
     "PairError",
     "bn_scale_shift",
+    "find_pairs",
+    "fold",
     "fold_bn_conv",
     "fold_bn_linear",
     "fold_conv_bn",

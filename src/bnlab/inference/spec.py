@@ -109,7 +109,12 @@ def expected_shapes(spec: ResNetSpec, folded: bool = False) -> dict[str, tuple[i
 
 
 def to_numpy_state_dict(obj) -> dict[str, np.ndarray]:
-    """A bnlab/PyTorch model or a mapping name -> array/tensor, as name -> ndarray (no copy)."""
+    """A weight file path, a bnlab/PyTorch model or a mapping name -> array/tensor, as
+    name -> ndarray (no copy). Files go through :func:`bnlab.io.load_weights` (no pickle)."""
+    if isinstance(obj, str) or hasattr(obj, "__fspath__"):
+        from bnlab.io import load_weights  # noqa: PLC0415
+
+        return load_weights(obj)
     if hasattr(obj, "state_dict") and callable(obj.state_dict):
         obj = obj.state_dict()
     if not hasattr(obj, "items"):

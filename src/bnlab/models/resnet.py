@@ -128,11 +128,7 @@ class ResNet(nn.Module):
 
 
 def _read_weights(weights) -> dict[str, np.ndarray]:
-    if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
-        from bnlab.io import load_weights  # noqa: PLC0415
-
-        return load_weights(weights)
-    return to_numpy_state_dict(weights)
+    return to_numpy_state_dict(weights)  # a path, a state dict or a model
 
 
 def resnet50(weights=None, *, num_classes: int | None = None, folded: bool | None = None,
