@@ -6,14 +6,37 @@ as is and channels-last as (R, C) rows with R = N·S. Two degenerate cases are s
 layout that vectorizes: channels-last with C = 1 is the same memory as channels-first (N, 1, S),
 and channels-first with S = 1 the same as channels-last (N, C).
 
+Small tensors run on one thread: below ``PARALLEL_MIN_VALUES`` values a parallel launch costs
+more than the work (much more on a loaded machine, where the second thread may not be scheduled).
+The chunking does not depend on the thread count, so the results are the same bits either way.
+
 These drivers trust their inputs (shapes, contiguity, dtypes); :mod:`.batch_norm` checks them.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 
 from . import _chunks, _elementwise, _reduce
+
+PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
+
+
+@contextmanager
+def _threads_for(values: int):
+    """Run the enclosed kernel launches on one thread when the pass is small."""
+    if values >= PARALLEL_MIN_VALUES:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:
@@ -39,15 +62,16 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
     One read of x; see :mod:`._reduce` for the shifted sums and the parallel merge."""
     x, cl = kernel_view(x3, channels_last)
     c = x.shape[-1] if cl else x.shape[1]
-    if cl:
-        groups = _chunks.row_blocks(x.shape[0], c)
-        p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
-        _reduce.moments_cl(x, groups, _chunks.channel_tiles(c), p_cnt, p_mean, p_m2)
-    else:
-        pieces = _chunks.row_pieces(x.shape[2])
-        groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
-        p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
-        _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
+    with _threads_for(x.size):
+        if cl:
+            groups = _chunks.row_blocks(x.shape[0], c)
+            p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
+            _reduce.moments_cl(x, groups, _chunks.channel_tiles(c), p_cnt, p_mean, p_m2)
+        else:
+            pieces = _chunks.row_pieces(x.shape[2])
+            groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+            p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
+            _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
     mean, var = np.empty(c), np.empty(c)
     _reduce.merge_moments(p_cnt, p_mean, p_m2, mean, var)
     return mean, var
@@ -61,15 +85,16 @@ def channel_grad_sums(
     x, _ = kernel_view(x3, channels_last)
     c = x.shape[-1] if cl else x.shape[1]
     mean = np.ascontiguousarray(mean, dtype=np.float64)
-    if cl:
-        groups = _chunks.row_blocks(x.shape[0], c)
-        p_dy, p_dyxmu = _partials(groups, c, 2)
-        _reduce.grad_sums_cl(dy, x, mean, groups, _chunks.channel_tiles(c), p_dy, p_dyxmu)
-    else:
-        pieces = _chunks.row_pieces(x.shape[2])
-        groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
-        p_dy, p_dyxmu = _partials(groups, c, 2)
-        _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
+    with _threads_for(2 * x.size):
+        if cl:
+            groups = _chunks.row_blocks(x.shape[0], c)
+            p_dy, p_dyxmu = _partials(groups, c, 2)
+            _reduce.grad_sums_cl(dy, x, mean, groups, _chunks.channel_tiles(c), p_dy, p_dyxmu)
+        else:
+            pieces = _chunks.row_pieces(x.shape[2])
+            groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+            p_dy, p_dyxmu = _partials(groups, c, 2)
+            _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
     sum_dy, sum_dyxmu = np.empty(c), np.empty(c)
     _reduce.sum_partials(p_dy, sum_dy)
     _reduce.sum_partials(p_dyxmu, sum_dyxmu)
@@ -85,10 +110,11 @@ def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
     x, cl = kernel_view(x3, channels_last)
     o, _ = kernel_view(out, channels_last)
     m, a, b = (_coef(v, x.dtype) for v in (m, a, b))
-    if cl:
-        _elementwise.affine_cl(x, m, a, b, _chunks.row_blocks(x.shape[0], x.shape[1]), o)
-    else:
-        _elementwise.affine_cf(x, m, a, b, _chunks.row_pieces(x.shape[2]), o)
+    with _threads_for(2 * x.size):
+        if cl:
+            _elementwise.affine_cl(x, m, a, b, _chunks.row_blocks(x.shape[0], x.shape[1]), o)
+        else:
+            _elementwise.affine_cf(x, m, a, b, _chunks.row_pieces(x.shape[2]), o)
     return out
 
 
@@ -98,9 +124,10 @@ def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> n
     x, _ = kernel_view(x3, channels_last)
     dx, _ = kernel_view(dx3, channels_last)
     mu, ca, cb, cd = (_coef(v, x.dtype) for v in (mu, ca, cb, cd))
-    if cl:
-        blocks = _chunks.row_blocks(x.shape[0], x.shape[1])
-        _elementwise.backward_cl(dy, x, mu, ca, cb, cd, blocks, dx)
-    else:
-        _elementwise.backward_cf(dy, x, mu, ca, cb, cd, _chunks.row_pieces(x.shape[2]), dx)
+    with _threads_for(3 * x.size):
+        if cl:
+            blocks = _chunks.row_blocks(x.shape[0], x.shape[1])
+            _elementwise.backward_cl(dy, x, mu, ca, cb, cd, blocks, dx)
+        else:
+            _elementwise.backward_cf(dy, x, mu, ca, cb, cd, _chunks.row_pieces(x.shape[2]), dx)
     return dx3
