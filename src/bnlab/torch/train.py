@@ -1,0 +1,337 @@
+"""Data-parallel LeNet-BN on Fashion-MNIST with PyTorch on CPU: DDP + bnlab SyncBatchNorm (gloo).
+
+    torchrun --nproc-per-node 2 -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/ddp
+    python -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/one   # one process
+
+Same recipe and outputs as the NumPy engine's ``bnlab train`` (:mod:`bnlab.train`): d2l's LeNet-BN,
+SGD on the cross-entropy, batches in the seeded order of :mod:`bnlab.data.batches`; after every
+epoch ``metrics.json`` (``{"config", "epochs": [{"epoch", "train_loss", "train_acc", "test_acc",
+"examples_per_s", "seconds"}]}``), ``checkpoint.safetensors`` + ``.json`` (:mod:`bnlab.checkpoint`,
+atomic; state_dict keys are those of ``bnlab.models.lenet_bn``) and, at the end, ``report.md``.
+
+Data parallelism: ``--batch-size`` is the *global* batch. Every rank draws the same global batch
+and keeps its contiguous shard (shards differ by at most one example). Batch norm statistics are
+those of the global batch (SyncBatchNorm), and each rank's loss is its *sum* scaled by
+world/global_batch, so DDP's gradient average is exactly the gradient of the global mean loss:
+two processes train the same model as one process with the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import torch
+from bnlab.torch.models import lenet_bn
+from bnlab.torch.sync import convert_sync_batchnorm
+from bnlab.train import Splits, TrainConfig, format_epoch, limit_splits, load_splits
+from torch import nn
+
+MODELS = ("lenet-bn",)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: rank, world size; ``main`` writes the files."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the gloo group torchrun describes in the environment (WORLD_SIZE > 1), else solo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def shard(n: int, ctx: Dist) -> slice:
+    """This rank's contiguous part of n items (sizes differ by at most one)."""
+    base, extra = divmod(n, ctx.world)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    return slice(start, start + base + (ctx.rank < extra))
+
+
+def _all_sum(values: list[float], ctx: Dist) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------- model, steps
+
+
+def build(config: TrainConfig, ctx: Dist):
+    """(model to call, the bare module, optimizer): DDP + SyncBatchNorm when world > 1."""
+    if config.model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
+    module = lenet_bn("bnlab", seed=config.seed)
+    if ctx.world > 1:
+        module = convert_sync_batchnorm(module)
+    opt = torch.optim.SGD(
+        module.parameters(), lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+    return module, opt
+
+
+def wrap(module: nn.Module, ctx: Dist) -> nn.Module:
+    return DistributedDataParallel(module) if ctx.world > 1 else module
+
+
+def train_step(model, opt, x, y, global_batch: int, ctx: Dist) -> tuple[float, int]:
+    """One SGD step on this rank's shard; returns (local loss sum, local correct)."""
+    opt.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss_sum = F.cross_entropy(logits, y, reduction="sum")
+    (loss_sum * (ctx.world / global_batch)).backward()  # DDP averages: Σ_r grad / world
+    opt.step()
+    return float(loss_sum.detach()), int((logits.argmax(1) == y).sum())
+
+
+def train_epoch(model, opt, splits: Splits, config: TrainConfig, epoch: int, ctx: Dist) -> dict:
+    from bnlab.data import batches
+
+    model.train()
+    it = batches(
+        splits.train_images, splits.train_labels, config.batch_size, seed=config.seed, epoch=epoch
+    )
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for xb, yb in it:
+        part = shard(len(yb), ctx)
+        x, y = torch.from_numpy(xb[part]), torch.from_numpy(yb[part])
+        loss, ok = train_step(model, opt, x, y, len(yb), ctx)
+        loss_sum, correct, seen = loss_sum + loss, correct + ok, seen + len(y)
+    loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], ctx)
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "examples_per_s": seen / seconds,
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, images, labels, ctx: Dist, batch_size: int = 1000) -> float:
+    """Test accuracy in eval mode (running statistics); each rank scores its shard."""
+    from bnlab.data import batches
+
+    part = shard(len(labels), ctx)
+    was_training = module.training
+    module.eval()
+    correct = 0
+    for x, y in batches(images[part], labels[part], batch_size, shuffle=False):
+        correct += int((module(torch.from_numpy(x)).argmax(1) == torch.from_numpy(y)).sum())
+    module.train(was_training)
+    correct, total = _all_sum([correct, len(labels[part])], ctx)
+    return correct / total
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _NumpyStates:
+    """Adapters giving torch objects the state API :func:`bnlab.checkpoint.save_checkpoint` uses."""
+
+    def __init__(self, module: nn.Module, opt: torch.optim.SGD):
+        self.module, self.opt = module, opt
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}
+
+    def optim_state(self) -> dict[str, np.ndarray]:
+        """Momentum buffers under the NumPy engine's keys ``momentum_buffer.<i>``."""
+        params = self.opt.param_groups[0]["params"]
+        out = {}
+        for i, p in enumerate(params):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum_buffer.{i}"] = buf.detach().cpu().numpy()
+        return out
+
+    def hyperparameters(self) -> dict:
+        g = self.opt.param_groups[0]
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        return {k: g[k] for k in keys}
+
+    def load(self, model_state: dict, optim_state: dict) -> None:
+        self.module.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in model_state.items()}
+        )
+        params = self.opt.param_groups[0]["params"]
+        for key, value in optim_state.items():
+            p = params[int(key.rpartition(".")[2])]
+            self.opt.state[p]["momentum_buffer"] = torch.from_numpy(np.array(value))
+
+
+class _Holder:
+    """``state_dict()`` / ``hyperparameters()`` shims for save_checkpoint."""
+
+    def __init__(self, state, hyper=None):
+        self._state, self._hyper = state, hyper
+
+    def state_dict(self):
+        return self._state()
+
+    def hyperparameters(self):
+        return self._hyper()
+
+
+def save_epoch(out: Path, states: _NumpyStates, config: dict, metrics: dict, done: int) -> None:
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.io import atomic_write_json
+
+    extra = {
+        "config": config,
+        "rng": {"data_order": "numpy default_rng([seed, epoch]).permutation",
+                "seed": config["seed"], "next_epoch": done},
+        "epochs": metrics["epochs"],
+    }  # fmt: skip
+    model = _Holder(states.model_state)
+    opt = _Holder(states.optim_state, states.hyperparameters)
+    save_checkpoint(out, model, opt, model_name=config["model"], epoch=done, extra=extra)
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def write_report(out: Path, metrics: dict, module: nn.Module) -> Path:
+    """report.md with the curves and the learned BN γ, β (the NumPy engine's renderer)."""
+    from bnlab.io import atomic_write_text
+    from bnlab.train import _plot_curves, render_report
+
+    bn = [
+        (name, m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+    ]
+    figures = _plot_curves(out, metrics["epochs"]) if metrics["epochs"] else []
+    path = out / "report.md"
+    atomic_write_text(path, render_report(metrics, bn, figures))
+    return path
+
+
+def _resume(out: Path, config: dict, states: _NumpyStates, metrics: dict) -> int:
+    from bnlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out, expect_model=config["model"])
+    stored = ckpt.meta.get("config", {})
+    bad = [k for k in config if k != "epochs" and stored.get(k) != config[k]]
+    if bad:
+        raise ValueError(f"cannot resume {out}: these settings differ from the checkpoint's: {bad}")
+    states.load(ckpt.model_state, ckpt.optim_state)
+    metrics["epochs"] = list(ckpt.meta.get("epochs", []))[: ckpt.epoch]
+    return ckpt.epoch
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, splits=None,
+          data_root=None, log=print, report=True) -> dict:  # fmt: skip
+    """Train (or resume) in folder ``out`` on every rank; rank 0 writes the files."""
+    config.validate()
+    ctx = ctx or init_distributed()
+    out = Path(out)
+    module, opt = build(config, ctx)
+    states = _NumpyStates(module, opt)
+    cfg = {**asdict(config), "engine": "torch", "world_size": ctx.world}
+    metrics = {"config": cfg, "epochs": []}
+    start = 0
+    if resume:
+        start = _resume(out, cfg, states, metrics)
+    elif (out / "checkpoint.safetensors").exists():
+        raise FileExistsError(f"{out} already holds a checkpoint; pass --resume or a new --out")
+    model = wrap(module, ctx)
+    splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
+    for epoch in range(start, config.epochs):
+        row = train_epoch(model, opt, splits, config, epoch, ctx)
+        row["test_acc"] = evaluate(module, splits.test_images, splits.test_labels, ctx)
+        metrics["epochs"].append(row)
+        if ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_epoch(out, states, cfg, metrics, epoch + 1)
+            log(format_epoch(row, config.epochs))
+    if ctx.main and report:
+        write_report(out, metrics, module)
+    if ctx.world > 1:
+        dist.barrier()  # nobody tears the group down while rank 0 is still writing
+    return metrics
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bnlab.torch.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--model", choices=MODELS, default="lenet-bn")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (all ranks)")
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: bnlab's search)")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads per process (default: cores/processes)"
+    )
+    return p.parse_args(argv)
+
+
+def set_threads(threads: int | None, ctx: Dist) -> None:
+    """Split the cores between the processes (torch intra-op and numba kernels alike)."""
+    n = threads or max(1, (os.cpu_count() or 1) // ctx.world)
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, momentum=args.momentum, weight_decay=args.weight_decay,
+        train_limit=args.train_limit, test_limit=args.test_limit,
+    )  # fmt: skip
+    try:
+        config.validate()
+        ctx = init_distributed()
+        set_threads(args.threads, ctx)
+        metrics = train(config, args.out, ctx=ctx, resume=args.resume, data_root=args.data)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"bnlab.torch.train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if ctx.main and metrics["epochs"]:
+        print(f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

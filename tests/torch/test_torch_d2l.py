@@ -1,0 +1,147 @@
+"""d2l's from-scratch BatchNorm: explicit training flag, stats in state_dict, LeNet-BN trains."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import bnlab.torch as bt  # noqa: E402
+from bnlab.errors import ShapeError  # noqa: E402
+from bnlab.torch.models import lenet_bn  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _d2l_inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    vec = (1, c) if len(shape) == 2 else (1, c, 1, 1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+    gamma = torch.rand(vec, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(vec, generator=g, dtype=torch.float64)
+    mm, mv = torch.randn(vec, dtype=torch.float64), torch.rand(vec, dtype=torch.float64) + 0.5
+    return x, gamma, beta, mm, mv
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 3, 2, 4)])
+def test_training_matches_torch_functional_and_d2l_momentum(shape):
+    x, gamma, beta, mm, mv = _d2l_inputs(shape)
+    y, new_mm, new_mv = bt.batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.9, training=True)
+    rm, rv = mm.flatten().clone(), mv.flatten().clone()
+    expected = nn.functional.batch_norm(
+        x, rm, rv, gamma.flatten(), beta.flatten(), training=True, momentum=0.1, eps=1e-5
+    )
+    torch.testing.assert_close(y, expected)
+    dims = (0,) if x.dim() == 2 else (0, 2, 3)
+    mean, var = x.mean(dims), x.var(dims, correction=0)  # d2l: biased moving variance
+    torch.testing.assert_close(new_mm.flatten(), 0.9 * mm.flatten() + 0.1 * mean)
+    torch.testing.assert_close(new_mv.flatten(), 0.9 * mv.flatten() + 0.1 * var)
+    assert new_mm.shape == mm.shape and not new_mm.requires_grad
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 3, 2, 4)])
+def test_inference_uses_moving_statistics_even_with_grad_enabled(shape):
+    """d2l's trap: it picks the mode from torch.is_grad_enabled(); here the flag decides."""
+    x, gamma, beta, mm, mv = _d2l_inputs(shape)
+    x.requires_grad_()
+    y, out_mm, out_mv = bt.batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.9, training=False)
+    torch.testing.assert_close(y, gamma * (x - mm) / torch.sqrt(mv + 1e-5) + beta)
+    assert torch.equal(out_mm, mm) and torch.equal(out_mv, mv)
+    dy = torch.randn(shape, dtype=torch.float64)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy * gamma / torch.sqrt(mv + 1e-5))
+
+
+def test_gradients_match_autograd_of_torch_batch_norm():
+    x, gamma, beta, mm, mv = _d2l_inputs((5, 3, 2, 2))
+    dy = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    grads = []
+    for use_d2l in (True, False):
+        xs, gs, bs = (t.clone().requires_grad_() for t in (x, gamma, beta))
+        if use_d2l:
+            y = bt.batch_norm(xs, gs, bs, mm, mv, 1e-5, 0.9, training=True)[0]
+        else:
+            y = nn.functional.batch_norm(
+                xs, None, None, gs.flatten(), bs.flatten(), training=True, eps=1e-5
+            )
+        y.backward(dy)
+        grads.append((xs.grad, gs.grad.flatten(), bs.grad.flatten()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda x, g, b: bt.batch_norm(x, g, b, mm, mv, 1e-5, 0.9, training=True)[0],
+        (x[:, :, :1].clone().requires_grad_(), gamma.requires_grad_(), beta.requires_grad_()),
+    )
+
+
+def test_bad_arguments_are_clear_errors():
+    x, gamma, beta, mm, mv = _d2l_inputs((4, 3, 2, 2))
+    with pytest.raises(ShapeError, match="2-D"):
+        bt.batch_norm(x[:, :, 0], gamma, beta, mm, mv, 1e-5, 0.9, training=True)
+    with pytest.raises(TypeError, match="training"):
+        bt.batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.9, training=None)
+    with pytest.raises(ValueError, match="num_dims"):
+        bt.BatchNorm(3, num_dims=3)
+
+
+def test_module_registers_moving_statistics_as_buffers():
+    m = bt.BatchNorm(3, num_dims=4)
+    assert set(m.state_dict()) == {"gamma", "beta", "moving_mean", "moving_var"}
+    ptr = m.moving_mean.data_ptr()
+    m(torch.randn(4, 3, 2, 2) + 5)
+    assert m.moving_mean.data_ptr() == ptr  # updated in place
+    assert (m.moving_mean > 0.3).all()
+    other = bt.BatchNorm(3, num_dims=4)
+    other.load_state_dict(m.state_dict())
+    other.eval(), m.eval()
+    x = torch.randn(2, 3, 2, 2)
+    torch.testing.assert_close(other(x), m(x))
+    m64 = m.double()
+    assert m64.moving_var.dtype == torch.float64  # buffers move with the module
+
+
+def test_module_mode_comes_from_train_eval_not_grad_mode():
+    m = bt.BatchNorm(3, num_dims=2).eval()
+    before = m.moving_mean.clone()
+    m(torch.randn(8, 3) + 4)  # grad enabled, but eval: moving stats untouched
+    assert torch.equal(m.moving_mean, before)
+    with torch.no_grad():
+        m.train()(torch.randn(8, 3) + 4)  # no grad, but training: they move
+    assert not torch.equal(m.moving_mean, before)
+
+
+def test_d2l_lenet_bn_trains_and_keeps_moving_statistics():
+    torch.manual_seed(0)
+    model = lenet_bn("d2l", seed=0)
+    g = torch.Generator().manual_seed(3)
+    # a learnable synthetic task: the class is the brightest of 10 horizontal bands
+    labels = torch.randint(0, 10, (128,), generator=g)
+    x = torch.rand(128, 1, 28, 28, generator=g) * 0.5
+    for i, c in enumerate(labels.tolist()):
+        x[i, 0, 2 * c + 4 : 2 * c + 6] += 1.0
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss_fn = nn.CrossEntropyLoss()
+    losses = []
+    for step in range(30):
+        idx = torch.arange(32) + 32 * (step % 4)
+        opt.zero_grad()
+        loss = loss_fn(model(x[idx]), labels[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
+    sd = model.state_dict()
+    assert {"1.moving_mean", "1.moving_var", "10.moving_mean", "13.moving_var"} <= set(sd)
+    assert not torch.equal(sd["1.moving_mean"], torch.zeros_like(sd["1.moving_mean"]))
+    model.eval()
+    acc = (model(x).argmax(1) == labels).float().mean()
+    assert acc > 0.5
+
+
+@pytest.mark.parametrize("norm", ["bnlab", "torch"])
+def test_lenet_bn_state_dict_matches_numpy_engine_keys(norm):
+    keys = list(lenet_bn(norm).state_dict())
+    try:
+        from bnlab.models import lenet_bn as numpy_lenet_bn
+    except ImportError:
+        pytest.skip("bnlab.models.lenet_bn not available")
+    assert keys == list(numpy_lenet_bn().state_dict())
