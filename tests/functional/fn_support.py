@@ -1,7 +1,7 @@
 """Shared data of the tests/functional suite: backends, shapes per layout, random problems.
 
 Tolerances are not here: they are stated once in :mod:`bnlab.check` (``TOLERANCES``,
-``DTYPE_TOLERANCES``) and imported by every test.
+``DTYPE_TOLERANCES``, ``dtype_tolerance``) and imported by every test.
 """
 
 from __future__ import annotations
