@@ -63,6 +63,8 @@ __all__ = [
     "check_virtual_batch_size",
     "ghost_batch_norm_backward",
     "ghost_batch_norm_forward",
+    "training_slices",
+    "update_ghost_running_stats",
     "virtual_batches",
 ]
 
@@ -88,19 +90,22 @@ def virtual_batches(n: int, virtual_batch_size: int) -> list[slice]:
     return [slice(i, min(i + vbs, n)) for i in range(0, n, vbs)]
 
 
-def _check_slices(x: np.ndarray, lay: Layout, slices: list[slice], vbs: int) -> None:
-    if x.shape[0] == 0:
-        raise ShapeError(f"x must not be empty when training, got shape {x.shape}")
-    per_sample = reduction_size(x.shape, lay.spatial_axes)
+def training_slices(shape: tuple[int, ...], per_sample: int, virtual_batch_size: int, layout: str):
+    """The virtual batches of a training batch of ``shape`` (N first), each checked to hold at
+    least 2 values per channel (``per_sample`` values per channel per sample)."""
+    if shape[0] == 0:
+        raise ShapeError(f"x must not be empty when training, got shape {tuple(shape)}")
+    slices = virtual_batches(shape[0], virtual_batch_size)
     for s in slices:
         if (s.stop - s.start) * per_sample < 2:
             raise ValueError(
-                f"virtual_batch_size={vbs} splits a batch of N={x.shape[0]} into virtual batches "
-                f"of sizes {[sl.stop - sl.start for sl in slices]}; the one at samples "
-                f"[{s.start}:{s.stop}] has a single value per channel (layout {lay.name!r}), "
-                "whose statistics are undefined. Choose a virtual_batch_size that divides N or "
-                "leaves a remainder of at least 2 samples."
+                f"virtual_batch_size={virtual_batch_size} splits a batch of N={shape[0]} into "
+                f"virtual batches of sizes {[sl.stop - sl.start for sl in slices]}; the one at "
+                f"samples [{s.start}:{s.stop}] has a single value per channel (layout "
+                f"{layout!r}), whose statistics are undefined. Choose a virtual_batch_size that "
+                "divides N or leaves a remainder of at least 2 samples."
             )
+    return slices
 
 
 @dataclass
@@ -114,26 +119,44 @@ class GhostCache:
     layout: Layout
 
 
-def _update_running(
-    running_mean, running_var, caches, slices, count_per_sample, momentum, conv, nbt, how
+def update_ghost_running_stats(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    means: list[np.ndarray],
+    variances: list[np.ndarray],
+    counts: list[int],
+    momentum: float | None,
+    convention,
+    num_batches_tracked: np.ndarray | None = None,
+    running_update: str = "mean",
 ) -> None:
-    if how == "sequential":
-        for s, c in zip(slices, caches, strict=True):
-            count = (s.stop - s.start) * count_per_sample
+    """Update the buffers in place from the statistics of k virtual batches (the rules of the
+    module docstring). ``means``/``variances`` are (C,) per virtual batch, variances biased;
+    ``counts`` the number of values per channel of each. Shared by the NumPy and torch paths.
+
+        "mean":        μ̄ = Σ_k (m_k/M)·μ_k,  v̄ = Σ_k (m_k/M)·v_k  (v_k in the convention's form),
+                       then one update  r ← (1 − w)·r + w·(μ̄, v̄)
+        "sequential":  one update per virtual batch, in order
+    """
+    conv = get_convention(convention)
+    if running_update == "sequential":
+        for mean, var, count in zip(means, variances, counts, strict=True):
             update_running_stats(
-                running_mean, running_var, c.mean, c.var, count, momentum, conv, nbt
+                running_mean, running_var, mean, var, count, momentum, conv, num_batches_tracked
             )
         return
-    n = sum(s.stop - s.start for s in slices)
-    mean = sum(((s.stop - s.start) / n) * c.mean for s, c in zip(slices, caches, strict=True))
-    var = 0.0
-    for s, c in zip(slices, caches, strict=True):
-        m = (s.stop - s.start) * count_per_sample
-        vk = c.var * (m / (m - 1)) if conv.unbiased_running_var else c.var
-        var = var + ((s.stop - s.start) / n) * vk
-    # var is already in the convention's form: tell update_running_stats not to correct it again.
+    total = sum(counts)
+    mean_bar = sum((m / total) * mu for m, mu in zip(counts, means, strict=True))
+    var_bar = 0.0
+    for m, var in zip(counts, variances, strict=True):
+        var_bar = var_bar + (m / total) * (
+            var * (m / (m - 1)) if conv.unbiased_running_var else var
+        )
+    # var_bar is already in the convention's form: tell update_running_stats not to correct it.
     as_is = dataclasses.replace(conv, unbiased_running_var=False)
-    update_running_stats(running_mean, running_var, mean, var, 2, momentum, as_is, nbt)
+    update_running_stats(
+        running_mean, running_var, mean_bar, var_bar, 2, momentum, as_is, num_batches_tracked
+    )
 
 
 def ghost_batch_norm_forward(
@@ -190,8 +213,7 @@ def ghost_batch_norm_forward(
             "momentum=None (cumulative moving average) needs num_batches_tracked, "
             "a 0-d integer array counting the batches"
         )
-    slices = virtual_batches(x.shape[0], vbs)
-    _check_slices(x, lay, slices, vbs)
+    slices = training_slices(x.shape, reduction_size(x.shape, lay.spatial_axes), vbs, lay.name)
     y = np.empty(x.shape, x.dtype)  # C-contiguous: every y[s] is a contiguous view
     caches = []
     for s in slices:
@@ -200,8 +222,9 @@ def ghost_batch_norm_forward(
         caches.append(cache)
     if tracking and all(batch_is_finite(cc.mean, cc.var) for cc in caches):
         per_sample = reduction_size(x.shape, lay.spatial_axes)
-        _update_running(
-            running_mean, running_var, caches, slices, per_sample, momentum, conv,
+        update_ghost_running_stats(
+            running_mean, running_var, [cc.mean for cc in caches], [cc.var for cc in caches],
+            [(s.stop - s.start) * per_sample for s in slices], momentum, conv,
             num_batches_tracked, running_update,
         )  # fmt: skip
     return y, GhostCache(caches, slices, x.shape, x.dtype, lay)
