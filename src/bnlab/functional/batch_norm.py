@@ -109,11 +109,11 @@ def _train_forward(x, lay, g, b, eps, backend, out):
         return _into(out, y, x.dtype), mean, var, xhat
     from bnlab import kernels
 
-    out3 = None if out is None else _canonical_3d(out, lay)
+    out3 = _kernel_out(out, lay)
     y3, mean, var = kernels.bn_train_forward(
         _canonical_3d(x, lay), g, b, eps, _is_channel_last_3d(lay), out=out3
     )
-    return (out if out is not None else y3.reshape(x.shape)), mean, var, None
+    return _deliver(y3, out3, out, x.shape), mean, var, None
 
 
 def _eval_forward(x, lay, scale, shift, backend, out):
@@ -124,11 +124,27 @@ def _eval_forward(x, lay, scale, shift, backend, out):
         return _into(out, y, x.dtype)
     from bnlab import kernels
 
-    out3 = None if out is None else _canonical_3d(out, lay)
+    out3 = _kernel_out(out, lay)
     y3 = kernels.bn_eval_forward(
         _canonical_3d(x, lay), scale, shift, _is_channel_last_3d(lay), out=out3
     )
-    return out if out is not None else y3.reshape(x.shape)
+    return _deliver(y3, out3, out, x.shape)
+
+
+def _kernel_out(out, lay):
+    """out as the kernels' 3-D view; None for a non-contiguous out (reshaping it would copy, and
+    the kernel would fill the copy): the kernel then allocates and _deliver copies into out."""
+    if out is None or not out.flags.c_contiguous:
+        return None
+    return _canonical_3d(out, lay)
+
+
+def _deliver(y3, out3, out, shape):
+    if out is None:
+        return y3.reshape(shape)
+    if out3 is None:
+        np.copyto(out, y3.reshape(shape))
+    return out
 
 
 def _into(out, y, dtype):
