@@ -96,8 +96,11 @@ def convert_running_stats(
     the factor n/(n−1), where n is the number of values per channel in each training batch
     (N·H·W for NCHW). The moving average is linear, so the conversion is *exact* when every batch
     had the same ``count`` n, and only approximate otherwise; without ``count`` it is impossible
-    and a ValueError says so. Note eps is not part of the statistics: a model moved between
-    presets with different eps (keras 1e-3 vs pytorch 1e-5) must also carry its eps over.
+    and a ValueError says so. The initial value (running_var = 1) is scaled along with the
+    batch statistics; its weight after k updates is (1 − w)^k, so a model trained a few hundred
+    steps carries none of it, but a freshly initialised one differs by that term.
+    Note eps is not part of the statistics: a model moved between presets with different eps
+    (keras 1e-3 vs pytorch 1e-5) must also carry its eps over.
     """
     s, d = get_convention(src), get_convention(dst)
     mean = np.array(running_mean, copy=True)
@@ -111,8 +114,8 @@ def convert_running_stats(
             f"({'unbiased' if d.unbiased_running_var else 'biased'}): the factor n/(n-1) depends "
             "on the number of values per channel in each training batch"
         )
-    if int(count) < 2:
-        raise ValueError(f"count must be >= 2 (values per channel per batch), got {count}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 2:
+        raise ValueError(f"count must be an int >= 2 (values per channel per batch), got {count!r}")
     factor = int(count) / (int(count) - 1)
     var = var * factor if d.unbiased_running_var else var / factor
     return mean, var
