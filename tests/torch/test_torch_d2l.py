@@ -109,7 +109,7 @@ def test_module_mode_comes_from_train_eval_not_grad_mode():
     assert not torch.equal(m.moving_mean, before)
 
 
-def test_d2l_lenet_bn_trains_and_keeps_moving_statistics():
+def test_d2l_lenet_bn_trains_and_keeps_moving_statistics(one_thread):
     torch.manual_seed(0)
     model = lenet_bn("d2l", seed=0)
     g = torch.Generator().manual_seed(3)
