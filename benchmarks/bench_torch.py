@@ -125,7 +125,8 @@ def summarize(name, times, nbytes=None, copy_gbs=None):
 def markdown(rows, env) -> str:
     lines = [
         f"bnlab backend `{env['bnlab_backend']}`, torch {env['torch']} with "
-        f"{env['torch_threads']} threads, {env['cpu_count']} CPUs; NumPy copy bandwidth "
+        f"{env['torch_threads']} threads, numba {env['numba_threads']} threads, "
+        f"{env['cpu_count']} CPUs; NumPy copy bandwidth "
         f"{env['copy_gbs']:.1f} GB/s",
         "",
         "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) |",
@@ -140,6 +141,24 @@ def markdown(rows, env) -> str:
     return "\n".join(lines)
 
 
+def set_threads(n: int) -> None:
+    """The same thread count for both peers: torch intra-op and bnlab's numba kernels."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def numba_threads() -> int | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.get_num_threads()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -150,7 +169,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small shape, few repeats (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (same)")
     args = p.parse_args(argv)
+    if args.threads:
+        set_threads(args.threads)
     if args.quick:
         args.shape, args.batch, args.repeats, args.warmup = [8, 16, 14, 14], 32, 3, 1
 
@@ -168,6 +190,7 @@ def main(argv=None) -> int:
         "bnlab_backend": bnlab.get_backend(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "copy_gbs": copy_gbs,
