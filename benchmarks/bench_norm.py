@@ -1,0 +1,281 @@
+"""Batch-norm speed: PyTorch vs the NumPy reference vs bnlab's numba kernels, against the
+memory-bandwidth limit measured in the same run.
+
+    .venv/bin/python benchmarks/bench_norm.py            # full table, JSON in benchmarks/results/
+    .venv/bin/python benchmarks/bench_norm.py --quick    # small shapes, a smoke test
+
+Per shape and operation: median ms over interleaved rounds, speed-up vs PyTorch (>1: faster than
+PyTorch), achieved GB/s counting the bytes that must move, % of the bandwidth limit (a NumPy copy
+of the same bytes, read + write), and the peak extra memory of the bnlab call. Bytes that must move
+(N = bytes of x): training forward 3N (read x twice, write y), eval forward 2N, forward+backward 8N
+(forward 3N; backward reads x and dy twice, writes dx: 5N).
+
+Implementations: ``torch`` is ``F.batch_norm`` (autograd for the backward, same thread count);
+``numpy`` is ``bnlab.functional`` with backend="numpy"; ``bnlab`` the same public function with
+backend="numba" (allocating its outputs, as PyTorch does); ``bnlab+out`` writes into reused buffers
+(``out=`` for the forward; the kernels' ``dx=`` for the backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    format_table,
+    machine_info,
+    peak_extra_bytes,
+    time_interleaved,
+    write_json,
+)
+
+FULL_CASES = [  # (shape in its layout, layout)
+    ((64, 64, 56, 56), "NCHW"),
+    ((64, 56, 56, 64), "NHWC"),
+    ((32, 256, 14, 14), "NCHW"),
+    ((8, 2048, 7, 7), "NCHW"),
+    ((256, 4096), "NC"),
+]
+QUICK_CASES = [((8, 16, 28, 28), "NCHW"), ((8, 28, 28, 16), "NHWC"), ((64, 512), "NC")]
+BYTES_MOVED = {"train_fwd": 3, "eval_fwd": 2, "fwd_bwd": 8}  # multiples of x.nbytes
+
+
+class Case:
+    """One shape: the data, the buffers, and each implementation's three operations."""
+
+    def __init__(self, shape, layout, seed=0):
+        import torch
+
+        self.shape, self.layout = shape, layout
+        rng = np.random.default_rng(seed)
+        self.c = shape[-1] if layout in ("NHWC", "NLC") else shape[1]
+        self.x = rng.standard_normal(shape).astype(np.float32)
+        self.dy = rng.standard_normal(shape).astype(np.float32)
+        self.w = (1 + 0.1 * rng.standard_normal(self.c)).astype(np.float32)
+        self.b = (0.1 * rng.standard_normal(self.c)).astype(np.float32)
+        self.rm, self.rv = np.zeros(self.c, np.float32), np.ones(self.c, np.float32)
+        self.out, self.dx = np.empty_like(self.x), np.empty_like(self.x)
+        to_nchw = (lambda a: a.permute(0, 3, 1, 2)) if layout == "NHWC" else (lambda a: a)
+        # NHWC data seen by torch as an NCHW tensor in channels_last memory format (no copy)
+        self.tx = to_nchw(torch.from_numpy(self.x))
+        self.tdy = to_nchw(torch.from_numpy(self.dy))
+        self.txg = self.tx.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        self.tw, self.tb = torch.from_numpy(self.w), torch.from_numpy(self.b)
+        self.twg = self.tw.clone().requires_grad_(True)
+        self.tbg = self.tb.clone().requires_grad_(True)
+        self.trm, self.trv = torch.zeros(self.c), torch.ones(self.c)
+
+    # ------------------------------------------------------------------ torch
+    def torch_ops(self):
+        import torch.nn.functional as F
+
+        import torch
+
+        def train_fwd():
+            with torch.no_grad():
+                return F.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb, training=True)
+
+        def eval_fwd():
+            with torch.no_grad():
+                return F.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb, training=False)
+
+        def fwd_bwd():
+            self.txg.grad = self.twg.grad = self.tbg.grad = None
+            y = F.batch_norm(self.txg, self.trm, self.trv, self.twg, self.tbg, training=True)
+            y.backward(self.tdy)
+            return self.txg.grad
+
+        return {"train_fwd": train_fwd, "eval_fwd": eval_fwd, "fwd_bwd": fwd_bwd}
+
+    # ------------------------------------------------------------------ bnlab functional
+    def functional_ops(self, backend, out=None):
+        from bnlab.functional import batch_norm_backward, batch_norm_forward
+
+        def fwd(training):
+            return batch_norm_forward(
+                self.x, self.w, self.b, training=training, running_mean=self.rm,
+                running_var=self.rv, layout=self.layout, backend=backend, out=out,
+            )  # fmt: skip
+
+        def fwd_bwd():
+            _, cache = fwd(True)
+            return batch_norm_backward(self.dy, cache)
+
+        return {
+            "train_fwd": lambda: fwd(True),
+            "eval_fwd": lambda: fwd(False),
+            "fwd_bwd": fwd_bwd,
+        }
+
+    def kernel_fwd_bwd_reused(self):
+        """Forward + backward straight through the kernels, into reused out/dx buffers."""
+        from bnlab import kernels
+
+        cl = self.layout in ("NHWC", "NLC", "NC")
+        x3 = (
+            self.x.reshape(self.shape[0], -1, self.c) if cl else self.x.reshape(*self.shape[:2], -1)
+        )
+        dy3, out3, dx3 = (a.reshape(x3.shape) for a in (self.dy, self.out, self.dx))
+
+        def run():
+            _, mean, var = kernels.bn_train_forward(x3, self.w, self.b, 1e-5, cl, out=out3)
+            rstd = (1.0 / np.sqrt(var + np.float32(1e-5))).astype(np.float32)
+            return kernels.bn_backward(dy3, x3, mean, rstd, self.w, cl, dx=dx3)
+
+        return run
+
+
+def bench_case(shape, layout, repeat, numpy_repeat):
+    case = Case(shape, layout)
+    torch_ops = case.torch_ops()
+    bn_ops = case.functional_ops("numba")
+    bn_out_ops = case.functional_ops("numba", out=case.out)
+    bn_out_ops["fwd_bwd"] = case.kernel_fwd_bwd_reused()
+    np_ops = case.functional_ops("numpy")
+    limit = copy_bandwidth_gbs(case.x.nbytes)
+    rows = []
+    for op in ("train_fwd", "eval_fwd", "fwd_bwd"):
+        peers = {"torch": torch_ops[op], "bnlab": bn_ops[op], "bnlab+out": bn_out_ops[op]}
+        t = time_interleaved(peers, repeat=repeat, warmup=2)
+        t["numpy"] = time_interleaved({"numpy": np_ops[op]}, repeat=numpy_repeat)["numpy"]
+        moved = BYTES_MOVED[op] * case.x.nbytes
+        best = t["bnlab+out"]["median_ms"]
+        rows.append(
+            {
+                "shape": "x".join(map(str, shape)),
+                "layout": layout,
+                "op": op,
+                "torch_ms": t["torch"]["median_ms"],
+                "numpy_ms": t["numpy"]["median_ms"],
+                "bnlab_ms": t["bnlab"]["median_ms"],
+                "bnlab_out_ms": best,
+                "speedup": t["torch"]["median_ms"] / t["bnlab"]["median_ms"],
+                "speedup_out": t["torch"]["median_ms"] / best,
+                "gbs": moved / best / 1e6,
+                "limit_gbs": limit["median_gbs"],
+                "pct_limit": 100.0 * moved / best / 1e6 / limit["median_gbs"],
+                "peak_extra_mb": peak_extra_bytes(bn_ops[op]) / 2**20,
+                "peak_extra_out_mb": peak_extra_bytes(bn_out_ops[op]) / 2**20,
+                "bytes_moved": moved,
+                "times": t,
+            }
+        )
+    return rows
+
+
+def first_call_seconds() -> float:
+    """First call of every kernel on small float32 arrays: numba compilation, or loading it from
+    the on-disk cache (cache=True) when an earlier run compiled it. Not part of any median."""
+    t0 = time.perf_counter()
+    Case((4, 3, 5, 5), "NCHW").kernel_fwd_bwd_reused()()
+    Case((4, 5, 5, 3), "NHWC").kernel_fwd_bwd_reused()()
+    from bnlab.functional import batch_norm_forward
+
+    x = np.ones((4, 3, 5, 5), np.float32)
+    batch_norm_forward(x, None, None, training=False, running_mean=np.zeros(3, np.float32),
+                       running_var=np.ones(3, np.float32), backend="numba")  # fmt: skip
+    return time.perf_counter() - t0
+
+
+TABLE = [
+    ("shape", "shape", ""),
+    ("layout", "layout", ""),
+    ("op", "op", ""),
+    ("torch_ms", "PyTorch ms", ".2f"),
+    ("numpy_ms", "NumPy ref ms", ".1f"),
+    ("bnlab_ms", "bnlab ms", ".2f"),
+    ("speedup", "x PyTorch", ".2f"),
+    ("bnlab_out_ms", "bnlab+out ms", ".2f"),
+    ("speedup_out", "x PyTorch (+out)", ".2f"),
+    ("gbs", "GB/s (+out)", ".1f"),
+    ("pct_limit", "% of copy limit", ".0f"),
+    ("peak_extra_mb", "peak extra MB", ".1f"),
+    ("peak_extra_out_mb", "peak extra MB (+out)", ".2f"),
+]
+
+
+def check_targets(rows) -> list[dict]:
+    """The issue's targets, evaluated on this run's numbers (fp32, (64,64,56,56))."""
+    get = {(r["shape"], r["layout"], r["op"]): r for r in rows}
+    big, nhwc, nc = ("64x64x56x56", "NCHW"), ("64x56x56x64", "NHWC"), ("256x4096", "NC")
+    checks = []
+
+    def add(name, value, target, ok):
+        checks.append({"target": name, "value": round(value, 3), "goal": target, "met": bool(ok)})
+
+    if (*big, "fwd_bwd") in get:
+        fb, tf, ev = get[(*big, "fwd_bwd")], get[(*big, "train_fwd")], get[(*big, "eval_fwd")]
+        add("NCHW fwd+bwd speed-up vs PyTorch", fb["speedup"], ">= 2.5", fb["speedup"] >= 2.5)
+        add("NCHW train fwd speed-up", tf["speedup"], ">= 2", tf["speedup"] >= 2)
+        add(
+            "NCHW eval fwd speed-up (reused out)", ev["speedup_out"], ">= 2", ev["speedup_out"] >= 2
+        )
+        add("NCHW train fwd % of limit", tf["pct_limit"], ">= 60", tf["pct_limit"] >= 60)
+        add("NCHW fwd+bwd % of limit", fb["pct_limit"], ">= 60", fb["pct_limit"] >= 60)
+        if (*nhwc, "fwd_bwd") in get:
+            for op in ("train_fwd", "fwd_bwd"):
+                r = get[(*nhwc, op)]["bnlab_ms"] / get[(*big, op)]["bnlab_ms"]
+                add(f"NHWC/NCHW time, {op}", r, "<= 1.3", r <= 1.3)
+    if (*nc, "fwd_bwd") in get:
+        s = get[(*nc, "fwd_bwd")]["speedup"]
+        add("(256,4096) fwd+bwd speed-up", s, ">= 1.5", s >= 1.5)
+    return checks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
+    p.add_argument("--repeat", type=int, default=15, help="interleaved rounds per measurement")
+    p.add_argument("--numpy-repeat", type=int, default=3, help="rounds for the slow reference")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and numba threads")
+    p.add_argument("--name", default=None, help="JSON file name in benchmarks/results/")
+    args = p.parse_args(argv)
+
+    import numba
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    repeat = 3 if args.quick else args.repeat
+    compile_s = first_call_seconds()
+    rows = []
+    for shape, layout in cases:
+        rows += bench_case(shape, layout, repeat, 2 if args.quick else args.numpy_repeat)
+        print(f"done {shape} {layout}", file=sys.stderr, flush=True)
+    targets = [] if args.quick else check_targets(rows)
+    print(format_table(rows, TABLE))
+    print("\nbandwidth limit (NumPy copy, read+write, median): "
+          + ", ".join(f"{r['shape']} {r['limit_gbs']:.1f} GB/s" for r in rows[::3]))  # fmt: skip
+    print(
+        f"first call of the kernels (compile or cache load, not in the medians): {compile_s:.2f} s"
+    )
+    print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
+          f"load average {os.getloadavg() if hasattr(os, 'getloadavg') else '?'}")  # fmt: skip
+    for t in targets:
+        verdict = "MET" if t["met"] else "NOT met"
+        print(f"target {t['target']}: {t['value']} (goal {t['goal']}) {verdict}")
+    payload = {
+        "command": "python benchmarks/bench_norm.py" + (" --quick" if args.quick else ""),
+        "machine": machine_info(),
+        "threads": args.threads,
+        "first_call_s": compile_s,
+        "rows": rows,
+        "targets": targets,
+    }
+    name = args.name or ("bench_norm_quick" if args.quick else "bench_norm")
+    print(f"wrote {write_json(name, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
