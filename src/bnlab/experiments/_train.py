@@ -73,3 +73,48 @@ def train_steps(
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
+
+
+def train_with_curve(
+    model,
+    train: Split,
+    test: Split,
+    *,
+    batch_size: int,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    seed: int = 0,
+    n_evals: int = 10,
+    on_step=None,
+) -> dict:
+    """Train like :func:`train_steps` and record a learning curve at ``n_evals`` evenly spaced
+    points: ``{"step", "train_loss" (mean since the previous point), "test_loss", "test_acc"}``.
+    """
+    eval_at = {round(steps * (k + 1) / n_evals) for k in range(n_evals)}
+    curve = {"step": [], "train_loss": [], "test_loss": [], "test_acc": []}
+    window: list[float] = []
+
+    def record(step: int, loss: float) -> None:
+        window.append(loss)
+        if step + 1 in eval_at:
+            test_loss, test_acc = evaluate(model, test)
+            curve["step"].append(step + 1)
+            curve["train_loss"].append(sum(window) / len(window))
+            curve["test_loss"].append(test_loss)
+            curve["test_acc"].append(test_acc)
+            window.clear()
+        if on_step is not None:
+            on_step(step, loss)
+
+    train_steps(
+        model,
+        train,
+        batch_size=batch_size,
+        steps=steps,
+        lr=lr,
+        momentum=momentum,
+        seed=seed,
+        on_step=record,
+    )
+    return curve
