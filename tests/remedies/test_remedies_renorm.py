@@ -202,17 +202,22 @@ def test_backward_matches_torch_autograd_with_detached_r_d(rng, layout):
 
 
 @pytest.mark.skipif(not numba_available(), reason="bnlab.kernels (numba backend) not present yet")
-def test_numba_backend_matches_reference(rng):
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC"])
+def test_numba_backend_matches_reference(rng, layout):
     x, gamma, beta, mu, var = _setup(rng, shape=(8, 4, 5, 5), dtype=np.float32)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    elif layout == "NC":
+        x = np.ascontiguousarray(x[:, :, 0, 0])
+    dout = rng.standard_normal(x.shape).astype(np.float32)
     outs = {}
     for backend in ("numpy", "numba"):
         rm, rv = mu.copy(), var.copy()
         y, cache = batch_renorm_forward(
             x, gamma, beta, training=True, running_mean=rm, running_var=rv, rmax=2.0, dmax=1.0,
-            backend=backend,
+            layout=layout, backend=backend,
         )  # fmt: skip
-        dout = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-        outs[backend] = (y, rm, rv, *batch_renorm_backward(dout, cache))
+        outs[backend] = (y, rm, rv, cache.r, cache.d, *batch_renorm_backward(dout, cache))
     for a, b in zip(outs["numpy"], outs["numba"], strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 

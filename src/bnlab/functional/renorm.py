@@ -41,9 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnlab.backend import resolve_backend
 from bnlab.conventions import get_convention
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import check_input
+from bnlab.functional._layout import Layout, accumulation_dtype, check_input
 from bnlab.functional.batch_norm import (
     PRESET,
     BatchNormCache,
@@ -160,6 +161,27 @@ def renorm_corrections(
     return r, d
 
 
+def batch_moments(x: np.ndarray, lay: Layout, backend: str | None) -> tuple[np.ndarray, ...]:
+    """Per-channel batch mean and biased variance (C,), in the accumulation dtype.
+
+    NumPy backend: the family's stats helper. numba backend: the kernels' one-pass parallel
+    reduction (the one ``bn_train_forward`` uses, checked against the helper by the kernel tests
+    and by this module's backend test).
+    """
+    if resolve_backend(backend) == "numba":
+        from bnlab.kernels.core import channel_moments
+
+        acc = accumulation_dtype(x.dtype)
+        xc = np.ascontiguousarray(x)
+        n, c = x.shape[0], x.shape[lay.channel_axis]
+        last = lay.channels_last or lay.ndim == 2
+        x3 = xc.reshape(n, -1, c) if last else xc.reshape(n, c, -1)
+        mean, var = channel_moments(x3, last)
+        return mean.astype(acc), var.astype(acc)
+    mean, var = moments(x, lay.reduce_axes)
+    return mean.ravel(), var.ravel()
+
+
 @dataclass
 class RenormCache:
     """What :func:`batch_renorm_backward` needs.
@@ -242,7 +264,7 @@ def batch_renorm_forward(
             f"Expected more than 1 value per channel when training, got input of shape {x.shape} "
             f"(layout {lay.name!r}): batch statistics of a single value are undefined"
         )
-    mean, var = (s.ravel() for s in moments(x, lay.reduce_axes))
+    mean, var = batch_moments(x, lay, backend)
     r, d = renorm_corrections(mean, var, running_mean, running_var, eps, rmax, dmax)
     g = np.ones(c, mean.dtype) if gamma is None else gamma.astype(mean.dtype)
     b = np.zeros(c, mean.dtype) if beta is None else beta.astype(mean.dtype)
