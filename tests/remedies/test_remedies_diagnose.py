@@ -196,13 +196,19 @@ def test_model_is_left_exactly_as_found(trained, start_in_train_mode):
     assert "forward" not in model[1].__dict__
 
 
-def test_torch_model_gives_the_same_numbers_and_is_left_untouched(trained):
+@pytest.mark.parametrize("via_bnlab_torch", [False, True])
+def test_torch_model_gives_the_same_numbers_and_is_left_untouched(trained, via_bnlab_torch):
     torch = pytest.importorskip("torch")
     tm = torch.nn.Sequential(
         torch.nn.Linear(D, H), torch.nn.BatchNorm1d(H), torch.nn.ReLU(),
         torch.nn.Linear(H, H), torch.nn.BatchNorm1d(H), torch.nn.ReLU(), torch.nn.Linear(H, K),
     )  # fmt: skip
     tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in trained.state_dict().items()})
+    if via_bnlab_torch:  # bnlab.torch's drop-in BatchNorm1d (an nn.BatchNorm1d subclass)
+        import bnlab.torch
+
+        tm = bnlab.torch.convert(tm)
+        assert type(tm[1]).__module__.startswith("bnlab.torch")
     tm.eval()
     before = {k: v.clone() for k, v in tm.state_dict().items()}
     sample = _data(3)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from remedies_helpers import numeric_grad, rel_err
 
 from bnlab.backend import numba_available
@@ -264,3 +266,33 @@ def test_nonfinite_virtual_batch_leaves_buffers_untouched(rng, running_update):
     with pytest.raises(NonFiniteError):
         ghost_batch_norm_forward(x, gamma, beta, on_nonfinite="raise", **kw)
     np.testing.assert_array_equal(rm, mu)
+
+
+@settings(max_examples=25)
+@given(
+    n=st.integers(2, 13),
+    vbs=st.integers(1, 15),
+    c=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_split_equals_batch_norm_per_slice(n, vbs, c, seed):
+    """For any N and virtual_batch_size: output = batch norm of each torch.split slice, and the
+    backward = the per-slice backwards (NCHW with 2x2 spatial, so every slice is valid)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, 2, 2)) * 3 + 5
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    dout = rng.standard_normal(x.shape)
+    y, cache = ghost_batch_norm_forward(
+        x, gamma, beta, training=True, virtual_batch_size=vbs, backend="numpy"
+    )
+    dx, dgamma, dbeta = ghost_batch_norm_backward(dout, cache)
+    dg_sum, db_sum = np.zeros(c), np.zeros(c)
+    for start in range(0, n, vbs):
+        s = slice(start, start + vbs)
+        y_s, c_s = batch_norm_forward(x[s], gamma, beta, training=True, backend="numpy")
+        np.testing.assert_allclose(y[s], y_s, rtol=1e-12, atol=1e-12)
+        dx_s, dg, db = batch_norm_backward(dout[s], c_s)
+        np.testing.assert_allclose(dx[s], dx_s, rtol=1e-10, atol=1e-12)
+        dg_sum, db_sum = dg_sum + dg, db_sum + db
+    np.testing.assert_allclose(dgamma, dg_sum, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dbeta, db_sum, rtol=1e-12, atol=1e-12)
