@@ -407,3 +407,26 @@ def test_missing_torch_gives_install_hint():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install bnlab[torch]" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "kw, training",
+    [(dict(track_running_stats=False), True), (dict(), False)],
+    ids=["batch", "eval"],
+)
+def test_torch_func_transforms_match_torch(kw, training):
+    """torch.func.grad/jvp/vmap run the torch-ops path (custom Functions do not compose)."""
+    from torch.func import grad, jvp, vmap
+
+    g = torch.Generator().manual_seed(11)
+    ref, ours = _pair(nn.BatchNorm2d, bt.BatchNorm2d, 3, torch.float64, **kw)
+    ref.train(training), ours.train(training)
+    x = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    xs = torch.randn(5, 4, 3, 2, 2, generator=g, dtype=torch.float64)
+    for transform in (
+        lambda m: grad(lambda x: (m(x) * t).sum() ** 2)(x),
+        lambda m: jvp(m, (x,), (t,))[1],
+        lambda m: vmap(m)(xs),
+    ):
+        torch.testing.assert_close(transform(ours), transform(ref), **TOL[torch.float64])

@@ -195,7 +195,7 @@ def batch_norm_reference(
         acc = accumulation_dtype(x.dtype)
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = normalize(x, mean, var, weight, bias, eps).to(x.dtype)
-    if training:
+    if training and not _under_functorch(x):  # vmap allows no data-dependent branch
         if not _statistics_are_finite(mean.detach(), var.detach()):
             report_nonfinite(on_nonfinite)
         elif running_mean is not None:
@@ -286,9 +286,16 @@ def _differentiable_backward(ctx, grad_out, x, weight):
     return batch_norm_backward_reference(grad_out, x, weight, ctx.eps, False, mean, var)
 
 
+def _under_functorch(*tensors) -> bool:
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
 def fast_path_layout(x, *vectors) -> str | None:
     """The layout for the fast path, or None when the reference must run (see module docs)."""
     if x.device.type != "cpu" or x.dtype not in FAST_DTYPES or x.is_conj() or x.is_neg():
+        return None
+    if _under_functorch(x, *vectors):  # torch.func.grad/vmap/jvp: plain torch ops compose
         return None
     for v in vectors:
         if v is not None and (v.device.type != "cpu" or v.dtype != x.dtype or v.dim() != 1):
