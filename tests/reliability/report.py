@@ -41,7 +41,9 @@ class Collector:
     def pytest_collection_modifyitems(self, items):
         for item in items:
             module = getattr(item, "module", None)
-            self.family_of[item.nodeid] = getattr(module, "FAMILY", Path(item.fspath).stem)
+            family = getattr(module, "FAMILY", Path(item.fspath).stem)
+            overrides = getattr(module, "FAMILIES", {})
+            self.family_of[item.nodeid] = overrides.get(getattr(item, "originalname", ""), family)
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
