@@ -8,8 +8,14 @@ import numba
 import numpy as np
 import pytest
 
-from bnlab.kernels import _chunks, core
-from bnlab.kernels import bn_backward, bn_eval_backward, bn_eval_forward, bn_train_forward
+from bnlab.kernels import (
+    _chunks,
+    bn_backward,
+    bn_eval_backward,
+    bn_eval_forward,
+    bn_train_forward,
+    core,
+)
 
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 
@@ -18,6 +24,7 @@ MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 def tiny_chunks(monkeypatch):
     """Many small chunks and no single-thread shortcut, so the chunk merging is exercised."""
     monkeypatch.setattr(_chunks, "SEGMENT", 40)
+    monkeypatch.setattr(_chunks, "SHORT_ROW", 100)
     monkeypatch.setattr(_chunks, "MIN_TASKS", 7)
     monkeypatch.setattr(_chunks, "MIN_BLOCK_ROWS", 3)
     monkeypatch.setattr(_chunks, "MIN_BLOCK_VALUES", 16)
@@ -27,7 +34,8 @@ def tiny_chunks(monkeypatch):
 
 CASES = [  # (x3 shape, channels_last)
     ((3, 2, 131), False),  # several segments per row, several groups per channel
-    ((5, 1, 97), False),  # one channel: the groups carry the parallelism
+    ((5, 1, 97), False),  # short rows, one channel: the groups carry the parallelism
+    ((9, 2, 13), False),  # short rows, several groups
     ((4, 37, 11), True),  # several row blocks and channel tiles
     ((2, 50, 1), True),  # C = 1 channels-last: run as channels-first
     ((6, 9, 1), False),  # S = 1 channels-first: run as channels-last

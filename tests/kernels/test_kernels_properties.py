@@ -7,6 +7,7 @@ two tests give every kernel >= 1000 examples under CI.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from kernels_tolerances import assert_matches
 
 from bnlab.conventions import PRESETS
 from bnlab.functional import batch_norm_backward, batch_norm_forward
+from bnlab.kernels import _chunks, bn_backward, bn_train_forward
 
 EXAMPLES = 1000 if os.environ.get("CI") == "true" else 150
 DTYPES = (np.float16, np.float32, np.float64)
@@ -101,3 +103,73 @@ def test_kernels_training_forward_backward_match_reference(case):
 @given(case=bn_cases(training=False))
 def test_kernels_inference_forward_backward_match_reference(case):
     _compare(case, training=False)
+
+
+@contextmanager
+def _small_chunks(segment, short_row, block_rows, tile):
+    """Shrink the chunk sizes so that tiny tensors take every code path (long and short rows,
+    several segments, groups, row blocks and channel tiles). They still run on one thread
+    (tiny passes do); test_kernels_determinism runs the same paths on two threads."""
+    names = {
+        (_chunks, "SEGMENT"): segment,
+        (_chunks, "SHORT_ROW"): short_row,
+        (_chunks, "MIN_TASKS"): 5,
+        (_chunks, "MIN_BLOCK_ROWS"): block_rows,
+        (_chunks, "MIN_BLOCK_VALUES"): 8,
+        (_chunks, "CHANNEL_TILE"): tile,
+    }
+    saved = {key: getattr(*key) for key in names}
+    try:
+        for (mod, attr), value in names.items():
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for (mod, attr), value in saved.items():
+            setattr(mod, attr, value)
+
+
+@settings(max_examples=EXAMPLES // 2)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 7),
+    s=st.integers(1, 60),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    segment=st.integers(1, 25),
+    short_row=st.integers(1, 40),
+    block_rows=st.integers(1, 4),
+    tile=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernels_every_chunking_path_matches_float64_math(
+    n, c, s, channels_last, dtype, segment, short_row, block_rows, tile, seed
+):
+    """Kernel API with shrunken chunks vs plain float64 NumPy math (statistics, y, dx, dγ, dβ)."""
+    rng = np.random.default_rng(seed)
+    shape = (n, s, c) if channels_last else (n, c, s)
+    axes = (0, 1) if channels_last else (0, 2)
+    x = (rng.uniform(-5, 5) + rng.uniform(0.1, 3) * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.standard_normal(c), rng.standard_normal(c)
+    with _small_chunks(segment, short_row, block_rows, tile):
+        y, mean, var = bn_train_forward(x, w, b, 1e-3, channels_last)
+        rstd = 1.0 / np.sqrt(var.astype(np.float64) + 1e-3)
+        dx, dw, db = bn_backward(dy, x, mean, rstd.astype(mean.dtype), w, channels_last)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mu, sig2 = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+    xhat = (x64 - mu) / np.sqrt(sig2 + 1e-3)
+    shp = [1, 1, 1]
+    shp[2 if channels_last else 1] = c
+    g = w.reshape(shp)
+    ref_dx = g / np.sqrt(sig2 + 1e-3) * (
+        dy64 - dy64.mean(axis=axes, keepdims=True)
+        - xhat * (dy64 * xhat).mean(axis=axes, keepdims=True)
+    )  # fmt: skip
+    m = x.size // c
+    if m > 1:
+        assert_matches(mean, mu.ravel(), dtype, "mean")
+        assert_matches(var, sig2.ravel(), dtype, "var")
+        assert_matches(y, xhat * g + b.reshape(shp), dtype, "y")
+        assert_matches(dx, ref_dx, dtype, "dx")
+        assert_matches(dw, (dy64 * xhat).sum(axis=axes), dtype, "dgamma")
+    assert_matches(db, dy64.sum(axis=axes), dtype, "dbeta")

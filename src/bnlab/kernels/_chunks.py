@@ -5,7 +5,7 @@ order whatever the number of threads, so 1, 2 or 64 threads give bit-identical r
 
 Channels-first (N, C, S): each (n, c) row of S values is cut into ``pieces`` segments of at most
 ``SEGMENT`` values; a channel's ``units`` (n, piece) are dealt into ``groups`` consecutive ranges,
-one parallel task per (group, channel).
+one parallel task per (group, channel). Rows shorter than ``SHORT_ROW`` are not cut (one piece).
 
 Channels-last (N, S, C) is seen as R = N·S rows of C values; the rows are cut into ``blocks``
 consecutive ranges of at least ``MIN_BLOCK_ROWS`` rows (so the (blocks, C) float64 partials stay a
@@ -16,6 +16,7 @@ small fraction of x) and the channels into tiles of ``CHANNEL_TILE``; one parall
 from __future__ import annotations
 
 SEGMENT = 16384  # values per channels-first row segment (64 KiB of float32)
+SHORT_ROW = 512  # channels-first rows shorter than this are summed column-wise (one task shift)
 MIN_TASKS = 32  # enough independent tasks to balance a few threads, whatever C is
 MAX_BLOCKS = 64  # channels-last row blocks: bounds the (blocks, C) partials
 MIN_BLOCK_ROWS = 64  # partials are at most 3·8/(64·itemsize) of x: 9% for float32
@@ -32,10 +33,10 @@ def row_pieces(s: int) -> int:
     return max(1, _ceil_div(s, SEGMENT))
 
 
-def channel_groups(n: int, c: int, s: int) -> int:
-    """How many consecutive (n, piece) ranges each channel's reduction is split into."""
-    units = n * row_pieces(s)
-    return max(1, min(units, _ceil_div(MIN_TASKS, max(c, 1))))
+def channel_groups(n: int, c: int, pieces: int) -> int:
+    """How many consecutive ranges of a channel's n·pieces (row, piece) units its reduction is
+    split into (never more than there are units: no group is empty)."""
+    return max(1, min(n * pieces, _ceil_div(MIN_TASKS, max(c, 1))))
 
 
 def row_blocks(rows: int, c: int) -> int:

@@ -81,6 +81,8 @@ def _grad_sums(dyseg, xseg, mu):
 @njit(cache=True)
 def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Parallel-variance merge of two (count, mean, M2) summaries (Chan, Golub, LeVeque)."""
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
     n = n_a + n_b
     delta = mean_b - mean_a
     f = n_b / n
@@ -117,6 +119,37 @@ def moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2):
         p_cnt[g, ch] = cnt
         p_mean[g, ch] = mean
         p_m2[g, ch] = m2
+
+
+@njit(parallel=True, cache=True)
+def moments_cf_short(x, groups, p_cnt, p_mean, p_m2):
+    """Like :func:`moments_cf` for short rows (S < ``SHORT_ROW``), where per-row lanes would be
+    mostly remainder: the task's rows are summed column-wise (vectorized across the S positions)
+    with one shift k (the task's first value), then the S column sums are added up."""
+    n, c, s = x.shape
+    for t in prange(groups * c):
+        g = t // c
+        ch = t % c
+        n0 = g * n // groups
+        n1 = (g + 1) * n // groups
+        k = np.float64(x[n0, ch, 0])
+        acc1 = np.zeros(s)
+        acc2 = np.zeros(s)
+        for i in range(n0, n1):
+            row = x[i, ch]
+            for j in range(s):
+                d = np.float64(row[j]) - k
+                acc1[j] += d
+                acc2[j] += d * d
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(s):
+            s1 += acc1[j]
+            s2 += acc2[j]
+        m = np.float64((n1 - n0) * s)
+        p_cnt[g, ch] = m
+        p_mean[g, ch] = k + s1 / m
+        p_m2[g, ch] = s2 - s1 * s1 / m
 
 
 @njit(cache=True)
@@ -193,6 +226,32 @@ def grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu):
             s1, s2 = _grad_sums(dy[i, ch, lo:hi], x[i, ch, lo:hi], mu)
             a += s1
             b += s2
+        p_dy[g, ch] = a
+        p_dyxmu[g, ch] = b
+
+
+@njit(parallel=True, cache=True)
+def grad_sums_cf_short(dy, x, mean, groups, p_dy, p_dyxmu):
+    """Like :func:`grad_sums_cf` for short rows: column-wise sums over the task's rows."""
+    n, c, s = x.shape
+    for t in prange(groups * c):
+        g = t // c
+        ch = t % c
+        mu = mean[ch]
+        acc1 = np.zeros(s)
+        acc2 = np.zeros(s)
+        for i in range(g * n // groups, (g + 1) * n // groups):
+            dyr = dy[i, ch]
+            xr = x[i, ch]
+            for j in range(s):
+                gv = np.float64(dyr[j])
+                acc1[j] += gv
+                acc2[j] += gv * (np.float64(xr[j]) - mu)
+        a = 0.0
+        b = 0.0
+        for j in range(s):
+            a += acc1[j]
+            b += acc2[j]
         p_dy[g, ch] = a
         p_dyxmu[g, ch] = b
 

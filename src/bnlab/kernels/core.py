@@ -52,6 +52,13 @@ def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:
     return a, False
 
 
+def _row_split(s: int) -> tuple[bool, int]:
+    """(short, pieces): short channels-first rows are summed column-wise and never cut."""
+    if s < _chunks.SHORT_ROW:
+        return True, 1
+    return False, _chunks.row_pieces(s)
+
+
 def _partials(groups: int, c: int, k: int) -> list[np.ndarray]:
     return [np.empty((groups, c)) for _ in range(k)]
 
@@ -68,10 +75,13 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
             p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
             _reduce.moments_cl(x, groups, _chunks.channel_tiles(c), p_cnt, p_mean, p_m2)
         else:
-            pieces = _chunks.row_pieces(x.shape[2])
-            groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+            short, pieces = _row_split(x.shape[2])
+            groups = _chunks.channel_groups(x.shape[0], c, pieces)
             p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
-            _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
+            if short:
+                _reduce.moments_cf_short(x, groups, p_cnt, p_mean, p_m2)
+            else:
+                _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
     mean, var = np.empty(c), np.empty(c)
     _reduce.merge_moments(p_cnt, p_mean, p_m2, mean, var)
     return mean, var
@@ -91,10 +101,13 @@ def channel_grad_sums(
             p_dy, p_dyxmu = _partials(groups, c, 2)
             _reduce.grad_sums_cl(dy, x, mean, groups, _chunks.channel_tiles(c), p_dy, p_dyxmu)
         else:
-            pieces = _chunks.row_pieces(x.shape[2])
-            groups = _chunks.channel_groups(x.shape[0], c, x.shape[2])
+            short, pieces = _row_split(x.shape[2])
+            groups = _chunks.channel_groups(x.shape[0], c, pieces)
             p_dy, p_dyxmu = _partials(groups, c, 2)
-            _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
+            if short:
+                _reduce.grad_sums_cf_short(dy, x, mean, groups, p_dy, p_dyxmu)
+            else:
+                _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
     sum_dy, sum_dyxmu = np.empty(c), np.empty(c)
     _reduce.sum_partials(p_dy, sum_dy)
     _reduce.sum_partials(p_dyxmu, sum_dyxmu)
