@@ -324,3 +324,30 @@ def test_single_value_per_channel_is_refused(rng):
             x, None, None, training=True, running_mean=rm, running_var=rv, layout="NC"
         )
     np.testing.assert_array_equal(rv, np.ones(3))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_float16_input_and_large_mean(rng, backend):
+    """float16 is computed in float32 (its statistics too); a mean of 1e4 (float32) or 1e6
+    (float64) does not cancel the variance (Flax's "large mean" test)."""
+    if backend == "numba" and not numba_available():
+        pytest.skip("numba backend not present")
+    x, gamma, beta, mu, var = _setup(rng, shape=(6, 4, 3, 3))
+    rm, rv = mu.copy(), var.copy()
+    y16, _ = batch_renorm_forward(
+        x.astype(np.float16), gamma, beta, training=True, running_mean=rm.astype(np.float32),
+        running_var=rv.astype(np.float32), rmax=2.0, dmax=1.0, backend=backend,
+    )  # fmt: skip
+    y64, _ = batch_renorm_forward(
+        x, gamma, beta, training=True, running_mean=rm.copy(), running_var=rv.copy(), rmax=2.0,
+        dmax=1.0, backend=backend,
+    )  # fmt: skip
+    assert y16.dtype == np.float16
+    np.testing.assert_allclose(y16, y64, rtol=5e-3, atol=5e-3)
+    for offset, dtype, tol in ((1e4, np.float32, 2e-3), (1e6, np.float64, 1e-8)):
+        yb, _ = batch_renorm_forward(
+            (x + offset).astype(dtype), gamma, beta, training=True,
+            running_mean=(mu + offset).astype(dtype), running_var=var.astype(dtype), rmax=2.0,
+            dmax=1.0, backend=backend,
+        )  # fmt: skip
+        np.testing.assert_allclose(yb, y64, rtol=tol, atol=tol)
