@@ -277,3 +277,34 @@ def test_bad_input(trained):
         Thresholds(var_ratio=0.5)
     with pytest.raises(ValueError, match="shift_sigma must be a finite number > 0"):
         Thresholds(shift_sigma=-1)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_numbers_match_a_direct_computation_for_images(rng, layout):
+    """A lone BatchNorm2d: its input is the batch itself, reduced over (N, H, W)."""
+    bn = nn.BatchNorm2d(3, dtype=np.float64, layout=None if layout == "NCHW" else "NHWC")
+    bn.running_mean[...] = [0.2, -0.5, 1.0]
+    bn.running_var[...] = [1.5, 0.7, 2.0]
+    bn.num_batches_tracked[...] = 5
+    model = nn.Sequential(bn).eval()
+    batches = [
+        rng.standard_normal((4, 3, 5, 5)) * [[[[1]], [[2]], [[0.5]]]] + 0.3 for _ in range(3)
+    ]
+    if layout == "NHWC":
+        batches = [np.ascontiguousarray(b.transpose(0, 2, 3, 1)) for b in batches]
+    d = diagnose(model, batches)
+    axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
+    allx = np.concatenate(batches)
+    mu, var = allx.mean(axes), allx.var(axes)
+    np.testing.assert_allclose(
+        d.layers[0].mean_shift_sigma, (mu - bn.running_mean) / np.sqrt(var + EPS), rtol=1e-10
+    )
+    np.testing.assert_allclose(d.layers[0].var_ratio, var / bn.running_var, rtol=1e-10)
+    shp = (1, -1, 1, 1) if layout == "NCHW" else (1, 1, 1, -1)
+    te = []
+    for b in batches:
+        xb = (b - b.mean(axes, keepdims=True)) / np.sqrt(b.var(axes, keepdims=True) + EPS)
+        xr = (b - bn.running_mean.reshape(shp)) / np.sqrt(bn.running_var.reshape(shp) + EPS)
+        te.append(((xb - xr) ** 2).mean(axes))
+    assert d.layers[0].train_eval_rms == pytest.approx(np.sqrt(np.mean(te)), rel=1e-10)
+    assert d.layers[0].values_per_channel == 100
