@@ -152,6 +152,16 @@ def test_kernels_api_rejects_bad_input_with_a_named_error(name):
         call()
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (2, 0, 4)])
+def test_kernels_statistics_of_an_empty_tensor_are_refused(shape):
+    """core.channel_moments is also used directly (batch renorm): it must not read past x."""
+    from bnlab.kernels.core import channel_moments
+
+    for channels_last in (False, True):
+        with pytest.raises(ShapeError, match="empty"):
+            channel_moments(np.empty(shape, np.float32), channels_last)
+
+
 def test_kernels_rejected_out_is_untouched():
     out = np.full((2, 3, 4), 7.0, np.float32)
     with pytest.raises(ShapeError):

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 
+from bnlab.errors import ShapeError
+
 from . import _chunks, _elementwise, _reduce
 
 PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
@@ -67,6 +69,8 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
     """Per-channel mean and biased variance (C,), float64, of a non-empty 3-D array.
 
     One read of x; see :mod:`._reduce` for the shifted sums and the parallel merge."""
+    if x3.size == 0:
+        raise ShapeError(f"x must not be empty to compute statistics, got shape {x3.shape}")
     x, cl = kernel_view(x3, channels_last)
     c = x.shape[-1] if cl else x.shape[1]
     with _threads_for(x.size):
