@@ -66,7 +66,7 @@ def col2im(dcols, padded_shape, kernel, stride, dilation, out_hw) -> np.ndarray:
         from bnlab.nn import _kernels
 
         dxp = np.empty(padded_shape, dcols.dtype)
-        dc = np.ascontiguousarray(dcols)
+        dc = np.ascontiguousarray(dcols).reshape(padded_shape[0], -1, out_hw[0] * out_hw[1])
         return _kernels.col2im_add(dc, *kernel, *stride, *dilation, *out_hw, dxp)
     return col2im_reference(dcols, padded_shape, kernel, stride, dilation, out_hw)
 
