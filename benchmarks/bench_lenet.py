@@ -147,8 +147,10 @@ def main(argv=None) -> int:
     import torch
     from bnlab.data import batches
     from bnlab.models import lenet_bn
+    from bnlab.nn.threads import set_num_threads
 
     torch.set_num_threads(threads)
+    set_num_threads(threads)
     data = load_data(np)
     n_batches = args.warmup + args.steps
     it = batches(data[0], data[1], args.batch_size, seed=0, epoch=0, drop_last=True)

@@ -78,7 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="kernels for BN and the engine (default: numba when installed)",
     )
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="numba threads (default: numba's own)"
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="threads for numba kernels and BLAS (default: all CPUs; 1 is often fastest on a "
+        "busy machine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -90,9 +94,9 @@ def run(args) -> int:
     if args.backend is not None:
         set_backend(args.backend)
     if args.threads is not None:
-        import numba
+        from bnlab.nn.threads import set_num_threads
 
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        set_num_threads(args.threads)
     config = TrainConfig(
         model=args.model,
         epochs=args.epochs,
