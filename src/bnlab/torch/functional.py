@@ -39,7 +39,7 @@ from bnlab.errors import ShapeError
 from bnlab.functional import batch_norm_backward, batch_norm_forward
 from bnlab.functional._validate import check_eps, check_momentum, check_policy
 from bnlab.functional.running import report_nonfinite
-from bnlab.torch._layout import empty_in_layout, from_numpy, layout_of, to_numpy
+from bnlab.torch._layout import empty_like_in_layout, from_numpy, layout_of, to_numpy
 
 FAST_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -248,13 +248,13 @@ class FastBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps, layout, backend, on_nonfinite):  # fmt: skip
-        out = empty_in_layout(x)
+        out, out_array = empty_like_in_layout(x, layout)
         _, cache = batch_norm_forward(
             to_numpy(x, layout), _np(weight), _np(bias),
             training=training, running_mean=_np(running_mean), running_var=_np(running_var),
             momentum=momentum, eps=eps, layout=layout, convention="pytorch",
             num_batches_tracked=_np(num_batches_tracked), on_nonfinite=on_nonfinite,
-            backend=backend, out=to_numpy(out, layout),
+            backend=backend, out=out_array,
         )  # fmt: skip
         ctx.cache, ctx.layout, ctx.eps = cache, layout, eps
         ctx.save_for_backward(x, weight)  # the version counters catch in-place edits of x
