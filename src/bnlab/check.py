@@ -8,6 +8,9 @@ norm) and each layout, on a small random float64 input with a *random* upstream 
 ``numeric``  every gradient (dx, dgamma, dbeta) vs central differences of  L = Σ dout·f(x)
 ``torch``    outputs, gradients and running statistics vs ``torch.nn.functional`` + autograd
 ``numba``    the numba backend vs this NumPy reference, in float32 (batch norm only)
+``float32``, ``float16``  the same computation from float32 / float16 input vs float64 math on
+             the same rounded values, within :func:`dtype_tolerance` (which grows with the
+             input's centering condition number κ)
 
 Each error is ``max|a − b| / max(1, max|b|)`` (the largest deviation relative to the largest
 reference value, so it means the same for every tensor) and fails when above its tolerance in
@@ -19,6 +22,7 @@ the float64 answer; the test suite imports it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +39,8 @@ TOLERANCES: dict[str, float] = {
     "numeric": 1e-6,  # central differences, h=1e-5: truncation O(h²) + rounding O(ε/h) ≈ 1e-10
     "torch": 1e-10,  # same float64 math, different summation order
     "numba": 1e-4,  # float32 kernels vs the float32 reference: different summation order
+    "float32": float("nan"),  # per case: dtype_tolerance(float32, κ)
+    "float16": float("nan"),  # per case: dtype_tolerance(float16, κ)
 }
 
 #: How close a result computed from an input of a given dtype must be to float64 math on the same
@@ -221,6 +227,10 @@ class Problem:
             dout=rng.standard_normal(shape),
         )
 
+    def rounded(self, dtype) -> Problem:
+        """The same problem with every array rounded to ``dtype`` (kept in float64)."""
+        return Problem(*(a.astype(dtype).astype(np.float64) for a in dataclasses.astuple(self)))
+
     def buffers(self, dtype=np.float64) -> dict[str, np.ndarray]:
         return {
             "running_mean": self.running_mean.astype(dtype),
@@ -228,19 +238,30 @@ class Problem:
         }
 
 
-def _run(op: Op, p: Problem, layout, dtype=np.float64, **kw):
-    """Forward + backward of ``op`` in ``dtype``; returns (y, dx, dgamma, dbeta, buffers)."""
+def _run(op: Op, p: Problem, layout, dtype=np.float64, backend="numpy"):
+    """Forward + backward of ``op`` in ``dtype``; returns (y, dx, dgamma, dbeta, buffers, cache).
+
+    ``backend`` applies to batch norm (the other members have only the NumPy reference).
+    """
+    kw = {"backend": backend}
     buffers = p.buffers(dtype) if op.has_buffers else {}
     x, g, b = (a.astype(dtype) for a in (p.x, p.gamma, p.beta))
     y, cache = op.forward(x, g, b, layout, **buffers, **kw)
     dx, dg, db = op.backward(p.dout.astype(dtype), cache)
-    return y, dx, dg, db, buffers
+    return y, dx, dg, db, buffers, cache
+
+
+def _max_error(ours, ref) -> float:
+    """Largest rel_error over (y, dx, dgamma, dbeta) and the buffers of two :func:`_run` results."""
+    errors = [rel_error(a, b) for a, b in zip(ours[:4], ref[:4], strict=True)]
+    errors += [rel_error(ours[4][k], ref[4][k]) for k in ours[4]]
+    return max(errors)
 
 
 def check_graph(op: Op, p: Problem, layout) -> float | None:
     if op.graph_backward is None:
         return None
-    y, cache = op.forward(p.x, p.gamma, p.beta, layout)
+    y, cache = op.forward(p.x, p.gamma, p.beta, layout, backend="numpy")
     closed = op.backward(p.dout, cache)
     graph = op.graph_backward(p.dout, cache)
     return max(rel_error(a, b) for a, b in zip(graph, closed, strict=True))
@@ -250,6 +271,7 @@ def check_numeric(op: Op, p: Problem, layout) -> float:
     """Analytic gradients vs central differences (buffers are only read, never updated here)."""
     x, g, b = p.x.copy(), p.gamma.copy(), p.beta.copy()
     extra = p.buffers() if op.name == "batch_norm[eval]" else {}
+    extra["backend"] = "numpy"
 
     def f():
         return op.forward(x, g, b, layout, **extra)[0]
@@ -292,22 +314,27 @@ def torch_reference(op: Op, p: Problem, layout, momentum=0.1, eps=1e-5):
 
 
 def check_torch(op: Op, p: Problem, layout) -> float:
-    ours = _run(op, p, layout)
-    ref = torch_reference(op, p, layout)
-    errors = [rel_error(a, b) for a, b in zip(ours[:4], ref[:4], strict=True)]
-    errors += [rel_error(ours[4][k], ref[4][k]) for k in ours[4]]
-    return max(errors)
+    return _max_error(_run(op, p, layout), torch_reference(op, p, layout))
 
 
 def check_numba(op: Op, p: Problem, layout) -> float | None:
-    """numba backend vs the NumPy reference, both in float32 (batch norm only)."""
+    """numba backend vs the NumPy reference, in float32 and float64 (batch norm only)."""
     if not op.name.startswith("batch_norm"):
         return None
-    ours = _run(op, p, layout, np.float32, backend="numba")
-    ref = _run(op, p, layout, np.float32, backend="numpy")
-    errors = [rel_error(a, b) for a, b in zip(ours[:4], ref[:4], strict=True)]
-    errors += [rel_error(ours[4][k], ref[4][k]) for k in ours[4]]
-    return max(errors)
+    return max(
+        _max_error(_run(op, p, layout, dt, backend="numba"), _run(op, p, layout, dt))
+        for dt in (np.float32, np.float64)
+    )
+
+
+def check_dtype(op: Op, p: Problem, layout, dtype) -> tuple[float, float]:
+    """(error, tolerance) of ``op`` from ``dtype`` input vs float64 on the same rounded values."""
+    q = p.rounded(dtype)
+    ref = _run(op, q, layout)
+    ours = _run(op, q, layout, dtype)
+    if ours[0].dtype != dtype or ours[1].dtype != dtype:
+        return float("inf"), 0.0  # y and dx must come back in the input dtype
+    return _max_error(ours, ref), dtype_tolerance(dtype, centering_condition(q.x, ref[5].rstd))
 
 
 # --------------------------------------------------------------------------- the table
@@ -319,12 +346,13 @@ class Row:
     layout: str
     shape: tuple[int, ...]
     errors: dict[str, float | None] = field(default_factory=dict)
+    tolerances: dict[str, float] = field(default_factory=lambda: dict(TOLERANCES))
 
     def failures(self) -> list[str]:
         return [
             k
             for k, e in self.errors.items()
-            if e is not None and not (np.isfinite(e) and e <= TOLERANCES[k])
+            if e is not None and not (np.isfinite(e) and e <= self.tolerances[k])
         ]
 
 
@@ -360,14 +388,24 @@ def run_checks(
             row.errors["numeric"] = check_numeric(op, p, layout)
             row.errors["torch"] = check_torch(op, p, layout) if use_torch else None
             row.errors["numba"] = check_numba(op, p, layout) if use_numba else None
+            for dtype in (np.float32, np.float16):
+                name = np.dtype(dtype).name
+                row.errors[name], row.tolerances[name] = check_dtype(op, p, layout, dtype)
             rows.append(row)
     return rows
+
+
+def _header(check: str) -> str:
+    tol = TOLERANCES[check]
+    if np.isfinite(tol):
+        return f"{check} (tol {tol:.0e})"
+    return f"{check} (tol {DTYPE_TOLERANCES[np.dtype(check)]:.0e}+κ)"  # dtype_tolerance
 
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the errors; '-' where a check does not apply or was not run."""
     cols = list(TOLERANCES)
-    head = ["operation", "layout", "shape"] + [f"{c} (tol {TOLERANCES[c]:.0e})" for c in cols]
+    head = ["operation", "layout", "shape"] + [_header(c) for c in cols]
     lines = ["| " + " | ".join(head + ["ok"]) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         cells = [r.op, r.layout, "x".join(map(str, r.shape))]
