@@ -47,7 +47,7 @@ def _kill_rounds(mode: str, folder: Path, load) -> dict:
         temps_before = {p.name for p in folder.iterdir() if p.name.endswith(".tmp")}
         proc.stdout.close()
         try:
-            proc.wait(timeout=rng.uniform(0.02, 0.25))
+            proc.wait(timeout=rng.uniform(0.01, 0.15))
         except subprocess.TimeoutExpired:
             pass
         proc.send_signal(signal.SIGKILL)
