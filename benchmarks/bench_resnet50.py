@@ -6,8 +6,9 @@ Same thread count for every peer (OpenBLAS for bnlab, torch.set_num_threads, ORT
 before numpy is imported. One process, one model (random weights, randomized BN statistics, the
 plain-PyTorch ResNet-50 of tests/inference/torch_resnet.py); the ONNX model is exported from it
 with ``torch.onnx`` into a temporary folder. Every peer's logits are checked against PyTorch's
-before anything is timed. Calls are interleaved (peer A, B, C, A, B, C, ...) so load changes on a
-shared machine hit every peer alike; the medians and the ratios come from the same run.
+before anything is timed. Peers are interleaved in blocks (A..., B..., C..., A..., ...; the first
+call of a block untimed, as the previous peer's thread pool may still be spinning) so load changes
+on a shared machine hit every peer alike; the medians and the ratios come from the same run.
 
 GFLOP/s: the network's multiply-adds x 2 (convs + fc) over the median latency, next to the
 SGEMM peak that ``np.matmul`` (the GEMM bnlab's engine calls) reaches in the same run on large
@@ -160,14 +161,18 @@ def check_peers(peers, x) -> dict[str, float]:
     return errs
 
 
-def time_interleaved(peers, x, repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(peers, x, repeats: int, warmup: int, rounds: int = 3) -> dict[str, list]:
+    """``rounds`` rounds of (peer A block, peer B block, ...); each block is one untimed call (the
+    previous peer's thread pool may still be spinning) and then ~repeats/rounds timed calls."""
     for _ in range(warmup):
         for fn in peers.values():
             fn(x)
+    per_block = max(1, -(-repeats // rounds))
     times: dict[str, list[float]] = {name: [] for name in peers}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in peers.items():
-            times[name].append(_timed(lambda fn=fn: fn(x)))
+            fn(x)
+            times[name] += [_timed(lambda fn=fn: fn(x)) for _ in range(per_block)]
     return times
 
 

@@ -13,13 +13,19 @@ from bnlab.inference.engine import CompiledResNet, compile_resnet
 __all__ = ["CompiledResNet", "compile"]
 
 
-def compile(model_or_state_dict, layout: str = "NHWC", fold_bn: bool = True) -> CompiledResNet:  # noqa: A001
+def compile(  # noqa: A001
+    model_or_state_dict, layout: str = "NHWC", fold_bn: bool = True, *, batch_chunk=None
+) -> CompiledResNet:
     """Compile a bottleneck ResNet (bnlab model, PyTorch model or state dict) for inference.
 
     ``layout`` is the engine's activation layout; only "NHWC" is implemented (1x1 convs are then
     plain GEMMs). ``fold_bn=True`` folds every BN into its conv; ``False`` keeps BN as a fused
     per-channel scale and shift (slower by one multiply, useful to check the fold).
-    Returns a callable ``predict(x, layout="NCHW") -> logits (N, classes)``.
+    ``batch_chunk``: run larger batches this many images at a time (activations then stay in
+    cache; None = the whole batch in one pass).
+
+    Returns a callable ``predict(x, layout="NCHW") -> logits (N, classes)``; the model may be a
+    path to a .safetensors/.npz/.pt file, too.
     """
     if layout != "NHWC":
         raise ValueError(
@@ -27,4 +33,7 @@ def compile(model_or_state_dict, layout: str = "NHWC", fold_bn: bool = True) -> 
         )
     if not isinstance(fold_bn, bool):
         raise TypeError(f"fold_bn must be True or False, got {fold_bn!r}")
-    return compile_resnet(model_or_state_dict, fold_bn=fold_bn)
+    if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(
+        batch_chunk, int) or batch_chunk < 1):  # fmt: skip
+        raise ValueError(f"batch_chunk must be a positive int or None, got {batch_chunk!r}")
+    return compile_resnet(model_or_state_dict, fold_bn=fold_bn, batch_chunk=batch_chunk)

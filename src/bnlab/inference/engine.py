@@ -127,13 +127,15 @@ class _Arena:
 class CompiledResNet:
     """``predict(x)`` for a bottleneck ResNet; build it with :func:`bnlab.inference.compile`."""
 
-    def __init__(self, spec: ResNetSpec, stem, blocks, fc_w, fc_b, fold_bn: bool):
+    def __init__(self, spec: ResNetSpec, stem, blocks, fc_w, fc_b, fold_bn: bool,
+                 batch_chunk: int | None = None):  # fmt: skip
         self.spec = spec
         self.stem: PackedConv = stem
         self.blocks: list[PackedBlock] = blocks
         self.fc_w = fc_w  # (C_feat, classes)
         self.fc_b = fc_b
         self.fold_bn = fold_bn
+        self.batch_chunk = batch_chunk  # run big batches this many images at a time (cache reuse)
         self._plans: dict[tuple[int, int, int], _Plan] = {}
         self._lock = threading.Lock()
 
@@ -145,6 +147,13 @@ class CompiledResNet:
     def predict(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
         """Logits (N, classes) float32 of images x (N, 3, H, W), or (N, H, W, 3) for NHWC."""
         x = _check_images(x, layout)
+        step = self.batch_chunk or x.shape[0]
+        if step >= x.shape[0]:
+            return self._predict(x, layout)
+        return np.concatenate([self._predict(x[i : i + step], layout)
+                               for i in range(0, x.shape[0], step)])  # fmt: skip
+
+    def _predict(self, x: np.ndarray, layout: str) -> np.ndarray:
         n, h, w = (x.shape[0], x.shape[2], x.shape[3]) if layout == "NCHW" else x.shape[:3]
         with self._lock:
             plan = self._plans.get((n, h, w)) or self._build_plan(n, h, w)
@@ -279,7 +288,8 @@ def _check_images(x, layout: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAULT_EPS):
+def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAULT_EPS,
+                   batch_chunk: int | None = None):  # fmt: skip
     """Validate a bottleneck-ResNet state dict (or model) and pack it into a CompiledResNet."""
     sd = to_numpy_state_dict(model_or_state_dict)
     spec = spec_for(sd)
@@ -300,7 +310,7 @@ def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAU
     ]
     fc_w = np.ascontiguousarray(sd["fc.weight"].T, dtype=np.float32)
     fc_b = np.asarray(sd["fc.bias"], np.float32).copy()
-    return CompiledResNet(spec, pack(spec.stem), blocks, fc_w, fc_b, fold_bn)
+    return CompiledResNet(spec, pack(spec.stem), blocks, fc_w, fc_b, fold_bn, batch_chunk)
 
 
 def _model_eps(model, default: float) -> float:
