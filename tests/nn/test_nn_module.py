@@ -196,3 +196,18 @@ def test_bad_constructor_arguments():
         nn.BatchNorm2d(3, momentum=2.0)
     with pytest.raises(TypeError, match="Module"):
         nn.Sequential(nn.ReLU(), "relu")
+
+
+def test_batchnorm2d_nhwc_layout_matches_nchw():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    a, b = nn.BatchNorm2d(3), nn.BatchNorm2d(3, layout="NHWC")
+    ya = a(x)
+    yb = b(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(yb.transpose(0, 3, 1, 2), ya, rtol=1e-5, atol=1e-6)
+    dxa = a.backward(dy)
+    dxb = b.backward(np.ascontiguousarray(dy.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(dxb.transpose(0, 3, 1, 2), dxa, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.weight.grad, a.weight.grad, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.running_var, a.running_var, rtol=1e-6)
