@@ -20,6 +20,7 @@ def test_check_passes_and_covers_every_op_and_layout():
     assert [r for r in rows if r.failures()] == []
     for r in rows:
         assert r.errors["numeric"] is not None
+        assert r.errors["float32"] is not None and r.errors["float16"] is not None
         assert (r.errors["graph"] is not None) == (r.op == "batch_norm[train]")
     table = check.format_table(rows)
     assert table.count("\n") == len(rows) + 1
@@ -48,9 +49,10 @@ def test_check_detects_a_wrong_backward(monkeypatch, capsys):
 
 
 def test_cli_check_exit_zero(capsys):
-    assert main(["check", "--seed", "1", "--no-numba"]) == 0
+    assert main(["check", "--seed", "1", "--no-torch", "--no-numba"]) == 0
     out = capsys.readouterr().out
     assert "| batch_norm[train] | NHWC |" in out and "0 failed" in out
+    assert "not run: torch, numba" in out
 
 
 def test_rel_error_and_tolerances():

@@ -129,3 +129,33 @@ def test_float16_statistics_accumulate_in_float32(rng):
     mean64, var64 = _float64_stats(x, "NC")
     np.testing.assert_allclose(mean.ravel(), mean64, rtol=1e-5)
     np.testing.assert_allclose(var.ravel(), var64, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCHW", "NHWC"])
+@pytest.mark.parametrize("training", [True, False])
+def test_out_and_non_contiguous_input_give_the_same_result(rng, layout, training, backend):
+    """``out=`` (contiguous or a strided view) and a non-contiguous x change nothing."""
+    shape = SHAPES[layout]
+    c = channels(shape, layout)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kw = {"training": training, "layout": layout, "backend": backend}
+
+    def bufs():
+        return {"running_mean": np.zeros(c, np.float32), "running_var": np.ones(c, np.float32)}
+
+    b0 = bufs()
+    y0, _ = F.batch_norm_forward(x, None, None, **kw, **b0)
+    out = np.empty_like(x)
+    b1 = bufs()
+    y1, _ = F.batch_norm_forward(x, None, None, out=out, **kw, **b1)
+    assert y1 is out
+    np.testing.assert_array_equal(out, y0)
+    strided = np.empty(shape[:-1] + (2 * shape[-1],), np.float32)[..., ::2]
+    F.batch_norm_forward(x, None, None, out=strided, **kw, **bufs())
+    np.testing.assert_array_equal(strided, y0)
+    xt = np.ascontiguousarray(np.swapaxes(x, 0, -1)).swapaxes(0, -1)  # same values, F-ish strides
+    assert not xt.flags.c_contiguous
+    y2, _ = F.batch_norm_forward(xt, None, None, **kw, **bufs())
+    np.testing.assert_allclose(y2, y0, rtol=1e-6, atol=1e-6)
+    for k in b0:
+        np.testing.assert_array_equal(b1[k], b0[k])
