@@ -313,8 +313,11 @@ def save_npz(path, arrays: dict, *, compressed: bool = False) -> None:
 def load_npz(path) -> dict[str, np.ndarray]:
     """Read every array of an ``.npz`` archive with ``allow_pickle=False``.
 
-    Each member's ``.npy`` header is read first and its declared size compared with the member's
-    stored size, so a hostile header cannot trigger a huge allocation.
+    Each member's sizes are checked before anything is allocated: the zip directory's sizes
+    against the archive size (a stored member cannot be larger than the archive, a deflated one
+    not more than ~1032x its compressed size), then the ``.npy`` header's shape against the
+    member's size. A hostile archive therefore cannot trigger an allocation much larger than
+    itself.
 
     Raises:
         FileNotFoundError: missing file.
@@ -322,11 +325,11 @@ def load_npz(path) -> dict[str, np.ndarray]:
             pickled/object array (refused, never unpickled).
     """
     path = Path(path)
-    os.stat(path)  # FileNotFoundError first, before the zip machinery muddies it
+    archive_size = os.stat(path).st_size  # FileNotFoundError first, before zipfile muddies it
     try:
         with zipfile.ZipFile(path) as zf:
             return {
-                _npz_key(path, info.filename): _read_npy_member(path, zf, info)
+                _npz_key(path, info.filename): _read_npy_member(path, zf, info, archive_size)
                 for info in zf.infolist()
             }
     except DataFormatError:
@@ -336,6 +339,8 @@ def load_npz(path) -> dict[str, np.ndarray]:
             raise
         raise DataFormatError(f"{path}: not a valid .npz archive: {err}") from err
 
+
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data by more than ~1032:1
 
 _NPZ_ERRORS = (
     zipfile.BadZipFile,
@@ -354,7 +359,22 @@ def _npz_key(path: Path, member: str) -> str:
     return member[: -len(".npy")]
 
 
-def _read_npy_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+def _check_member_sizes(path: Path, info: zipfile.ZipInfo, archive_size: int) -> None:
+    """The zip directory's sizes must be possible for an archive of ``archive_size`` bytes."""
+    limit = (
+        info.compress_size
+        if info.compress_type == zipfile.ZIP_STORED
+        else info.compress_size * _DEFLATE_MAX_RATIO + 1024
+    )
+    if info.compress_size > archive_size or info.file_size > limit:
+        raise DataFormatError(
+            f"{path}: member {info.filename!r} claims {info.file_size} bytes "
+            f"({info.compress_size} compressed) in a {archive_size}-byte archive"
+        )
+
+
+def _read_npy_member(path: Path, zf: zipfile.ZipFile, info, archive_size: int) -> np.ndarray:
+    _check_member_sizes(path, info, archive_size)
     fmt = np.lib.format
     with zf.open(info) as f:
         version = fmt.read_magic(f)

@@ -152,3 +152,37 @@ def test_load_weights_torch(tmp_path, arrays):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(DataFormatError, match="state_dict"):
         load_weights(tmp_path / "list.pt")
+
+
+def _forge_sizes(blob: bytes, file_size: int) -> bytes:
+    """Rewrite the uncompressed size of the (single) member in both zip headers."""
+    out = bytearray(blob)
+    local = out.index(b"PK\x03\x04")
+    out[local + 22 : local + 26] = file_size.to_bytes(4, "little")
+    central = out.index(b"PK\x01\x02")
+    out[central + 24 : central + 28] = file_size.to_bytes(4, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_forged_zip_sizes_refused_before_allocation(tmp_path, compression):
+    import tracemalloc
+
+    declared = 1 << 31  # 2 GiB of float64 declared by both the zip directory and the npy header
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (declared // 8,)}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        zf.writestr("w.npy", header.getvalue() + bytes(64))
+    path = tmp_path / "forged.npz"
+    path.write_bytes(_forge_sizes(buf.getvalue(), declared + len(header.getvalue())))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFormatError, match="claims"):
+            load_npz(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
