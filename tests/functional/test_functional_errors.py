@@ -155,6 +155,15 @@ LN_CASES = {
     "normalized_shape too long": (
         {"normalized_shape": (2, 3, 5, 1)}, ShapeError, r"normalized_shape"
     ),
+    "normalized_shape empty": (
+        {"normalized_shape": ()}, ShapeError, r"normalized_shape must be an int or a non-empty"
+    ),
+    "normalized_shape float": (
+        {"normalized_shape": 5.0}, ShapeError, r"normalized_shape must be an int or a non-empty"
+    ),
+    "normalized_shape string": (
+        {"normalized_shape": "5"}, ShapeError, r"normalized_shape must be an int or a non-empty"
+    ),
     "gamma shape": ({"gamma": np.ones(3)}, ShapeError, r"gamma must have shape \(5,\)"),
     "integer x": ({"x": np.ones((2, 3, 5), np.int16)}, DTypeError, r"x must have a floating"),
     "eps": ({"eps": 0}, ValueError, r"eps must be a finite float > 0"),
@@ -191,6 +200,13 @@ def test_group_norm_bad_input(rng, case):
     kw.update(changes)
     with pytest.raises(exc, match=pattern):
         F.group_norm_forward(kw.pop("x"), kw.pop("num_groups"), **kw)
+
+
+def test_layer_norm_accepts_numpy_ints(rng):
+    x = rng.standard_normal((2, 3, 5))
+    y1, _ = F.layer_norm_forward(x, np.int64(5))
+    y2, _ = F.layer_norm_forward(x, [np.int32(5)])
+    np.testing.assert_array_equal(y1, y2)
 
 
 def test_norm_backward_checks_dout(rng):

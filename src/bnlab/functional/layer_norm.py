@@ -1,6 +1,6 @@
 """Layer normalization: statistics per sample over the trailing ``normalized_shape`` axes.
 
-For x of shape (*, *normalized_shape), with k = len(normalized_shape) and M = prod(normalized_shape):
+For x of shape (*, *normalized_shape), k = len(normalized_shape), M = prod(normalized_shape):
 
     μ, σ² over the last k axes (biased),  x̂ = (x − μ)/sqrt(σ² + ε),  y = γ ⊙ x̂ + β
 
@@ -72,6 +72,24 @@ def _identity(a):
     return a
 
 
+def _as_shape(normalized_shape) -> tuple[int, ...]:
+    """An int or a sequence of ints (NumPy integers too), as a tuple of Python ints."""
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
+        return (int(normalized_shape),)
+    try:
+        shape = tuple(normalized_shape)
+    except TypeError:
+        shape = None
+    if not shape or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape
+    ):
+        raise ShapeError(
+            f"normalized_shape must be an int or a non-empty sequence of ints, "
+            f"got {normalized_shape!r}"
+        )
+    return tuple(int(s) for s in shape)
+
+
 def layer_norm_forward(x, normalized_shape, gamma=None, beta=None, eps: float = 1e-5):
     """Layer norm forward; returns ``(out, cache)``.
 
@@ -82,7 +100,7 @@ def layer_norm_forward(x, normalized_shape, gamma=None, beta=None, eps: float = 
     """
     check_float_array(x, "x")
     eps = v.check_eps(eps)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = _as_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
         raise ShapeError(
