@@ -50,9 +50,7 @@ def group_norm_forward(x, num_groups, gamma=None, beta=None, eps: float = 1e-5, 
     g = None if gamma is None else lay.per_channel(gamma.astype(acc, copy=False))
     b = None if beta is None else lay.per_channel(beta.astype(acc, copy=False))
     to_view, from_view = _group_views(x.shape, lay.channel_axis, int(num_groups))
-    y, cache, _, _ = normalize_forward(
-        x, (2,), to_view, from_view, g, b, lay.reduce_axes, eps
-    )
+    y, cache, _, _ = normalize_forward(x, (2,), to_view, from_view, g, b, lay.reduce_axes, eps)
     return y, cache
 
 
