@@ -143,3 +143,82 @@ def test_experiment_unknown_name_and_bad_seeds(tmp_path, capsys):
 def test_unknown_command(capsys):
     status, err = run_cli(["fly"], capsys)
     assert status == 2 and "invalid choice" in err
+
+
+class _Payload:
+    def __reduce__(self):
+        return (pytest.fail, ("a pickle payload was executed",))
+
+
+def test_fold_bad_files_and_options(tmp_path, capsys):
+    _needs("fold")
+    import numpy as np
+
+    from bnlab.io import save_safetensors
+
+    weights = tmp_path / "w.safetensors"
+    save_safetensors(weights, {"a": np.ones(3, np.float32)})
+    before = snapshot(tmp_path)
+    cases = [
+        (["--weights", str(weights), "--out", str(tmp_path / "o.pt")], "--out must end in"),
+        (["--weights", str(weights), "--out", str(weights)], "--out must differ"),
+        (["--weights", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o.npz")], "none.npz"),
+    ]
+    for args, needle in cases:
+        status, err = run_cli(["fold", *args], capsys)
+        assert status == 2 and needle in err, err
+    assert snapshot(tmp_path) == before  # nothing written, the input untouched
+
+
+def test_fold_refuses_garbage_and_pickles(tmp_path, capsys):
+    _needs("fold")
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    (tmp_path / "g.safetensors").write_bytes(b"\x08" + bytes(30))
+    torch.save({"w": _Payload()}, tmp_path / "evil.pt")
+    (tmp_path / "evil.npz").write_bytes(pickle.dumps(_Payload()))
+    before = snapshot(tmp_path)
+    for name in ("g.safetensors", "evil.pt", "evil.npz"):
+        out = tmp_path / f"out-{name}.safetensors"
+        status, err = run_cli(
+            ["fold", "--weights", str(tmp_path / name), "--out", str(out)], capsys
+        )
+        assert status == 2 and name in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_infer_bad_values_and_files(tmp_path, capsys):
+    _needs("infer")
+    import numpy as np
+
+    np.save(tmp_path / "obj.npy", np.array([_Payload], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "gray.npy", np.zeros((8, 8), np.uint8))
+    cases = [
+        (["--weights", "w.safetensors", "--input", "x.npy", "--topk", "0"], "--topk"),
+        (
+            [
+                "--weights",
+                str(tmp_path / "missing.safetensors"),
+                "--input",
+                str(tmp_path / "gray.npy"),
+            ],
+            "gray.npy",
+        ),  # fmt: skip
+        (["--weights", "w.safetensors", "--input", str(tmp_path / "obj.npy")], "pickle"),
+        (["--weights", "w.safetensors", "--input", str(tmp_path / "x.bmp")], "x.bmp"),
+    ]
+    for args, needle in cases:
+        status, err = run_cli(["infer", *args], capsys)
+        assert status == 2 and needle in err, (args, err)
+
+
+def test_diagnose_bad_values(tmp_path, capsys):
+    _needs("diagnose")
+    for args, needle in (
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batches", "-1"], "--batches"),
+        ([], "not found"),
+    ):
+        status, err = run_cli(["diagnose", "--checkpoint", str(tmp_path / "none"), *args], capsys)
+        assert status == 2 and needle in err, (args, err)
