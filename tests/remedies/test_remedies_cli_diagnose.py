@@ -33,13 +33,13 @@ def run_dir(tmp_path_factory):
     """A checkpoint whose running statistics are the exact average over the data's batches."""
     tmp = tmp_path_factory.mktemp("diag")
     model = lenet_bn(seed=0)
-    images = _images(256, seed=1)
+    images = _images(192, seed=1)
     for m in model.modules():
         if isinstance(m, (BatchNorm1d, BatchNorm2d)):
             m.momentum = None  # cumulative average: running stats = mean over the batches
     model.train()
     with no_grad():
-        for i in range(8):
+        for i in range(6):
             model(to_float_images(images[i * 32 : (i + 1) * 32]))
     for m in model.modules():
         if isinstance(m, (BatchNorm1d, BatchNorm2d)):
@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
 
 def _diagnose(run_dir, *extra):
     args = ["diagnose", "--checkpoint", str(run_dir), "--inputs", str(run_dir / "x.npz")]
-    return main([*args, "--batch-size", "32", "--batches", "4", *extra])
+    return main([*args, "--batch-size", "32", "--batches", "3", *extra])
 
 
 def test_matching_statistics_pass_and_outputs_are_written(run_dir, tmp_path, capsys):

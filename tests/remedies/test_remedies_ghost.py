@@ -268,7 +268,7 @@ def test_nonfinite_virtual_batch_leaves_buffers_untouched(rng, running_update):
     np.testing.assert_array_equal(rm, mu)
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(
     n=st.integers(2, 13),
     vbs=st.integers(1, 15),
