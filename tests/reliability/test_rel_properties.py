@@ -7,6 +7,7 @@ Example counts (per run, fixed so the suite time is predictable; failures print 
     EXAMPLES["engine"]       numba col2im / average-pool kernels vs NumPy references
     EXAMPLES["torch_paths"]  bnlab.torch fast path vs its torch-ops reference path
     EXAMPLES["fold"]         fold_conv_bn / fold_bn_conv / fold_bn_linear vs unfolded layers
+    EXAMPLES["fold_model"]   fold(LeNet-BN) vs the unfolded model, random BN statistics
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from bnlab.fold import fold_bn_conv, fold_bn_linear, fold_conv_bn
 from bnlab.nn.conv import conv2d_reference
 
 FAMILY = "property tests (hypothesis)"
-EXAMPLES = {"bn_forward": 40, "bn_backward": 40, "engine": 25, "torch_paths": 25, "fold": 30}
+EXAMPLES = {
+    "bn_forward": 40,
+    "bn_backward": 40,
+    "engine": 25,
+    "torch_paths": 25,
+    "fold": 30,
+    "fold_model": 8,
+}
 needs_numba = pytest.mark.skipif(not numba_available(), reason="numba backend not installed")
 
 LAYOUT_NDIM = {"NC": 2, "NCL": 3, "NLC": 3, "NCHW": 4, "NHWC": 4}
@@ -227,3 +235,30 @@ def test_fold_bn_linear_equals_bn_then_linear(c_in, c_out, with_bias, seed):
     np.testing.assert_allclose(
         folded, unfolded, rtol=FOLD_BOUND, atol=FOLD_BOUND * np.abs(unfolded).max()
     )
+
+
+@settings(max_examples=EXAMPLES["fold_model"])
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 3.0), st.floats(1e-3, 10.0))
+def test_fold_model_pass_equals_unfolded_model(seed, mean_scale, var_scale):
+    """fold(LeNet-BN) in float64 equals the unfolded float64 model; the input is not modified."""
+    from reliability_helpers import snapshot
+
+    from bnlab.fold import fold
+    from bnlab.models import lenet_bn
+
+    rng = np.random.default_rng(seed)
+    model = lenet_bn(seed=seed % 1000, dtype=np.float64)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf[...] = rng.standard_normal(buf.shape) * mean_scale
+        elif name.endswith("running_var"):
+            buf[...] = rng.random(buf.shape) * var_scale + 1e-3
+    for p in model.parameters():
+        p.data[...] += rng.standard_normal(p.data.shape) * 0.1
+    model.eval()
+    before = snapshot(model)
+    x = rng.random((3, 1, 28, 28))
+    folded, _ = fold(model)
+    ref, out = model(x), folded(x)
+    np.testing.assert_allclose(out, ref, rtol=FOLD_BOUND, atol=FOLD_BOUND * np.abs(ref).max())
+    assert snapshot(model) == before
