@@ -7,9 +7,11 @@ import pytest
 from reliability_helpers import expect_clean_error
 
 from bnlab import functional as F
+from bnlab.backend import numba_available
 from bnlab.errors import DTypeError, NonFiniteError, ShapeError
 
 FAMILY = "bad input: functional"
+BACKENDS = ["numpy"] + (["numba"] if numba_available() else [])
 
 C = 3
 
@@ -92,10 +94,13 @@ BN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BN_CASES, ids=[c[0] for c in BN_CASES])
-def test_batch_norm_forward_bad_input(rng, case):
+def test_batch_norm_forward_bad_input(rng, case, backend):
+    """Every case on every backend: validation happens before dispatch, identically."""
     _, override, exc, needles = case
     s = _state(rng)
+    override = {"backend": backend, **override}
     expect_clean_error(_bn(s, **override), exc, needles, state=list(s.values()))
 
 
