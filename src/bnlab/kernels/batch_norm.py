@@ -32,15 +32,20 @@ _FLOATS = (np.float16, np.float32, np.float64)
 # --------------------------------------------------------------------------- checks
 
 
-def _check_3d(a, name: str) -> np.ndarray:
-    """A C-contiguous 3-D float array (the kernels index raw memory: nothing else may pass)."""
+def _check_array(a, name: str, ndim: int = 3, what: str = "(N, C, S) or (N, S, C)") -> np.ndarray:
+    """A C-contiguous float array of ``ndim`` dims (the kernels index raw memory: nothing else
+    may pass)."""
     if not isinstance(a, np.ndarray):
         raise DTypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     if a.dtype.type not in _FLOATS:
         raise DTypeError(f"{name} must be float16, float32 or float64, got {a.dtype}")
-    if a.ndim != 3:
-        raise ShapeError(f"{name} must be a 3-D (N, C, S) or (N, S, C) view, got shape {a.shape}")
+    if a.ndim != ndim:
+        raise ShapeError(f"{name} must be a {ndim}-D {what} view, got shape {a.shape}")
     return np.ascontiguousarray(a)
+
+
+def _check_3d(a, name: str) -> np.ndarray:
+    return _check_array(a, name)
 
 
 def _channels(x3: np.ndarray, channels_last: bool) -> int:
@@ -84,12 +89,12 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _check_nonempty(x3: np.ndarray) -> None:
+def _check_nonempty(x3: np.ndarray, name: str = "x3") -> None:
     if x3.size == 0:
-        raise ShapeError(f"x3 must not be empty, got shape {x3.shape}")
+        raise ShapeError(f"{name} must not be empty, got shape {x3.shape}")
 
 
-def _acc(dtype) -> np.dtype:
+def acc_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
@@ -134,7 +139,7 @@ def bn_train_forward(x3, weight, bias, eps, channels_last, out=None):
     mean, var = core.channel_moments(xw, channels_last)
     rstd = 1.0 / np.sqrt(var + eps)
     core.affine(xw, mean, g * rstd, b, channels_last, buf)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return _result(buf, out, x.dtype), mean.astype(acc), var.astype(acc)
 
 
@@ -185,7 +190,7 @@ def bn_backward(dy3, x3, mean, rstd, weight, channels_last, dx=None):
     core.backward_elementwise(
         dyw, xw, mean, a, -a * rstd * dgamma / m, -a * sum_dy / m, channels_last, buf
     )
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     return _result(buf, dx, dtype), dgamma.astype(acc), sum_dy.astype(acc)
 
 
@@ -196,5 +201,5 @@ def bn_eval_backward(dy3, x3, mean, rstd, weight, channels_last, dx=None):
     sum_dy, dgamma = _param_grads(dyw, xw, mean, rstd, channels_last)
     c = mean.shape[0]
     core.affine(dyw, np.zeros(c), g * rstd, np.zeros(c), channels_last, buf)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     return _result(buf, dx, dtype), dgamma.astype(acc), sum_dy.astype(acc)

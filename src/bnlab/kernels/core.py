@@ -28,7 +28,7 @@ PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is 
 
 
 @contextmanager
-def _threads_for(values: int):
+def threads_for(values: int):
     """Run the enclosed kernel launches on one thread when the pass is small."""
     if values >= PARALLEL_MIN_VALUES:
         yield
@@ -73,7 +73,7 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
         raise ShapeError(f"x must not be empty to compute statistics, got shape {x3.shape}")
     x, cl = kernel_view(x3, channels_last)
     c = x.shape[-1] if cl else x.shape[1]
-    with _threads_for(x.size):
+    with threads_for(x.size):
         if cl:
             groups = _chunks.row_blocks(x.shape[0], c)
             p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
@@ -99,7 +99,7 @@ def channel_grad_sums(
     x, _ = kernel_view(x3, channels_last)
     c = x.shape[-1] if cl else x.shape[1]
     mean = np.ascontiguousarray(mean, dtype=np.float64)
-    with _threads_for(2 * x.size):
+    with threads_for(2 * x.size):
         if cl:
             groups = _chunks.row_blocks(x.shape[0], c)
             p_dy, p_dyxmu = _partials(groups, c, 2)
@@ -127,7 +127,7 @@ def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
     x, cl = kernel_view(x3, channels_last)
     o, _ = kernel_view(out, channels_last)
     m, a, b = (_coef(v, x.dtype) for v in (m, a, b))
-    with _threads_for(2 * x.size):
+    with threads_for(2 * x.size):
         if cl:
             _elementwise.affine_cl(x, m, a, b, _chunks.row_blocks(x.shape[0], x.shape[1]), o)
         else:
@@ -141,7 +141,7 @@ def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> n
     x, _ = kernel_view(x3, channels_last)
     dx, _ = kernel_view(dx3, channels_last)
     mu, ca, cb, cd = (_coef(v, x.dtype) for v in (mu, ca, cb, cd))
-    with _threads_for(3 * x.size):
+    with threads_for(3 * x.size):
         if cl:
             blocks = _chunks.row_blocks(x.shape[0], x.shape[1])
             _elementwise.backward_cl(dy, x, mu, ca, cb, cd, blocks, dx)
