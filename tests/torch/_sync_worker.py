@@ -27,6 +27,10 @@ from torch import nn
 
 
 def _max_diff(a, b) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
     return float((a.detach().double() - b.detach().double()).abs().max())
 
 
@@ -96,6 +100,13 @@ def bad_input_on_one_rank_scenario():
     return _error_of(lambda: m(torch.randn(4, c, 2, 2)))
 
 
+def bad_dims_on_one_rank_scenario():
+    """Rank 1 feeds a 1-D tensor: its own ValueError there, a ShapeError on rank 0, no hang."""
+    m = bt.SyncBatchNorm(3)
+    x = torch.randn(4, 3, 2, 2) if dist.get_rank() == 0 else torch.randn(3)
+    return _error_of(lambda: m(x))
+
+
 def nonfinite_scenario():
     """A NaN on rank 1 only: both ranks warn and keep their buffers."""
     m = bt.SyncBatchNorm(3)
@@ -154,9 +165,11 @@ SCENARIOS = {
     "uneven_3_5": lambda: stats_scenario([3, 5], (2, 2)),
     "one_sample_4d": lambda: stats_scenario([1, 4], (2, 3)),
     "one_sample_2d": lambda: stats_scenario([1, 3], ()),
+    "empty_rank": lambda: stats_scenario([0, 5], (2, 2)),
     "uneven_float32": lambda: stats_scenario([3, 5], (2, 2), dtype=torch.float32),
     "mismatch": mismatch_scenario,
     "bad_input_one_rank": bad_input_on_one_rank_scenario,
+    "bad_dims_one_rank": bad_dims_on_one_rank_scenario,
     "nonfinite": nonfinite_scenario,
     "ddp_training": ddp_training_scenario,
 }

@@ -80,6 +80,7 @@ def _no_crash(res):
         "uneven_3_5",
         "one_sample_4d",
         "one_sample_2d",
+        "empty_rank",
         "uneven_float32",
     ],
 )
@@ -109,6 +110,16 @@ def test_bad_input_on_one_rank_raises_on_every_rank(results):
     }
     err0 = results[0]["bad_input_one_rank"]
     assert err0["type"] == "ShapeError" and "channels [3, 4]" in err0["message"]
+
+
+@pytest.mark.slow
+def test_bad_dims_on_one_rank_raise_on_every_rank(results):
+    assert results[1]["bad_dims_one_rank"] == {
+        "type": "ValueError",
+        "message": "expected at least 2D input (got 1D input)",
+    }
+    err0 = results[0]["bad_dims_one_rank"]
+    assert err0["type"] == "ShapeError" and "dims [4, -1]" in err0["message"]
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 import torch
 from bnlab.errors import ShapeError
+from bnlab.functional._validate import check_eps, check_momentum, check_policy
 from bnlab.functional.running import report_nonfinite
 from bnlab.torch import functional as BF
 from bnlab.torch.modules import _rebuild
@@ -62,7 +63,9 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
 
 def exchange_shapes(x: torch.Tensor, local_error: Exception | None, group) -> None:
     """Raise on every rank when channel counts or dims differ, or when any rank's input is bad."""
-    info = torch.tensor([x.shape[1] if x.dim() > 1 else -1, x.dim(), local_error is not None])
+    ok_tensor = isinstance(x, torch.Tensor) and x.dim() > 1
+    channels, dims = (x.shape[1], x.dim()) if ok_tensor else (-1, -1)
+    info = torch.tensor([channels, dims, local_error is not None])
     table = _all_gather(info, group)
     if local_error is not None:
         raise local_error
@@ -169,35 +172,46 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        updating = self.training and self.track_running_stats
-        pass_buffers = not self.training or self.track_running_stats
-        rm = self.running_mean if pass_buffers else None
-        rv = self.running_var if pass_buffers else None
-        nbt = self.num_batches_tracked if updating else None
-        if not use_batch_stats:
-            return BF.batch_norm(input, rm, rv, self.weight, self.bias, False, eps=self.eps)
+        if not self.training:  # running statistics (or local batch ones without buffers): no sync
+            self._check_input_dim(input)
+            no_buffers = self.running_mean is None and self.running_var is None
+            return BF.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                no_buffers, self.momentum, self.eps,
+            )  # fmt: skip
+        track = self.track_running_stats
+        rm, rv = (self.running_mean, self.running_var) if track else (None, None)
+        nbt = self.num_batches_tracked if track else None
         group = self.process_group
         if _world_size(group) == 1:
+            self._check_input_dim(input)
             return BF.batch_norm(
                 input, rm, rv, self.weight, self.bias, True, self.momentum, self.eps,
                 num_batches_tracked=nbt,
             )  # fmt: skip
         return sync_batch_norm(
-            input, rm, rv, self.weight, self.bias, self.momentum, self.eps, nbt, group
-        )
+            input, rm, rv, self.weight, self.bias, self.momentum, self.eps, nbt, group,
+            check_input=self._check_input_dim,
+        )  # fmt: skip
 
 
 def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps,
-                    num_batches_tracked=None, group=None, on_nonfinite="warn"):  # fmt: skip
-    """Training-mode batch norm over all processes of ``group``; validates on every rank first.
+                    num_batches_tracked=None, group=None, on_nonfinite="warn",
+                    check_input=None):  # fmt: skip
+    """Training-mode batch norm over all processes of ``group``.
 
-    Shapes: x (N_r, C, ...) per rank (N_r may differ, even be 0 or 1); vectors (C,).
+    Every check runs inside a try block whose outcome is exchanged with the other ranks *before*
+    the statistics collective, so an error on one rank raises on all of them (no hang).
+    ``check_input`` is an extra per-module check (e.g. the input dims). Shapes: x (N_r, C, ...)
+    per rank, N_r may differ and be 0 or 1; vectors (C,).
     """
     error = None
     try:
+        if check_input is not None:
+            check_input(x)
         BF.check_tensor_args(x, running_mean, running_var, weight, bias)
+        momentum, eps = check_momentum(momentum), check_eps(eps)
+        check_policy(on_nonfinite)
         if running_mean is not None and momentum is None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
