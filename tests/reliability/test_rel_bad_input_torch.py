@@ -129,3 +129,14 @@ def test_numpy_input_is_refused_by_the_torch_module():
     _, ours = _pair()
     with pytest.raises((TypeError, AttributeError)):
         ours(np.ones((4, 3, 2, 2), np.float32))
+
+
+def test_sync_batch_norm_without_a_process_group():
+    if bt.SyncBatchNorm is None:
+        pytest.skip("bnlab.torch.SyncBatchNorm has not landed")
+    m = bt.SyncBatchNorm(3)
+    expect_clean_error(
+        lambda: m(torch.randn(4, 3, 2, 2)), RuntimeError, ["init_process_group", "BatchNorm2d"], [m]
+    )
+    m.eval()  # eval needs no communication
+    assert m(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
