@@ -171,6 +171,97 @@ def bench_case(shape, layout, repeat, numpy_repeat):
     return rows
 
 
+FAMILY_CASES = [("layer_norm", (8192, 1024), None), ("group_norm", (32, 256, 14, 14), 32)]
+FAMILY_QUICK = [("layer_norm", (256, 128), None), ("group_norm", (4, 16, 7, 7), 4)]
+
+
+def family_ops(kind, shape, groups):
+    """Forward+backward of layer norm / group norm: torch autograd, NumPy reference, kernels."""
+    import torch.nn.functional as F
+
+    import torch
+    from bnlab import kernels
+    from bnlab.functional import (
+        group_norm_backward,
+        group_norm_forward,
+        layer_norm_backward,
+        layer_norm_forward,
+    )
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    p = shape[-1] if kind == "layer_norm" else shape[1]
+    w = (1 + 0.1 * rng.standard_normal(p)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(p)).astype(np.float32)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    tw, tb = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
+    tdy = torch.from_numpy(dy)
+    x3 = x.reshape(shape[0], shape[1], -1) if kind == "group_norm" else x
+    dy3 = dy.reshape(x3.shape)
+
+    def torch_run():
+        tx.grad = tw.grad = tb.grad = None
+        if kind == "layer_norm":
+            y = F.layer_norm(tx, (p,), tw, tb)
+        else:
+            y = F.group_norm(tx, groups, tw, tb)
+        y.backward(tdy)
+
+    def numpy_run():
+        if kind == "layer_norm":
+            _, cache = layer_norm_forward(x, p, w, b)
+            return layer_norm_backward(dy, cache)
+        _, cache = group_norm_forward(x, groups, w, b)
+        return group_norm_backward(dy, cache)
+
+    def kernel_run():
+        if kind == "layer_norm":
+            _, mean, rstd = kernels.ln_forward(x3, w, b, 1e-5)
+            return kernels.ln_backward(dy3, x3, mean, rstd, w)
+        _, mean, rstd = kernels.gn_forward(x3, groups, w, b, 1e-5)
+        return kernels.gn_backward(dy3, x3, mean, rstd, w, groups)
+
+    return x, {"torch": torch_run, "numpy": numpy_run, "bnlab": kernel_run}
+
+
+def bench_family(cases, repeat):
+    rows = []
+    for kind, shape, groups in cases:
+        x, ops = family_ops(kind, shape, groups)
+        t = time_interleaved(ops, repeat=repeat, warmup=2)
+        moved = BYTES_MOVED["fwd_bwd"] * x.nbytes
+        limit = copy_bandwidth_gbs(x.nbytes)
+        rows.append(
+            {
+                "norm": kind,
+                "shape": "x".join(map(str, shape)),
+                "groups": groups,
+                "torch_ms": t["torch"]["median_ms"],
+                "numpy_ms": t["numpy"]["median_ms"],
+                "bnlab_ms": t["bnlab"]["median_ms"],
+                "speedup": t["torch"]["median_ms"] / t["bnlab"]["median_ms"],
+                "speedup_vs_numpy": t["numpy"]["median_ms"] / t["bnlab"]["median_ms"],
+                "pct_limit": 100.0 * moved / t["bnlab"]["median_ms"] / 1e6 / limit["median_gbs"],
+                "times": t,
+            }
+        )
+    return rows
+
+
+FAMILY_TABLE = [
+    ("norm", "fwd+bwd", ""),
+    ("shape", "shape", ""),
+    ("groups", "G", ""),
+    ("torch_ms", "PyTorch ms", ".2f"),
+    ("numpy_ms", "NumPy ref ms", ".1f"),
+    ("bnlab_ms", "bnlab kernels ms", ".2f"),
+    ("speedup", "x PyTorch", ".2f"),
+    ("speedup_vs_numpy", "x NumPy ref", ".1f"),
+    ("pct_limit", "% of copy limit", ".0f"),
+]
+
+
 def first_call_seconds() -> float:
     """First call of every kernel on small float32 arrays: numba compilation, or loading it from
     the on-disk cache (cache=True) when an earlier run compiled it. Not part of any median."""
@@ -252,8 +343,11 @@ def main(argv=None) -> int:
     for shape, layout in cases:
         rows += bench_case(shape, layout, repeat, 2 if args.quick else args.numpy_repeat)
         print(f"done {shape} {layout}", file=sys.stderr, flush=True)
+    family = bench_family(FAMILY_QUICK if args.quick else FAMILY_CASES, repeat)
     targets = [] if args.quick else check_targets(rows)
     print(format_table(rows, TABLE))
+    print("\nLayer norm and group norm, forward+backward (same reduction core):\n")
+    print(format_table(family, FAMILY_TABLE))
     print("\nbandwidth limit (NumPy copy, read+write, median): "
           + ", ".join(f"{r['shape']} {r['limit_gbs']:.1f} GB/s" for r in rows[::3]))  # fmt: skip
     print(
@@ -270,6 +364,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "first_call_s": compile_s,
         "rows": rows,
+        "family": family,
         "targets": targets,
     }
     name = args.name or ("bench_norm_quick" if args.quick else "bench_norm")
