@@ -57,7 +57,8 @@ def unavailable() -> str | None:
 
 
 def config(budget: str) -> dict:
-    return {**_BUDGETS[budget], "lr": 0.5, "dtype": "float64", "n_test": 256}
+    cfg = {**_BUDGETS[budget], "lr": 0.5, "dtype": "float64", "n_test": 256}
+    return {**cfg, "tolerance": TOLERANCE[cfg["dtype"]]}
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -264,7 +265,7 @@ def verdict(summary: dict, cfg: dict) -> Verdict:
     logits, gradients, running mean and running variance (d2l's after the exact conversion
     between the biased and unbiased conventions). Eval logits must match for the engine and the
     drop-in; d2l's differ by construction (its biased moving variance) and are reported."""
-    tol = TOLERANCE[cfg["dtype"]]
+    tol = cfg["tolerance"]
     checked = ("logits", "grads", "running_mean", "running_var_converted")
     ok = all(summary[i][q] <= tol for i in IMPLS for q in checked)
     ok = ok and all(summary[i]["eval_logits"] <= tol for i in ("engine", "drop-in"))
