@@ -50,6 +50,8 @@ def test_metrics_json_schema_and_learning(straight):
     # the synthetic task is easy: the model must learn it (chance is 0.1)
     assert on_disk["epochs"][-1]["test_acc"] > 0.5
     assert on_disk["epochs"][1]["train_loss"] < on_disk["epochs"][0]["train_loss"]
+    pop = on_disk["population_stats"]
+    assert pop["method"] == "population" and pop["batches"] == 8 and pop["test_acc"] > 0.5
 
 
 def test_resume_is_bit_identical(straight, tmp_path):
@@ -57,6 +59,7 @@ def test_resume_is_bit_identical(straight, tmp_path):
     _train(tmp_path, 1)
     resumed = _train(tmp_path, 2, resume=True)
     assert _without_timing(resumed["epochs"]) == _without_timing(metrics["epochs"])
+    assert resumed["population_stats"] == metrics["population_stats"]
     a = load_checkpoint(out).model_state
     b = load_checkpoint(tmp_path).model_state
     assert list(a) == list(b)
