@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,14 +28,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, out_dir):
+def _run_all(cmds: list[list[str]]) -> None:
+    """Run the commands concurrently; each must succeed, all within HANG_TIMEOUT_S."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in cmds
+    ]
+    deadline = time.monotonic() + HANG_TIMEOUT_S
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(cmd)} did not finish within {HANG_TIMEOUT_S} s")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads((out_dir / "metrics.json").read_text())
+        for p in procs:
+            p.kill()
+        pytest.fail(f"training runs did not finish within {HANG_TIMEOUT_S} s")
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
 
 
 @pytest.mark.slow
@@ -42,10 +51,15 @@ def test_torchrun_two_processes_equal_one_process(fashion_mnist_dir, tmp_path):
     args = ["--epochs", "1", "--batch-size", "128", "--train-limit", "1024", "--test-limit", "500"]
     args += ["--threads", "1", "--data", str(fashion_mnist_dir)]
     one, two = tmp_path / "one", tmp_path / "two"
-    m1 = _run([sys.executable, "-m", "bnlab.torch.train", *args, "--out", str(one)], one)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    m2 = _run([*torchrun, "-m", "bnlab.torch.train", *args, "--out", str(two)], two)
+    _run_all(
+        [
+            [sys.executable, "-m", "bnlab.torch.train", *args, "--out", str(one)],
+            [*torchrun, "-m", "bnlab.torch.train", *args, "--out", str(two)],
+        ]
+    )
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
 
     assert m2["config"]["world_size"] == 2 and m1["config"]["world_size"] == 1
     for m in (m1, m2):
