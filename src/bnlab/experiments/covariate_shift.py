@@ -36,8 +36,7 @@ _BUDGETS = {
 
 
 def config(budget: str) -> dict:
-    return {
-        **_BUDGETS[budget],
+    return {  # the budget comes last: it may override the probe size
         "hidden": [100, 100, 100],
         "activation": "sigmoid",
         "batch_size": 60,
@@ -153,28 +152,39 @@ def verdict(summary: dict, cfg: dict) -> Verdict:
 def plot(result: dict, out_dir) -> list[str]:
     from bnlab.experiments._plot import COLORS, new_figure, save_png  # noqa: PLC0415
 
-    run = result["per_seed"][0]  # trajectories of seed 0 (drift numbers cover all seeds)
+    run, summary = result["per_seed"][0], result["summary"]  # trajectories: seed 0
     n_layers = len(result["config"]["hidden"])
-    layer_colors = ["tab:orange", "tab:cyan", "tab:brown", "tab:olive", "tab:pink"]
-    fig, axes = new_figure(1, 3, size=(5.0, 4.0))
+    fig, axes = new_figure(1, 4, size=(4.4, 4.0))
     ax = axes[0][0]
     for v, label in (("bn", "with BN"), ("none", "without BN")):
         ax.plot(run[v]["step"], run[v]["test_acc"], color=COLORS[v], label=label)
-    ax.set(xlabel="training step", ylabel="test accuracy", title="(a) test accuracy")
+    ax.set(xlabel="training step", ylabel="test accuracy", title="(a) test accuracy, seed 0")
     ax.legend()
-    ax.grid(alpha=0.3)
-    for ax, v, label in zip(axes[0][1:], VARIANTS, ("with BN", "without BN"), strict=True):
-        steps = run[v]["step"]
-        for i in range(n_layers):
-            p = np.array([t["percentiles"][i] for t in run[v]["layers"]])
-            c = layer_colors[i % len(layer_colors)]
-            ax.plot(steps, p[:, 1], color=c, label=f"layer {i + 1} median")
-            ax.fill_between(steps, p[:, 0], p[:, 2], color=c, alpha=0.2, lw=0)
-        ax.set(xlabel="training step", ylabel="sigmoid input (15th/50th/85th percentile)")
-        ax.set_title(f"({'b' if v == 'bn' else 'c'}) sigmoid inputs {label}")
+    last = n_layers - 1
+    limits = []
+    for ax, v, tag in zip(axes[0][1:3], ("none", "bn"), ("b", "c"), strict=True):
+        p = np.array([t["percentiles"][last] for t in run[v]["layers"]])
+        for k, q in enumerate(PERCENTILES):
+            ax.plot(run[v]["step"], p[:, k], color=COLORS[v], lw=2 if q == 50 else 1,
+                    ls="-" if q == 50 else "--", label=f"{q}th percentile")  # fmt: skip
+        ax.set(xlabel="training step", ylabel=f"input of the layer-{last + 1} sigmoids",
+               title=f"({tag}) {'without' if v == 'none' else 'with'} BN, seed 0")  # fmt: skip
         ax.legend(fontsize="small")
+        limits += list(ax.get_ylim())
+    for ax in axes[0][1:3]:
+        ax.set_ylim(min(limits), max(limits))
+    ax = axes[0][3]
+    x = np.arange(n_layers)
+    for offset, v, label in ((-0.2, "bn", "with BN"), (0.2, "none", "without BN")):
+        stats = summary[v]["drift"]
+        ax.bar(x + offset, [s["mean"] for s in stats], width=0.4, color=COLORS[v], label=label,
+               yerr=[s["std"] or 0.0 for s in stats], capsize=3)  # fmt: skip
+    ax.set_xticks(x, [f"layer {i + 1}" for i in x])
+    ax.set(ylabel="drift Σ|Δmean| + |Δstd| (mean ± std over seeds)", title="(d) drift per layer")
+    ax.legend()
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
-    fig.suptitle("Internal covariate shift (Ioffe & Szegedy fig. 1), seed 0: with vs without BN")
+    fig.suptitle("Internal covariate shift (Ioffe & Szegedy fig. 1): sigmoid inputs ±BN")
     return [save_png(fig, out_dir / "covariate_shift.png")]
 
 

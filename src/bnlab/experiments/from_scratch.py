@@ -288,7 +288,7 @@ def plot(result: dict, out_dir) -> list[str]:
 
     run = result["per_seed"][0]
     colors = {"engine": "tab:blue", "d2l": "tab:orange", "drop-in": "tab:green", "torch": "k"}
-    fig, axes = new_figure(1, 3, size=(5.0, 4.0))
+    fig, axes = new_figure(1, 4, size=(4.6, 4.0))
     ax = axes[0][0]
     for impl, style in (("torch", "-"), ("engine", "--"), ("d2l", ":"), ("drop-in", "-.")):
         ax.plot(range(1, len(run["loss"][impl]) + 1), run["loss"][impl], style,
@@ -303,6 +303,14 @@ def plot(result: dict, out_dir) -> list[str]:
             ax.plot(range(1, len(vals) + 1), vals, color=colors[impl], label=LABELS[impl])
         ax.set(xlabel="SGD step", ylabel="max abs difference to torch", yscale="log",
                title=title)  # fmt: skip
+    ax = axes[0][3]
+    for impl in IMPLS:
+        vals = np.maximum(run["trace"][impl]["running_var_converted"], 1e-18)
+        ax.plot(range(1, len(vals) + 1), vals, color=colors[impl], label=LABELS[impl])
+    raw = np.maximum(run["trace"]["d2l"]["running_var"], 1e-18)
+    ax.plot(range(1, len(raw) + 1), raw, ":", color=colors["d2l"], label="d2l, raw (biased)")
+    ax.set(xlabel="SGD step", ylabel="max abs difference to torch", yscale="log",
+           title="(d) |running_var − torch| (d2l converted)")  # fmt: skip
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
