@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 import torch
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
-from bnlab.train import Splits, TrainConfig, format_epoch, limit_splits, load_splits
+from bnlab.train import Splits, TrainConfig, format_epoch, limit_splits, load_splits, peak_rss_mb
 from torch import nn
 
 MODELS = ("lenet-bn",)
@@ -266,6 +266,7 @@ def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, sp
         row = train_epoch(model, opt, splits, config, epoch, ctx)
         row["test_acc"] = evaluate(module, splits.test_images, splits.test_labels, ctx)
         metrics["epochs"].append(row)
+        metrics["peak_rss_mb"] = peak_rss_mb()  # this process (rank 0 when distributed)
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             save_epoch(out, states, cfg, metrics, epoch + 1)
