@@ -29,6 +29,7 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(_chunks, "MIN_BLOCK_ROWS", 3)
     monkeypatch.setattr(_chunks, "MIN_BLOCK_VALUES", 16)
     monkeypatch.setattr(_chunks, "CHANNEL_TILE", 5)
+    monkeypatch.setattr(_chunks, "WIDE_ROW", 40)  # (4, 37, 11): 49 rows of 33, 1 leftover row
     monkeypatch.setattr(core, "PARALLEL_MIN_VALUES", 0)
 
 

@@ -108,8 +108,9 @@ def test_kernels_inference_forward_backward_match_reference(case):
 @contextmanager
 def _small_chunks(segment, short_row, block_rows, tile):
     """Shrink the chunk sizes so that tiny tensors take every code path (long and short rows,
-    several segments, groups, row blocks and channel tiles). They still run on one thread
-    (tiny passes do); test_kernels_determinism runs the same paths on two threads."""
+    several segments, groups, row blocks, channel tiles, widened rows with leftover rows).
+    They still run on one thread (tiny passes do); test_kernels_determinism runs the same paths
+    on two threads."""
     names = {
         (_chunks, "SEGMENT"): segment,
         (_chunks, "SHORT_ROW"): short_row,
@@ -117,6 +118,7 @@ def _small_chunks(segment, short_row, block_rows, tile):
         (_chunks, "MIN_BLOCK_ROWS"): block_rows,
         (_chunks, "MIN_BLOCK_VALUES"): 8,
         (_chunks, "CHANNEL_TILE"): tile,
+        (_chunks, "WIDE_ROW"): 3 * tile + 7,
     }
     saved = {key: getattr(*key) for key in names}
     try:

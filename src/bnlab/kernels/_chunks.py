@@ -22,6 +22,7 @@ MAX_BLOCKS = 64  # channels-last row blocks: bounds the (blocks, C) partials
 MIN_BLOCK_ROWS = 64  # partials are at most 3·8/(64·itemsize) of x: 9% for float32
 MIN_BLOCK_VALUES = 8192  # a channels-last block is at least this many values (overhead)
 CHANNEL_TILE = 512  # channels per channels-last task: its float64 accumulators stay in L1
+WIDE_ROW = 1024  # channels-last elementwise passes view k rows as one row of >= this many values
 
 
 def _ceil_div(a: int, b: int) -> int:
