@@ -24,6 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+# PyTorch and numba each bring an OpenMP runtime; with the default (spinning) wait policy the idle
+# threads of one steal the cores from the other, and interleaved timings measure that fight
+# (medians 100x the best round were seen). Passive waiting, set before either runtime loads, lets
+# both run at full speed in one process. An explicit OMP_WAIT_POLICY from the caller is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,6 +168,12 @@ def bench_case(shape, layout, repeat, numpy_repeat):
                 "gbs": moved / best / 1e6,
                 "limit_gbs": limit["median_gbs"],
                 "pct_limit": 100.0 * moved / best / 1e6 / limit["median_gbs"],
+                "speedup_best": t["torch"]["min_ms"] / t["bnlab"]["min_ms"],
+                "pct_limit_best": 100.0
+                * moved
+                / t["bnlab+out"]["min_ms"]
+                / 1e6
+                / limit["best_gbs"],
                 "peak_extra_mb": peak_extra_bytes(bn_ops[op]) / 2**20,
                 "peak_extra_out_mb": peak_extra_bytes(bn_out_ops[op]) / 2**20,
                 "bytes_moved": moved,
@@ -288,13 +300,24 @@ TABLE = [
     ("speedup_out", "x PyTorch (+out)", ".2f"),
     ("gbs", "GB/s (+out)", ".1f"),
     ("pct_limit", "% of copy limit", ".0f"),
+    ("speedup_best", "x PyTorch (best round)", ".2f"),
+    ("pct_limit_best", "% of limit (best round)", ".0f"),
     ("peak_extra_mb", "peak extra MB", ".1f"),
     ("peak_extra_out_mb", "peak extra MB (+out)", ".2f"),
 ]
 
 
-def check_targets(rows) -> list[dict]:
-    """The issue's targets, evaluated on this run's numbers (fp32, (64,64,56,56))."""
+def check_targets(rows, best: bool = False) -> list[dict]:
+    """The issue's targets, evaluated on this run's medians (or, with ``best``, on the best round
+    of each peer: what the code does when the shared machine lets it run)."""
+    key = "min_ms" if best else "median_ms"
+    rows = [
+        {**r, "speedup": r["speedup_best" if best else "speedup"],
+         "pct_limit": r["pct_limit_best" if best else "pct_limit"],
+         "speedup_out": r["times"]["torch"][key] / r["times"]["bnlab+out"][key],
+         "bnlab_ms": r["times"]["bnlab"][key]}
+        for r in rows
+    ]  # fmt: skip
     get = {(r["shape"], r["layout"], r["op"]): r for r in rows}
     big, nhwc, nc = ("64x64x56x56", "NCHW"), ("64x56x56x64", "NHWC"), ("256x4096", "NC")
     checks = []
@@ -345,6 +368,7 @@ def main(argv=None) -> int:
         print(f"done {shape} {layout}", file=sys.stderr, flush=True)
     family = bench_family(FAMILY_QUICK if args.quick else FAMILY_CASES, repeat)
     targets = [] if args.quick else check_targets(rows)
+    targets_best = [] if args.quick else check_targets(rows, best=True)
     print(format_table(rows, TABLE))
     print("\nLayer norm and group norm, forward+backward (same reduction core):\n")
     print(format_table(family, FAMILY_TABLE))
@@ -355,17 +379,22 @@ def main(argv=None) -> int:
     )
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"load average {os.getloadavg() if hasattr(os, 'getloadavg') else '?'}")  # fmt: skip
-    for t in targets:
+    for t, tb in zip(targets, targets_best, strict=True):
         verdict = "MET" if t["met"] else "NOT met"
-        print(f"target {t['target']}: {t['value']} (goal {t['goal']}) {verdict}")
+        print(
+            f"target {t['target']}: median {t['value']} (goal {t['goal']}) {verdict}; "
+            f"best round {tb['value']} {'MET' if tb['met'] else 'NOT met'}"
+        )
     payload = {
         "command": "python benchmarks/bench_norm.py" + (" --quick" if args.quick else ""),
         "machine": machine_info(),
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "first_call_s": compile_s,
         "rows": rows,
         "family": family,
         "targets": targets,
+        "targets_best_round": targets_best,
     }
     name = args.name or ("bench_norm_quick" if args.quick else "bench_norm")
     print(f"wrote {write_json(name, payload)}")
