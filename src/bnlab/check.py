@@ -22,6 +22,7 @@ the float64 answer; the test suite imports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,10 +378,32 @@ def run_checks(
 
     use_torch = torch_available() if use_torch is None else use_torch
     use_numba = numba_available() if use_numba is None else use_numba
+    with _torch_single_thread(use_torch):
+        return _run_cases(seed, use_torch, use_numba, ops or OPS, layouts or LAYOUTS)
+
+
+@contextlib.contextmanager
+def _torch_single_thread(active: bool):
+    """torch on one thread while checking (restored after): the tensors are tiny, and a second
+    thread only spin-waits, which is 10-100x slower on a busy machine."""
+    if not active:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_cases(seed, use_torch, use_numba, ops, layouts) -> list[Row]:
     rng = np.random.default_rng(seed)
     rows = []
-    for op in (ops or OPS).values():
-        for layout in layouts or LAYOUTS:
+    for op in ops.values():
+        for layout in layouts:
             shape = CHECK_SHAPES[layout]
             p = Problem.random(op, shape, layout, rng)
             row = Row(op.name, layout, shape)
