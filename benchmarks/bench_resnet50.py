@@ -96,6 +96,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) of one call. With one thread the CPU time
+    is what the call costs on an idle core, whatever the machine's load."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -168,11 +176,11 @@ def time_interleaved(peers, x, repeats: int, warmup: int, rounds: int = 3) -> di
         for fn in peers.values():
             fn(x)
     per_block = max(1, -(-repeats // rounds))
-    times: dict[str, list[float]] = {name: [] for name in peers}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in peers}
     for _ in range(rounds):
         for name, fn in peers.items():
             fn(x)
-            times[name] += [_timed(lambda fn=fn: fn(x)) for _ in range(per_block)]
+            times[name] += [_timed_both(lambda fn=fn: fn(x)) for _ in range(per_block)]
     return times
 
 
@@ -194,7 +202,8 @@ def main(args) -> int:
             x = rng.standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
             errs = check_peers(peers, x)
             times = time_interleaved(peers, x, args.repeats, args.warmup)
-            med = {n: float(np.median(t)) for n, t in times.items()}
+            med = {n: float(np.median([w for w, _ in t])) for n, t in times.items()}
+            cpu = {n: float(np.median([c for _, c in t])) for n, t in times.items()}
             for name in peers:
                 gflops = flops_per_image * batch / med[name] / 1e9
                 rows.append(
@@ -202,7 +211,8 @@ def main(args) -> int:
                         "batch": batch,
                         "peer": name,
                         "median_ms": med[name] * 1e3,
-                        "min_ms": min(times[name]) * 1e3,
+                        "min_ms": min(w for w, _ in times[name]) * 1e3,
+                        "cpu_ms": cpu[name] * 1e3,
                         "gflops": gflops,
                         "pct_of_gemm_peak": 100 * gflops / peak_best,
                         "bnlab_speedup": med[name] / med["bnlab compiled"],
@@ -233,11 +243,12 @@ def print_table(rows, peak, flops_per_image, args) -> None:
     )
     print("np.matmul SGEMM GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    print("| batch | peer | median ms | min ms | GFLOP/s | % GEMM peak | time / bnlab |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | peer | median ms | min ms | CPU ms | GFLOP/s | % GEMM peak | time / bnlab |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['batch']} | {r['peer']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+            f"{r['cpu_ms']:.1f} | "
             f"{r['gflops']:.0f} | {r['pct_of_gemm_peak']:.0f}% | {r['bnlab_speedup']:.2f}x |"
         )
 
