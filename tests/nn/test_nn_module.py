@@ -211,3 +211,22 @@ def test_batchnorm2d_nhwc_layout_matches_nchw():
     np.testing.assert_allclose(dxb.transpose(0, 3, 1, 2), dxa, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(b.weight.grad, a.weight.grad, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(b.running_var, a.running_var, rtol=1e-6)
+
+
+def test_thread_switch_sets_and_reports_both_pools():
+    from bnlab.nn.threads import get_num_threads, set_blas_threads, set_num_threads
+
+    numba_before, blas_before = get_num_threads()
+    try:
+        set_num_threads(1)
+        nb, blas = get_num_threads()
+        assert nb in (None, 1) and blas in (None, 1)
+    finally:
+        if numba_before is not None:
+            import numba
+
+            numba.set_num_threads(numba_before)
+        if blas_before is not None:
+            set_blas_threads(blas_before)
+    with pytest.raises(ValueError, match="threads"):
+        set_num_threads(0)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from train_helpers import synthetic_splits
+from train_helpers import single_thread, synthetic_splits
 
 from bnlab.checkpoint import load_checkpoint, paths
 from bnlab.errors import DataFormatError
@@ -15,6 +15,13 @@ from bnlab.train import TrainConfig, read_metrics, train
 
 CFG = dict(model="lenet-bn", batch_size=64, lr=1.0, seed=3, momentum=0.5)
 TIMING = ("examples_per_s", "seconds")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One numba/BLAS thread: on a shared machine oversubscribed pools are ~10x slower."""
+    with single_thread():
+        yield
 
 
 def _train(out, epochs, resume=False, splits=None, **kw):

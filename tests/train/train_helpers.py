@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from bnlab.nn.threads import set_num_threads
 from bnlab.train import Splits
 
 
@@ -44,3 +46,21 @@ def write_fake_fashion_mnist(folder: Path, n_train: int = 512, n_test: int = 200
         write_idx_gz(folder / f"{stem}-images-idx3-ubyte.gz", images)
         write_idx_gz(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
     return folder
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run with one numba and one BLAS thread (robust on a shared machine), then restore."""
+    from bnlab.nn.threads import get_num_threads, set_blas_threads
+
+    numba_before, blas_before = get_num_threads()
+    set_num_threads(1)
+    try:
+        yield
+    finally:
+        if numba_before is not None:
+            import numba
+
+            numba.set_num_threads(numba_before)
+        if blas_before is not None:
+            set_blas_threads(blas_before)

@@ -12,6 +12,11 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+_GETTERS = (
+    "scipy_openblas_get_num_threads64_",
+    "openblas_get_num_threads64_",
+    "openblas_get_num_threads",
+)
 _SETTERS = (
     "scipy_openblas_set_num_threads64_",
     "openblas_set_num_threads64_",
@@ -20,6 +25,10 @@ _SETTERS = (
 
 
 def _openblas_setter():
+    return _openblas_function(_SETTERS)
+
+
+def _openblas_function(names):
     import numpy
 
     libdir = Path(numpy.__file__).resolve().parent.parent / "numpy.libs"
@@ -28,11 +37,28 @@ def _openblas_setter():
             dll = ctypes.CDLL(str(lib))
         except OSError:
             continue
-        for name in _SETTERS:
+        for name in names:
             fn = getattr(dll, name, None)
             if fn is not None:
                 return fn
     return None
+
+
+def get_blas_threads() -> int | None:
+    """OpenBLAS's current thread count, or None when NumPy's OpenBLAS could not be located."""
+    fn = _openblas_function(_GETTERS)
+    return None if fn is None else int(fn())
+
+
+def get_num_threads() -> tuple[int | None, int | None]:
+    """(numba threads, BLAS threads); None for a pool that is not available."""
+    try:
+        import numba
+    except ImportError:
+        nb = None
+    else:
+        nb = numba.get_num_threads()
+    return nb, get_blas_threads()
 
 
 def set_blas_threads(n: int) -> bool:
