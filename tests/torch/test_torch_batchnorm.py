@@ -6,6 +6,8 @@ import copy
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 import bnlab.torch as bt  # noqa: E402
@@ -430,3 +432,29 @@ def test_torch_func_transforms_match_torch(kw, training):
         lambda m: vmap(m)(xs),
     ):
         torch.testing.assert_close(transform(ours), transform(ref), **TOL[torch.float64])
+
+
+@settings(max_examples=25)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 4),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    channels_last=st.booleans(),
+    training=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_torch(n, c, h, w, channels_last, training, seed):
+    """Any shape and memory format, incl. ambiguous strides (C = 1 or H = W = 1), in float64."""
+    g = torch.Generator().manual_seed(seed)
+    ref, ours = _pair(nn.BatchNorm2d, bt.BatchNorm2d, c, torch.float64)
+    ref.train(training), ours.train(training)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(memory_format=fmt)
+    dy = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    if training and n * h * w == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            ours(x)
+        return
+    y = _assert_same(ref, ours, x, dy, TOL[torch.float64])
+    assert y.is_contiguous(memory_format=fmt)
