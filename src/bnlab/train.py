@@ -201,19 +201,23 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     report: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train (or resume) a run in folder ``out``; returns the metrics dict also in metrics.json.
 
     ``splits`` overrides the data (tests); otherwise Fashion-MNIST is loaded from ``data_root``
     or the default locations. Raises FileExistsError when ``out`` already holds a checkpoint
-    and ``resume`` is False, and ValueError when resuming with an incompatible config.
+    and neither ``resume`` nor ``overwrite`` is set (``overwrite`` first deletes the files a
+    previous run wrote there), and ValueError when resuming with an incompatible config.
     """
     config.validate()
     log = log or (lambda s: print(s, flush=True))
     out = Path(out)
     model, opt = prepare_model(config)
     metrics = {"config": asdict(config), "epochs": []}
-    start_epoch = _restore(config, out, model, opt, metrics) if resume else _fresh(out)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    start_epoch = _restore(config, out, model, opt, metrics) if resume else _fresh(out, overwrite)
     splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start_epoch, config.epochs):
@@ -265,13 +269,27 @@ def population_stats_accuracy(model: nn.Module, splits: Splits, config: TrainCon
     return {"test_acc": acc, "batches": summary.batches_used, "method": "population"}
 
 
-def _fresh(out: Path) -> int:
+RUN_FILES = (
+    "checkpoint.safetensors",
+    "checkpoint.json",
+    "metrics.json",
+    "report.md",
+    "loss.png",
+    "accuracy.png",
+)
+
+
+def _fresh(out: Path, overwrite: bool) -> int:
     weights, _ = paths(out)
-    if weights.exists():
+    if weights.exists() and not overwrite:
         raise FileExistsError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or choose a new --out"
+            f"{out} already holds a checkpoint; pass --resume to continue it, --overwrite to "
+            "start again, or choose a new --out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # only the files a run writes; anything else in the folder is left alone
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     return 0
 
 

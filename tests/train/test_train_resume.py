@@ -24,12 +24,13 @@ def _one_thread():
         yield
 
 
-def _train(out, epochs, resume=False, splits=None, **kw):
+def _train(out, epochs, resume=False, splits=None, overwrite=False, **kw):
     cfg = TrainConfig(epochs=epochs, **{**CFG, **kw})
     return train(
         cfg,
         out,
         resume=resume,
+        overwrite=overwrite,
         splits=splits or synthetic_splits(),
         progress=False,
         log=lambda s: None,
@@ -95,6 +96,18 @@ def test_fresh_run_refuses_to_overwrite_a_checkpoint(straight):
     with pytest.raises(FileExistsError, match="--resume"):
         _train(out, 1)
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_overwrite_starts_again_and_keeps_foreign_files(tmp_path):
+    _train(tmp_path, 1)
+    (tmp_path / "notes.txt").write_text("mine")
+    first = (tmp_path / "checkpoint.safetensors").read_bytes()
+    _train(tmp_path, 1, overwrite=True, lr=0.5)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert read_metrics(tmp_path)["config"]["lr"] == 0.5
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() != first
+    with pytest.raises(ValueError, match="exclude"):
+        _train(tmp_path, 1, overwrite=True, resume=True)
 
 
 def test_checkpoint_of_another_model_is_refused(straight):

@@ -57,7 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run folder (metrics.json, checkpoint, report.md)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out that holds a previous run (its run files are deleted)",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -113,6 +119,7 @@ def run(args) -> int:
             config,
             args.out,
             resume=args.resume,
+            overwrite=args.overwrite,
             data_root=args.data,
             progress=False if args.no_progress else None,
         )
