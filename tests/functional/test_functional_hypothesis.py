@@ -54,8 +54,8 @@ def _in(dtype, *arrays):
 
 
 def _assert_within(dtype, ours, ref, what, condition):
-    tol = dtype_tolerance(dtype, condition)
     for name, a, r in zip(("y", "dx", "dgamma", "dbeta"), ours, ref, strict=True):
+        tol = dtype_tolerance(dtype, condition, gradient=name != "y")
         if name == "y" or name == "dx":
             assert a.dtype == dtype, f"{what} {name} dtype {a.dtype}"
         err = rel_error(a, r)
@@ -82,7 +82,7 @@ def test_batch_norm_any_dtype_close_to_float64(p, training, backend):
     what = f"batch_norm[{'train' if training else 'eval'}] {layout}"
     _assert_within(dtype, ours, ref, what, kappa)
     for k in bufs:
-        assert rel_error(bufs[k], ref_bufs[k]) <= dtype_tolerance(dtype, kappa), k
+        assert rel_error(bufs[k], ref_bufs[k]) <= dtype_tolerance(dtype, kappa, gradient=False), k
 
 
 @settings(max_examples=EXAMPLES)

@@ -101,7 +101,9 @@ def test_float16_large_values_give_finite_statistics(rng, scale, offset, layout,
     # the output against float64 math on the same float16 values
     x64 = x.astype(np.float64)
     ref, ref_cache = F.batch_norm_forward(x64, None, None, training=True, layout=layout)
-    assert rel_error(y, ref) < dtype_tolerance(np.float16, centering_condition(x64, ref_cache.rstd))
+    assert rel_error(y, ref) < dtype_tolerance(
+        np.float16, centering_condition(x64, ref_cache.rstd), gradient=False
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

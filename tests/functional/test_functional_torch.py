@@ -147,4 +147,4 @@ def test_low_precision_batch_norm_close_to_torch_float64(rng, dtype, backend):
     ).numpy()  # fmt: skip
     x64 = x.astype(np.float64)
     kappa = centering_condition(x64, 1 / np.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5))
-    assert rel_error(y, ref) < dtype_tolerance(dtype, kappa)
+    assert rel_error(y, ref) < dtype_tolerance(dtype, kappa, gradient=False)
