@@ -62,6 +62,14 @@ def relative_link(target: Path, report: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(report).resolve().parent)).as_posix()
 
 
+BUDGET_NOTES = {
+    "full": "*Full budget (the textbooks' scale, >= 3 seeds for comparative claims).*",
+    "quick": "*Quick budget: less data and fewer steps than the textbooks' runs; the verdict "
+    "is about this budget, and the full budget (without `--quick`) may differ.*",
+    "tiny": "*Tiny budget: a smoke test of the pipeline; these numbers mean nothing.*",
+}
+
+
 def verdict_word(holds: bool | None) -> str:
     return {True: "holds", False: "does NOT hold", None: "inconclusive"}[holds]
 
@@ -75,6 +83,7 @@ def render_section(result: dict, body: str, figure_links: list[str]) -> str:
         f"seeds {', '.join(str(s) for s in result['seeds']) or '-'})",
         "",
     ]
+    lines += [BUDGET_NOTES[result["budget"]], ""]
     if result["status"] == "skipped":
         lines += [f"**Skipped:** {result['skip_reason']}", ""]
         return "\n".join(lines)

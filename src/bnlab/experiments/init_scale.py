@@ -143,8 +143,8 @@ def report(result: dict) -> str:
         f"b = 0. SGD lr {cfg['lr']}, momentum {cfg['momentum']}, batch {cfg['batch_size']}, "
         f"{cfg['epochs']} epochs ({steps} steps) on {cfg['n_train']} Fashion-MNIST training "
         f"images (standardized); validation on {cfg['n_val']} held-out training images; train "
-        f"accuracy on the first {cfg['n_eval_train']} training images. Same batches for both "
-        f"variants.",
+        f"accuracy on the first {min(cfg['n_eval_train'], cfg['n_train'])} training images. "
+        f"Same batches for both variants.",
         "",
         "| init scale | BN train acc | BN val acc | no-BN train acc | no-BN val acc |",
         "|---|---|---|---|---|",
