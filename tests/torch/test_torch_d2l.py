@@ -145,3 +145,17 @@ def test_lenet_bn_state_dict_matches_numpy_engine_keys(norm):
     except ImportError:
         pytest.skip("bnlab.models.lenet_bn not available")
     assert keys == list(numpy_lenet_bn().state_dict())
+
+
+def test_module_keeps_moving_statistics_on_a_nonfinite_batch():
+    from bnlab.errors import NonFiniteBatchWarning
+
+    m = bt.BatchNorm(3, num_dims=4)
+    m(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("moving")}
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("inf")
+    with pytest.warns(NonFiniteBatchWarning):
+        m(x)
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from bnlab.errors import ShapeError
+from bnlab.functional.running import report_nonfinite
 from torch import nn
 
 D2L_MOMENTUM = 0.9  # weight of the old moving value
@@ -59,6 +60,9 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, *, traini
 class BatchNorm(nn.Module):
     """d2l's ``BatchNorm(num_features, num_dims)`` (num_dims 2: after a Linear, 4: after a conv).
 
+    A training batch with NaN/Inf warns (:class:`bnlab.errors.NonFiniteBatchWarning`) and leaves
+    the moving statistics unchanged, as every bnlab batch norm does (d2l would average it in).
+
     Parameters ``gamma`` (ones), ``beta`` (zeros); buffers ``moving_mean`` (zeros) and
     ``moving_var`` (ones), all of shape (1, C) or (1, C, 1, 1): they are in ``state_dict`` and
     move with ``.to()``. The mode is ``self.training`` (set by ``.train()`` / ``.eval()``).
@@ -81,11 +85,19 @@ class BatchNorm(nn.Module):
             X, self.gamma, self.beta, self.moving_mean, self.moving_var,
             eps=self.eps, momentum=self.momentum, training=self.training,
         )  # fmt: skip
-        if self.training:  # in place: the buffers keep their identity (DDP, optimizers, hooks)
-            with torch.no_grad():
-                self.moving_mean.copy_(moving_mean)
-                self.moving_var.copy_(moving_var)
+        if self.training:
+            self._update_moving_statistics(moving_mean, moving_var)
         return Y
+
+    @torch.no_grad()
+    def _update_moving_statistics(self, moving_mean, moving_var) -> None:
+        """In place (the buffers keep their identity for DDP and hooks), and only when finite:
+        like every bnlab batch norm, a NaN/Inf batch warns and leaves the statistics alone."""
+        if not (torch.isfinite(moving_mean).all() and torch.isfinite(moving_var).all()):
+            report_nonfinite("warn", "X")
+            return
+        self.moving_mean.copy_(moving_mean)
+        self.moving_var.copy_(moving_var)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum} (d2l: old weight)"
