@@ -177,3 +177,45 @@ def test_mean_std_and_formatting():
     assert fmt_pm(s) == "2.0000 ± 1.0000 (1 diverged)"
     assert fmt(1.5e-7) == "1.500e-07" and fmt(None) == "n/a" and fmt(0.0) == "0.0000"
     assert mean_std([None])["mean"] is None
+
+
+def test_replot_redraws_from_results_json_without_training(fake, tmp_path, capsys):
+    out = tmp_path / "r" / fake
+    run_experiment(fake, out, budget="tiny", seeds=2, progress=False)
+    before = (out / "results.json").read_bytes()
+    report = tmp_path / "r" / "experiments.md"
+    report_before = report.read_text()
+    (out / "fake.png").unlink()
+    report.unlink()
+    assert main(["experiment", fake, "--replot", "--out", str(out)]) == 0
+    assert (out / "fake.png").stat().st_size > 1000
+    assert (out / "results.json").read_bytes() == before
+    assert report.read_text() == report_before
+
+
+def test_replot_without_results_is_a_clear_error(fake, tmp_path, capsys):
+    assert main(["experiment", fake, "--replot", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "does not exist" in err
+
+
+def test_replot_of_corrupt_results_is_a_clear_error(fake, tmp_path, capsys):
+    out = tmp_path / fake
+    out.mkdir()
+    (out / "results.json").write_text("{not json")
+    assert main(["experiment", fake, "--replot", "--out", str(out)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_all_continues_after_a_failing_experiment(fake, monkeypatch, tmp_path, capsys):
+    import bnlab.experiments._registry as registry
+
+    monkeypatch.setattr(registry, "EXPERIMENTS", {"fake-exp": "fake_exp", "broken": "broken"})
+    broken = _fake_module()
+    broken.run_seed = lambda cfg, seed, progress: 1 / 0
+    monkeypatch.setitem(sys.modules, "bnlab.experiments.broken", broken)
+    status = main(["experiment", "all", "--tiny", "--seeds", "1", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "broken: FAILED" in captured.err and "ZeroDivisionError" in captured.err
+    assert (tmp_path / "fake-exp" / "results.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HELP = "reproduce a textbook claim about batch norm: results.json, PNG plots, report section"
@@ -49,6 +50,11 @@ def add_arguments(parser) -> None:
         help="Markdown report to update (default: experiments.md next to the output folder)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="no training: redraw the figures and the report section from OUT/results.json",
+    )
 
 
 def _targets(args) -> list[tuple[str, Path, Path]]:
@@ -67,7 +73,7 @@ def _targets(args) -> list[tuple[str, Path, Path]]:
 
 def run(args) -> int:
     from bnlab.experiments._io import ensure_writable_dir  # noqa: PLC0415
-    from bnlab.experiments._runner import run_experiment  # noqa: PLC0415
+    from bnlab.experiments._runner import replot_experiment, run_experiment  # noqa: PLC0415
 
     try:
         if args.seeds < 1:
@@ -80,17 +86,32 @@ def run(args) -> int:
         print(f"bnlab experiment: error: {err}", file=sys.stderr)
         return 2
 
+    if args.replot:
+        try:
+            for name, out, report in targets:
+                replot_experiment(name, out, report_path=report)
+                print(f"{name}: figures and report redrawn from {out}/results.json")
+        except (ValueError, OSError) as err:
+            print(f"bnlab experiment: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
     status = 0
     for name, out, report in targets:
         start = time.monotonic()
-        result = run_experiment(
-            name,
-            out,
-            budget=args.budget,
-            seeds=args.seeds,
-            report_path=report,
-            progress=not args.no_progress,
-        )
+        try:
+            result = run_experiment(
+                name,
+                out,
+                budget=args.budget,
+                seeds=args.seeds,
+                report_path=report,
+                progress=not args.no_progress,
+            )
+        except Exception:  # with 'all', one failing experiment must not cost the others
+            print(f"{name}: FAILED\n{traceback.format_exc()}", file=sys.stderr)
+            status = 1
+            continue
         elapsed = time.monotonic() - start
         if result["status"] == "skipped":
             print(f"{name}: skipped ({result['skip_reason']})")

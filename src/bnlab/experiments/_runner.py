@@ -119,6 +119,35 @@ def run_experiment(
     return result
 
 
+def replot_experiment(
+    name: str, out_dir: str | Path | None = None, *, report_path: str | Path | None = None
+) -> dict:
+    """Redraw the figures and rewrite the report section from an existing ``results.json``
+    (no training): figures and report are pure functions of the stored result."""
+    from bnlab.errors import DataFormatError  # noqa: PLC0415
+
+    exp = load_experiment(name)
+    out_dir = Path(out_dir or Path("reports") / name)
+    path = out_dir / "results.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--replot: no results to redraw, {str(path)!r} does not exist"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"--replot: {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(result, dict) or result.get("experiment") != name:
+        raise DataFormatError(f"--replot: {str(path)!r} holds no results of experiment {name!r}")
+    ensure_writable_dir(out_dir, "--out")
+    report_path = Path(report_path) if report_path else default_report_path(out_dir)
+    if result["status"] == "ok":
+        result["figures"] = list(exp.plot(result, out_dir))
+        write_json(path, result)
+    _write_section(exp, result, out_dir, report_path)
+    return result
+
+
 def _run_seeds(exp, name: str, cfg: dict, seed_list: list[int], progress: bool) -> dict:
     def make_bar(total: int, desc: str) -> Progress:
         # enabled=None: draw on a terminal, stay silent in logs; False: never draw.
