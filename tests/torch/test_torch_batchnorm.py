@@ -458,3 +458,17 @@ def test_random_shapes_match_torch(n, c, h, w, channels_last, training, seed):
         return
     y = _assert_same(ref, ours, x, dy, TOL[torch.float64])
     assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_path_matches_torch_on_strided_input(training):
+    """Non-contiguous input takes the torch-ops path; float64 values, grads, buffers vs torch."""
+    g = torch.Generator().manual_seed(12)
+    ref, ours = _pair(nn.BatchNorm2d, bt.BatchNorm2d, 3, torch.float64)
+    ref.train(training), ours.train(training)
+    x = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64).transpose(2, 3)
+    assert BF.fast_path_layout(x) is None
+    dy = torch.randn(4, 3, 6, 5, generator=g, dtype=torch.float64)
+    for _ in range(2):
+        y = _assert_same(ref, ours, x, dy, TOL[torch.float64])
+    assert type(y.grad_fn).__name__ != "FastBatchNormBackward"
