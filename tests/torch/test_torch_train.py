@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bnlab.checkpoint import load_checkpoint  # noqa: E402
-from bnlab.torch.train import Dist, shard, train  # noqa: E402
+from bnlab.torch.train import Dist, launch, shard, torchrun_command, train  # noqa: E402
 from bnlab.train import Splits, TrainConfig  # noqa: E402
 
 HANG_TIMEOUT_S = 60
@@ -51,12 +51,10 @@ def test_torchrun_two_processes_equal_one_process(fashion_mnist_dir, tmp_path):
     args = ["--epochs", "1", "--batch-size", "128", "--train-limit", "1024", "--test-limit", "500"]
     args += ["--threads", "1", "--data", str(fashion_mnist_dir)]
     one, two = tmp_path / "one", tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     _run_all(
         [
             [sys.executable, "-m", "bnlab.torch.train", *args, "--out", str(one)],
-            [*torchrun, "-m", "bnlab.torch.train", *args, "--out", str(two)],
+            torchrun_command([*args, "--out", str(two)], 2, _free_port()),
         ]
     )
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
@@ -118,3 +116,9 @@ def test_shards_cover_the_batch_evenly(n, world):
     sizes = [p.stop - p.start for p in parts]
     assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
     assert [p.start for p in parts[1:]] == [p.stop for p in parts[:-1]]
+
+
+@pytest.mark.parametrize("nproc", [0, -1, 1.5, True])
+def test_launch_rejects_bad_process_counts(nproc):
+    with pytest.raises(ValueError, match="nproc"):
+        launch(["--out", "unused"], nproc)

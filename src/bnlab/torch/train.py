@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/ddp
     python -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/one   # one process
+    bnlab.torch.train.launch(argv, nproc=2)   # the same from Python (e.g. a CLI --engine torch)
 
 Same recipe and outputs as the NumPy engine's ``bnlab train`` (:mod:`bnlab.train`): d2l's LeNet-BN,
 SGD on the cross-entropy, batches in the seeded order of :mod:`bnlab.data.batches`; after every
@@ -332,6 +333,32 @@ def main(argv=None) -> int:
     if ctx.main and metrics["epochs"]:
         print(f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; outputs in {args.out}")
     return 0
+
+
+def torchrun_command(argv: list[str], nproc: int, port: int) -> list[str]:
+    """The torchrun command line that runs this trainer on ``nproc`` local CPU processes."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(port),
+        "-m", "bnlab.torch.train", *argv,
+    ]  # fmt: skip
+
+
+def launch(argv: list[str], nproc: int = 1) -> int:
+    """Run the trainer in this process (nproc = 1) or under torchrun (for ``bnlab train --engine
+    torch --nproc N``); returns the exit status."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
+    if nproc == 1:
+        return main(argv)
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(torchrun_command(argv, nproc, port), env=env)
 
 
 if __name__ == "__main__":
