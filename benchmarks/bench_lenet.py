@@ -26,7 +26,12 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating torch/bnlab rounds")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=None, help="default: the number of CPUs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of both engines (default 1, as `bnlab train`; 0 = the number of CPUs)",
+    )
     p.add_argument(
         "--accuracy-epochs",
         type=int,
@@ -38,8 +43,8 @@ def parse_args(argv=None):
     for name in ("steps", "rounds", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.warmup < 0 or args.accuracy_epochs < 0:
-        p.error("--warmup and --accuracy-epochs must be >= 0")
+    if args.warmup < 0 or args.accuracy_epochs < 0 or args.threads < 0:
+        p.error("--warmup, --accuracy-epochs and --threads must be >= 0")
     return args
 
 
