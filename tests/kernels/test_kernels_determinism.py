@@ -29,6 +29,7 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(_chunks, "MIN_BLOCK_ROWS", 3)
     monkeypatch.setattr(_chunks, "MIN_BLOCK_VALUES", 16)
     monkeypatch.setattr(_chunks, "CHANNEL_TILE", 5)
+    monkeypatch.setattr(_chunks, "MAX_SHORT_TASKS", 4)  # several channels per short-row task
     monkeypatch.setattr(_chunks, "WIDE_ROW", 40)  # (4, 37, 11): 49 rows of 33, 1 leftover row
     monkeypatch.setattr(core, "PARALLEL_MIN_VALUES", 0)
 
@@ -37,6 +38,7 @@ CASES = [  # (x3 shape, channels_last)
     ((3, 2, 131), False),  # several segments per row, several groups per channel
     ((5, 1, 97), False),  # short rows, one channel: the groups carry the parallelism
     ((9, 2, 13), False),  # short rows, several groups
+    ((3, 7, 20), False),  # short rows, several channels per task
     ((4, 37, 11), True),  # several row blocks and channel tiles
     ((2, 50, 1), True),  # C = 1 channels-last: run as channels-first
     ((6, 9, 1), False),  # S = 1 channels-first: run as channels-last

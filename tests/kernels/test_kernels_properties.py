@@ -119,6 +119,7 @@ def _small_chunks(segment, short_row, block_rows, tile):
         (_chunks, "MIN_BLOCK_VALUES"): 8,
         (_chunks, "CHANNEL_TILE"): tile,
         (_chunks, "WIDE_ROW"): 3 * tile + 7,
+        (_chunks, "MAX_SHORT_TASKS"): tile + 1,
     }
     saved = {key: getattr(*key) for key in names}
     try:

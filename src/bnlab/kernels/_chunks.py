@@ -18,6 +18,7 @@ from __future__ import annotations
 SEGMENT = 16384  # values per channels-first row segment (64 KiB of float32)
 SHORT_ROW = 512  # channels-first rows shorter than this are summed column-wise (one task shift)
 MIN_TASKS = 32  # enough independent tasks to balance a few threads, whatever C is
+MAX_SHORT_TASKS = 256  # short-row tasks: enough to balance threads, few allocations
 MAX_BLOCKS = 64  # channels-last row blocks: bounds the (blocks, C) partials
 MIN_BLOCK_ROWS = 64  # partials are at most 3·8/(64·itemsize) of x: 9% for float32
 MIN_BLOCK_VALUES = 8192  # a channels-last block is at least this many values (overhead)
@@ -38,6 +39,12 @@ def channel_groups(n: int, c: int, pieces: int) -> int:
     """How many consecutive ranges of a channel's n·pieces (row, piece) units its reduction is
     split into (never more than there are units: no group is empty)."""
     return max(1, min(n * pieces, _ceil_div(MIN_TASKS, max(c, 1))))
+
+
+def short_channel_blocks(c: int, groups: int) -> int:
+    """Channels-first short rows: channels per task are grouped into this many blocks, so a task
+    allocates its column accumulators once for many channels (at most MAX_SHORT_TASKS tasks)."""
+    return max(1, min(c, MAX_SHORT_TASKS // groups))
 
 
 def row_blocks(rows: int, c: int) -> int:

@@ -79,6 +79,27 @@ def _grad_sums(dyseg, xseg, mu):
 
 
 @njit(cache=True)
+def _sum8(a):
+    """Σ a in 8 interleaved accumulators combined pairwise (fixed order): 8 independent
+    dependency chains instead of one, for the column sums of the short-row kernels."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    full = a.shape[0] // 8 * 8
+    for i in range(0, full, 8):
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        s4 += a[i + 4]
+        s5 += a[i + 5]
+        s6 += a[i + 6]
+        s7 += a[i + 7]
+    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for i in range(full, a.shape[0]):
+        total += a[i]
+    return total
+
+
+@njit(cache=True)
 def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Parallel-variance merge of two (count, mean, M2) summaries (Chan, Golub, LeVeque)."""
     if n_b == 0.0:
@@ -122,34 +143,35 @@ def moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2):
 
 
 @njit(parallel=True, cache=True)
-def moments_cf_short(x, groups, p_cnt, p_mean, p_m2):
+def moments_cf_short(x, groups, cblocks, p_cnt, p_mean, p_m2):
     """Like :func:`moments_cf` for short rows (S < ``SHORT_ROW``), where per-row lanes would be
     mostly remainder: the task's rows are summed column-wise (vectorized across the S positions)
-    with one shift k (the task's first value), then the S column sums are added up."""
+    with one shift k (the first value), then the S column sums are added up. A task is a (group,
+    block of channels): its column accumulators are allocated once for the block."""
     n, c, s = x.shape
-    for t in prange(groups * c):
-        g = t // c
-        ch = t % c
+    for t in prange(groups * cblocks):
+        g = t // cblocks
+        cb = t % cblocks
         n0 = g * n // groups
         n1 = (g + 1) * n // groups
-        k = np.float64(x[n0, ch, 0])
-        acc1 = np.zeros(s)
-        acc2 = np.zeros(s)
-        for i in range(n0, n1):
-            row = x[i, ch]
-            for j in range(s):
-                d = np.float64(row[j]) - k
-                acc1[j] += d
-                acc2[j] += d * d
-        s1 = 0.0
-        s2 = 0.0
-        for j in range(s):
-            s1 += acc1[j]
-            s2 += acc2[j]
         m = np.float64((n1 - n0) * s)
-        p_cnt[g, ch] = m
-        p_mean[g, ch] = k + s1 / m
-        p_m2[g, ch] = s2 - s1 * s1 / m
+        acc1 = np.empty(s)
+        acc2 = np.empty(s)
+        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
+            k = np.float64(x[n0, ch, 0])
+            acc1[:] = 0.0
+            acc2[:] = 0.0
+            for i in range(n0, n1):
+                row = x[i, ch]
+                for j in range(s):
+                    d = np.float64(row[j]) - k
+                    acc1[j] += d
+                    acc2[j] += d * d
+            s1 = _sum8(acc1)
+            s2 = _sum8(acc2)
+            p_cnt[g, ch] = m
+            p_mean[g, ch] = k + s1 / m
+            p_m2[g, ch] = s2 - s1 * s1 / m
 
 
 @njit(cache=True)
@@ -231,29 +253,28 @@ def grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu):
 
 
 @njit(parallel=True, cache=True)
-def grad_sums_cf_short(dy, x, mean, groups, p_dy, p_dyxmu):
-    """Like :func:`grad_sums_cf` for short rows: column-wise sums over the task's rows."""
+def grad_sums_cf_short(dy, x, mean, groups, cblocks, p_dy, p_dyxmu):
+    """Like :func:`grad_sums_cf` for short rows: column-wise sums over the task's rows, one task
+    per (group, block of channels)."""
     n, c, s = x.shape
-    for t in prange(groups * c):
-        g = t // c
-        ch = t % c
-        mu = mean[ch]
-        acc1 = np.zeros(s)
-        acc2 = np.zeros(s)
-        for i in range(g * n // groups, (g + 1) * n // groups):
-            dyr = dy[i, ch]
-            xr = x[i, ch]
-            for j in range(s):
-                gv = np.float64(dyr[j])
-                acc1[j] += gv
-                acc2[j] += gv * (np.float64(xr[j]) - mu)
-        a = 0.0
-        b = 0.0
-        for j in range(s):
-            a += acc1[j]
-            b += acc2[j]
-        p_dy[g, ch] = a
-        p_dyxmu[g, ch] = b
+    for t in prange(groups * cblocks):
+        g = t // cblocks
+        cb = t % cblocks
+        acc1 = np.empty(s)
+        acc2 = np.empty(s)
+        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
+            mu = mean[ch]
+            acc1[:] = 0.0
+            acc2[:] = 0.0
+            for i in range(g * n // groups, (g + 1) * n // groups):
+                dyr = dy[i, ch]
+                xr = x[i, ch]
+                for j in range(s):
+                    gv = np.float64(dyr[j])
+                    acc1[j] += gv
+                    acc2[j] += gv * (np.float64(xr[j]) - mu)
+            p_dy[g, ch] = _sum8(acc1)
+            p_dyxmu[g, ch] = _sum8(acc2)
 
 
 @njit(parallel=True, cache=True)

@@ -83,7 +83,8 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
             p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
             if short:
-                _reduce.moments_cf_short(x, groups, p_cnt, p_mean, p_m2)
+                cblocks = _chunks.short_channel_blocks(c, groups)
+                _reduce.moments_cf_short(x, groups, cblocks, p_cnt, p_mean, p_m2)
             else:
                 _reduce.moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2)
     mean, var = np.empty(c), np.empty(c)
@@ -109,7 +110,8 @@ def channel_grad_sums(
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
             p_dy, p_dyxmu = _partials(groups, c, 2)
             if short:
-                _reduce.grad_sums_cf_short(dy, x, mean, groups, p_dy, p_dyxmu)
+                cblocks = _chunks.short_channel_blocks(c, groups)
+                _reduce.grad_sums_cf_short(dy, x, mean, groups, cblocks, p_dy, p_dyxmu)
             else:
                 _reduce.grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu)
     sum_dy, sum_dyxmu = np.empty(c), np.empty(c)
