@@ -16,7 +16,9 @@ def test_im2col_matches_reference(rng, n, h, w, c, k, stride, pad):
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
     ref = K.im2col_nhwc_ref(x, k, k, stride, pad)
     col = np.full(ref.shape, np.nan, np.float32)  # NaN: every entry must be written
-    K.im2col_nhwc(x, k, k, stride, pad, col)
+    rows = n * ((h + 2 * pad - k) // stride + 1)
+    K.im2col_nhwc(x, k, k, stride, pad, col, 0, rows // 2)  # in two row ranges, as threads do
+    K.im2col_nhwc(x, k, k, stride, pad, col, rows // 2, rows)
     np.testing.assert_array_equal(col, ref)
 
 

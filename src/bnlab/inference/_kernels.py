@@ -22,16 +22,17 @@ import numpy as np
 # --------------------------------------------------------------------------- im2col
 
 
-@numba.njit(cache=True, boundscheck=False)
-def im2col_nhwc(x, kh, kw, stride, pad, col):  # pragma: no cover - compiled
-    """col[(n, oh, ow), (i, j, c)] = x[n, oh·s − p + i, ow·s − p + j, c]  (0 outside the image).
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def im2col_nhwc(x, kh, kw, stride, pad, col, r0, r1):  # pragma: no cover - compiled
+    """col[(n, oh, ow), (i, j, c)] = x[n, oh·s − p + i, ow·s − p + j, c]  (0 outside the image),
+    for the output rows r = n·Ho + oh in [r0, r1) (so threads can share the work).
 
     x (N, H, W, C) contiguous; col (N·Ho·Wo, kh·kw·C) preallocated.
     """
     n_img, h, w, c = x.shape
     ho = (h + 2 * pad - kh) // stride + 1
     wo = (w + 2 * pad - kw) // stride + 1
-    for r in range(n_img * ho):
+    for r in range(r0, min(r1, n_img * ho)):
         n = r // ho
         oh = r % ho
         for ow in range(wo):
@@ -66,7 +67,7 @@ def im2col_nhwc_ref(x: np.ndarray, kh: int, kw: int, stride: int, pad: int) -> n
 # --------------------------------------------------------------------------- epilogue
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def epilogue(y, scale, shift, residual, relu):  # pragma: no cover - compiled
     """In place: y = act(y · scale + shift + residual), one pass over y (M, C).
 
@@ -101,7 +102,7 @@ def epilogue_ref(y, scale, shift, residual, relu):
 # --------------------------------------------------------------------------- pooling, striding
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def maxpool_nhwc(x, k, stride, pad, out):  # pragma: no cover - compiled
     """out[n, oh, ow, c] = max over the k x k window (padding never wins: it is −inf).
 
@@ -143,7 +144,7 @@ def maxpool_nhwc_ref(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray
     return np.max(np.stack(taps), axis=0)
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def subsample_nhwc(x, stride, out):  # pragma: no cover - compiled
     """out[n, oh, ow, :] = x[n, oh·s, ow·s, :]: the input of a strided 1x1 conv, made contiguous."""
     n_img = x.shape[0]
@@ -158,7 +159,7 @@ def subsample_nhwc(x, stride, out):  # pragma: no cover - compiled
                 out[n, oh, ow, ch] = x[n, oh * stride, ow * stride, ch]
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def nchw_to_nhwc(x, out):  # pragma: no cover - compiled
     """out[n, h, w, c] = x[n, c, h, w]."""
     n_img, c, h, w = x.shape

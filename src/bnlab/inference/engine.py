@@ -30,6 +30,7 @@ import numpy as np
 
 from bnlab.errors import DTypeError, ShapeError
 from bnlab.fold.weights import bn_scale_shift, fold_conv_bn
+from bnlab.inference import _gemm as G
 from bnlab.inference import _kernels as K
 from bnlab.inference.spec import (
     ConvSpec,
@@ -54,6 +55,7 @@ class PackedConv:
     k: int
     stride: int
     pad: int
+    panels: np.ndarray | None = None  # w as (C_out/32, k·k·C_in, 32) for the packed GEMM
 
     @property
     def c_out(self) -> int:
@@ -85,7 +87,9 @@ def pack_conv(sd: dict, cv: ConvSpec, fold_bn: bool, eps: float) -> PackedConv:
             b0 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
             scale, b = s.astype(np.float32), b0 * s + t  # BN(conv + b0) = conv·s + (b0·s + t)
     shift = np.zeros(w.shape[0], np.float32) if b is None else np.asarray(b, np.float32)
-    return PackedConv(cv.conv, pack_weight(w), shift, scale, cv.k, cv.stride, cv.pad)
+    packed = pack_weight(w)
+    panels = G.pack_panels(packed) if packed.shape[1] % G.NR == 0 else None
+    return PackedConv(cv.conv, packed, shift, scale, cv.k, cv.stride, cv.pad, panels)
 
 
 @dataclass
@@ -128,7 +132,8 @@ class CompiledResNet:
     """``predict(x)`` for a bottleneck ResNet; build it with :func:`bnlab.inference.compile`."""
 
     def __init__(self, spec: ResNetSpec, stem, blocks, fc_w, fc_b, fold_bn: bool,
-                 batch_chunk: int | None = None):  # fmt: skip
+                 batch_chunk: int | None = None, gemm: str = "packed",
+                 threads: int | None = None):  # fmt: skip
         self.spec = spec
         self.stem: PackedConv = stem
         self.blocks: list[PackedBlock] = blocks
@@ -136,6 +141,20 @@ class CompiledResNet:
         self.fc_b = fc_b
         self.fold_bn = fold_bn
         self.batch_chunk = batch_chunk  # run big batches this many images at a time (cache reuse)
+        self.gemm = gemm  # "packed": the AVX-512 GEMM of _gemm.py; "blas": np.matmul + epilogue
+        self.pool = G.WorkPool(threads or G.default_threads())
+        n_pad = -(-fc_w.shape[1] // G.NR) * G.NR  # the fc on the packed GEMM: pad the classes
+        self.fc = PackedConv(
+            "fc",
+            fc_w,
+            fc_b,
+            EMPTY,
+            1,
+            1,
+            0,
+            G.pack_panels(np.pad(fc_w, ((0, 0), (0, n_pad - fc_w.shape[1])))),
+        )
+        self.fc_shift_padded = np.pad(fc_b, (0, n_pad - fc_b.shape[0]))  # fmt: skip
         self._plans: dict[tuple[int, int, int], _Plan] = {}
         self._lock = threading.Lock()
 
@@ -163,7 +182,7 @@ class CompiledResNet:
                 np.copyto(plan.x_nhwc, x)
             for step in plan.steps:
                 step()
-            return plan.logits[0].copy()
+            return plan.logits[0][:, : self.fc_w.shape[1]].copy()
 
     # ------------------------------------------------------------------ planning
 
@@ -194,11 +213,21 @@ class CompiledResNet:
             a = sub
         else:
             col = arena.request("col", (n * ho * wo, conv.w.shape[0]))
-            steps.append((_im2col, src, (n, h, w, c_in), conv, col))
+            steps.append((_im2col, self.pool, src, (n, h, w, c_in), conv, col, _row_items(n * ho,
+                          self.pool.n_threads)))  # fmt: skip
             a = col
-        steps.append((_gemm, a, (n * ho * wo, c_in * conv.k * conv.k), conv.w, out))
-        steps.append((_epilogue, out, conv.scale, conv.shift, residual, relu))
+        self._plan_gemm(steps, a, conv, conv.shift, out, residual, relu)
         return out, (ho, wo)
+
+    def _plan_gemm(self, steps, a, conv: PackedConv, shift, out, residual, relu) -> None:
+        """out = epilogue(a @ W): one fused parallel step (packed), or np.matmul + a pass."""
+        k = conv.w.shape[0]
+        if self.gemm == "packed" and conv.panels is not None:
+            steps.append((_packed_gemm, self.pool, a, k, conv.panels, out, conv.scale, shift,
+                          residual, relu))  # fmt: skip
+        else:
+            steps.append((_gemm, a, k, conv.w, out))
+            steps.append((_epilogue, out, conv.scale, shift, residual, relu))
 
     def _plan_stem(self, arena, steps, x_slot, n, h, w):
         out, (h, w) = self._plan_conv(arena, steps, self.stem, x_slot, n, h, w, "stem")
@@ -220,8 +249,13 @@ class CompiledResNet:
     def _plan_head(self, arena, steps, feat, n, h, w):
         c = self.fc_w.shape[0]
         pooled = arena.request("pooled", (n, c))
-        logits = arena.request("logits", (n, self.fc_w.shape[1]))
-        steps.append((_avgpool_fc, feat, (n, h * w, c), pooled, self.fc_w, self.fc_b, logits))
+        steps.append((_avgpool, feat, (n, h * w, c), pooled))
+        if self.gemm == "packed":
+            logits = arena.request("logits", (n, self.fc.panels.shape[0] * G.NR))
+            self._plan_gemm(steps, pooled, self.fc, self.fc_shift_padded, logits, None, False)
+        else:
+            logits = arena.request("logits", (n, self.fc_w.shape[1]))
+            self._plan_gemm(steps, pooled, self.fc, self.fc_b, logits, None, False)
         return logits
 
 
@@ -240,16 +274,36 @@ def _as4(a, shape):
     return a.reshape(shape)
 
 
-def _im2col(src, shape4, conv, col):
-    K.im2col_nhwc(_as4(src, shape4), conv.k, conv.k, conv.stride, conv.pad, col)
+def _row_items(rows: int, n_threads: int) -> tuple[tuple[int, int], ...]:
+    """[r0, r1) ranges of output rows for the parallel glue kernels (2 per thread)."""
+    parts = max(1, min(rows, 2 * n_threads if n_threads > 1 else 1))
+    step = -(-rows // parts)
+    return tuple((r, min(r + step, rows)) for r in range(0, rows, step))  # a tuple: not a slot
+
+
+def _im2col(pool, src, shape4, conv, col, items):
+    x = _as4(src, shape4)
+    pool.run(lambda r0, r1: K.im2col_nhwc(x, conv.k, conv.k, conv.stride, conv.pad, col, r0, r1),
+             items)  # fmt: skip
 
 
 def _subsample(src, shape4, stride, sub):
     K.subsample_nhwc(_as4(src, shape4), stride, sub)
 
 
-def _gemm(a, shape2, w, out):
-    np.matmul(a.reshape(shape2), w, out=out)
+def _gemm(a, k, w, out):
+    np.matmul(a.reshape(-1, k), w, out=out)
+
+
+def _packed_gemm(pool, a, k, panels, out, scale, shift, residual, relu):
+    a2 = a.reshape(-1, k)
+    res = EMPTY.reshape(0, 1) if residual is None else residual
+    items = G.work_items(a2.shape[0], out.shape[1], k, pool.n_threads)
+
+    def tile(b0, b1, p0, p1):
+        G.gemm_tile_range(a2, panels, out, b0, b1, p0, p1, scale, shift, res, relu)
+
+    pool.run(tile, items)
 
 
 def _epilogue(out, scale, shift, residual, relu):
@@ -261,10 +315,8 @@ def _maxpool(src, shape4, out):
     K.maxpool_nhwc(_as4(src, shape4), 3, 2, 1, out)
 
 
-def _avgpool_fc(feat, shape3, pooled, fc_w, fc_b, logits):
+def _avgpool(feat, shape3, pooled):
     np.mean(feat.reshape(shape3), axis=1, out=pooled)
-    np.matmul(pooled, fc_w, out=logits)
-    logits += fc_b
 
 
 # --------------------------------------------------------------------------- input, building
@@ -289,7 +341,8 @@ def _check_images(x, layout: str) -> np.ndarray:
 
 
 def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAULT_EPS,
-                   batch_chunk: int | None = None):  # fmt: skip
+                   batch_chunk: int | None = None, gemm: str = "packed",
+                   threads: int | None = None):  # fmt: skip
     """Validate a bottleneck-ResNet state dict (or model) and pack it into a CompiledResNet."""
     sd = to_numpy_state_dict(model_or_state_dict)
     spec = spec_for(sd)
@@ -310,7 +363,8 @@ def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAU
     ]
     fc_w = np.ascontiguousarray(sd["fc.weight"].T, dtype=np.float32)
     fc_b = np.asarray(sd["fc.bias"], np.float32).copy()
-    return CompiledResNet(spec, pack(spec.stem), blocks, fc_w, fc_b, fold_bn, batch_chunk)
+    return CompiledResNet(spec, pack(spec.stem), blocks, fc_w, fc_b, fold_bn, batch_chunk, gemm,
+                          threads)  # fmt: skip
 
 
 def _model_eps(model, default: float) -> float:

@@ -1,0 +1,267 @@
+"""An AVX-512 SGEMM with a fused epilogue, for the engine's convolutions (reference: np.matmul).
+
+Why not ``np.matmul``: NumPy's OpenBLAS runs its AVX2 ("Haswell") kernels here (the environment
+pins ``OPENBLAS_CORETYPE``), which reach about half of what a core with full-width AVX-512 can do.
+This file is a classic register-blocked GEMM (Goto/BLIS style, without cache blocking of K):
+
+    C[i:i+6, j:j+32] = A[i:i+6, :] @ Bp[j/32]          (the micro-kernel, 12 zmm accumulators)
+
+* B (the conv weights, (K, N) with N a multiple of 32) is packed once into panels
+  Bp (N/32, K, 32): each k step of the micro-kernel loads two 16-float vectors of one panel;
+* A (activations, (M, K) row-major) is read in place: 6 row streams, one broadcast per row and k;
+* the micro-kernel is written in LLVM IR (numba ``@intrinsic``) so that the 12 accumulators stay in
+  registers: per k, 2 loads + 6 broadcasts + 12 fused multiply-adds;
+* rows left over (M mod 6) go through a zero-padded 6-row scratch copy;
+* the epilogue y = act(y·scale + shift + residual) is applied to each tile's rows while they are
+  still in cache.
+
+Work is split in (row blocks x column panels) items that a small thread pool claims dynamically
+(see :class:`WorkPool`): a thread that the OS deschedules on a busy machine delays only the item
+it holds, never a whole barrier.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+MR, NR = 6, 32  # micro-tile: 6 rows x 32 columns (two 16-float vectors)
+
+
+@intrinsic
+def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k):
+    """c[r·ldc + j] = Σ_k a[r·lda + k] · b[k·32 + j] for r < 6, j < 32 (offsets in elements)."""
+    sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k)
+
+    def codegen(context, builder, signature, args):
+        a_arr, a_off_v, lda_v, b_arr, b_off_v, c_arr, c_off_v, ldc_v, k_v = args
+        aty, bty, cty = signature.args[0], signature.args[3], signature.args[5]
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        v16 = ir.VectorType(f32, 16)
+        v16p = v16.as_pointer()
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32"
+        )
+        a_base = builder.gep(context.make_array(aty)(context, builder, a_arr).data, [a_off_v])
+        b_base = builder.gep(context.make_array(bty)(context, builder, b_arr).data, [b_off_v])
+        c_base = builder.gep(context.make_array(cty)(context, builder, c_arr).data, [c_off_v])
+        rows = [builder.gep(a_base, [builder.mul(lda_v, ir.Constant(i64, r))]) for r in range(MR)]
+        zero = ir.Constant(v16, None)
+        undef = ir.Constant(v16, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+
+        entry = builder.block
+        loop = builder.append_basic_block("k_loop")
+        done = builder.append_basic_block("k_done")
+        builder.cbranch(builder.icmp_signed(">", k_v, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        kk = builder.phi(i64)
+        acc = [builder.phi(v16) for _ in range(2 * MR)]
+        off = builder.mul(kk, ir.Constant(i64, NR))
+        b0 = builder.load(builder.bitcast(builder.gep(b_base, [off]), v16p), align=4)
+        off16 = builder.add(off, ir.Constant(i64, 16))
+        b1 = builder.load(builder.bitcast(builder.gep(b_base, [off16]), v16p), align=4)
+        new = []
+        for r in range(MR):
+            s = builder.load(builder.gep(rows[r], [kk]), align=4)
+            av = builder.shuffle_vector(
+                builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, splat
+            )
+            new += [
+                builder.call(fma, [av, b0, acc[2 * r]]),
+                builder.call(fma, [av, b1, acc[2 * r + 1]]),
+            ]
+        k_next = builder.add(kk, ir.Constant(i64, 1))
+        tail = builder.block
+        kk.add_incoming(ir.Constant(i64, 0), entry)
+        kk.add_incoming(k_next, tail)
+        for p, v in zip(acc, new, strict=True):
+            p.add_incoming(zero, entry)
+            p.add_incoming(v, tail)
+        builder.cbranch(builder.icmp_signed("<", k_next, k_v), loop, done)
+
+        builder.position_at_end(done)
+        results = [builder.phi(v16) for _ in range(2 * MR)]  # phis first: LLVM requires it
+        for res, v in zip(results, new, strict=True):
+            res.add_incoming(zero, entry)
+            res.add_incoming(v, tail)
+        for r in range(MR):
+            crow = builder.gep(c_base, [builder.mul(ldc_v, ir.Constant(i64, r))])
+            for half in range(2):
+                dst = builder.gep(crow, [ir.Constant(i64, 16 * half)])
+                builder.store(results[2 * r + half], builder.bitcast(dst, v16p), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _epilogue_rows(c, r0, r1, j0, j1, scale, shift, residual, relu):  # pragma: no cover
+    """c[r, j] = act(c[r, j]·scale[j] + shift[j] + residual[r, j]), r0 <= r < r1, j0 <= j < j1."""
+    has_scale = scale.shape[0] > 0
+    has_res = residual.shape[0] > 0
+    for r in range(r0, r1):
+        for j in range(j0, j1):
+            v = c[r, j]
+            if has_scale:
+                v = v * scale[j]
+            v = v + shift[j]
+            if has_res:
+                v = v + residual[r, j]
+            if relu and v < 0.0:
+                v = 0.0
+            c[r, j] = v
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def gemm_tile_range(
+    a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, relu
+):  # pragma: no cover
+    """Rows [6·blk0, 6·blk1) ∩ [0, M) and panels [pan0, pan1) of c = epilogue(a @ B).
+
+    a (M, K) float32 C-contiguous; bp (N/32, K, 32) packed B; c (M, N) C-contiguous.
+    """
+    m, k = a.shape
+    n = c.shape[1]
+    af = a.reshape(-1)
+    bf = bp.reshape(-1)
+    cf = c.reshape(-1)
+    full = m // MR
+    for blk in range(blk0, min(blk1, full)):
+        i = blk * MR
+        for p in range(pan0, pan1):
+            _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k)
+        _epilogue_rows(c, i, i + MR, pan0 * NR, pan1 * NR, scale, shift, residual, relu)
+    if blk1 > full and m % MR:  # the last, partial block: through a zero-padded scratch
+        i = full * MR
+        rows = m - i
+        a_tile = np.zeros((MR, k), np.float32)
+        a_tile[:rows] = a[i:]
+        c_tile = np.empty((MR, NR), np.float32)
+        at = a_tile.reshape(-1)
+        ct = c_tile.reshape(-1)
+        for p in range(pan0, pan1):
+            _microkernel(at, 0, k, bf, p * k * NR, ct, 0, NR, k)
+            c[i:, p * NR : (p + 1) * NR] = c_tile[:rows]
+        _epilogue_rows(c, i, m, pan0 * NR, pan1 * NR, scale, shift, residual, relu)
+
+
+def pack_panels(w_kn: np.ndarray) -> np.ndarray:
+    """B (K, N) -> panels (N/32, K, 32), contiguous: what the micro-kernel streams."""
+    k, n = w_kn.shape
+    if n % NR:
+        raise ValueError(f"the packed GEMM needs N to be a multiple of {NR}, got N={n}")
+    return np.ascontiguousarray(w_kn.reshape(k, n // NR, NR).transpose(1, 0, 2), np.float32)
+
+
+def work_items(m: int, n: int, k: int, n_threads: int) -> list[tuple[int, int, int, int]]:
+    """(blk0, blk1, pan0, pan1) items: about 4 per thread, split by rows, else by panels.
+
+    Row splits keep a B panel hot across a thread's rows; tall-thin problems (few rows, many
+    panels: ResNet's last stage at batch 1) are split by panels instead.
+    """
+    blocks, panels = -(-m // MR), n // NR
+    want = max(1, 4 * n_threads) if n_threads > 1 else 1
+    flops_per_item = 2.0 * m * n * k / want
+    if flops_per_item < 2e5:  # too small to share: one item
+        want = 1
+    if blocks >= want or blocks >= panels:
+        step = -(-blocks // want)
+        return [(b, min(b + step, blocks), 0, panels) for b in range(0, blocks, step)]
+    step = -(-panels // want)
+    return [(0, blocks, p, min(p + step, panels)) for p in range(0, panels, step)]
+
+
+def gemm_reference(a, w_kn, scale, shift, residual, relu):
+    """The slow obvious version: np.matmul then the epilogue, in float64."""
+    y = a.astype(np.float64) @ w_kn.astype(np.float64)
+    if scale.shape[0]:
+        y = y * scale
+    y = y + shift
+    if residual.shape[0]:
+        y = y + residual
+    return np.maximum(y, 0) if relu else y
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class _Job:
+    """One parallel call: items claimed from a shared counter by whoever is running."""
+
+    def __init__(self, fn, items):
+        self.fn, self.items, self.n = fn, items, len(items)
+        self.claim = itertools.count()  # next() on a count is atomic under the GIL
+        self.lock = threading.Lock()
+        self.done = 0
+        self.finished = threading.Event()
+
+    def work(self) -> None:
+        while True:
+            i = next(self.claim)
+            if i >= self.n:
+                return
+            self.fn(*self.items[i])
+            with self.lock:
+                self.done += 1
+                if self.done == self.n:
+                    self.finished.set()
+
+
+class WorkPool:
+    """The calling thread plus ``n_threads − 1`` daemon workers sharing each job's items.
+
+    The caller always works too and only waits for items another thread has already claimed, so
+    a worker that is slow to wake (or descheduled on a loaded machine) costs at most one item.
+    The kernels release the GIL (``nogil=True``), so the threads run in parallel.
+    """
+
+    def __init__(self, n_threads: int):
+        self.n_threads = max(1, int(n_threads))
+        self._cv = threading.Condition()
+        self._job: _Job | None = None
+        self._serial = 0
+        for _ in range(self.n_threads - 1):
+            threading.Thread(target=self._worker, daemon=True, name="bnlab-gemm").start()
+
+    def run(self, fn, items) -> None:
+        if self.n_threads == 1 or len(items) == 1:
+            for it in items:
+                fn(*it)
+            return
+        job = _Job(fn, items)
+        with self._cv:
+            self._job = job
+            self._serial += 1
+            self._cv.notify_all()
+        job.work()
+        job.finished.wait()
+
+    def _worker(self) -> None:
+        seen = 0
+        while True:
+            with self._cv:
+                while self._serial == seen:
+                    self._cv.wait()
+                seen, job = self._serial, self._job
+            job.work()
+
+
+def default_threads() -> int:
+    """Cores this process may use."""
+    try:
+        import os  # noqa: PLC0415
+
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        import os  # noqa: PLC0415
+
+        return os.cpu_count() or 1

@@ -1,0 +1,59 @@
+"""The packed AVX-512 GEMM (bnlab.inference._gemm) against its float64 reference, and its pool."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from bnlab.inference import _gemm as G
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1, 5, 32), (6, 1, 32), (7, 64, 64), (13, 147, 96), (49, 300, 512), (100, 64, 256)],
+)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_packed_gemm_matches_reference(rng, m, k, n, threads):
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    shift = rng.standard_normal(n).astype(np.float32)
+    panels = G.pack_panels(w)
+    for scale, res, relu in [
+        (np.zeros(0, np.float32), np.zeros((0, 1), np.float32), False),
+        (rng.standard_normal(n).astype(np.float32), rng.standard_normal((m, n)).astype("f4"), True),
+    ]:
+        c = np.full((m, n), np.nan, np.float32)  # every entry must be written
+        for item in G.work_items(m, n, k, threads):
+            G.gemm_tile_range(a, panels, c, *item, scale, shift, res, relu)
+        ref = G.gemm_reference(a, w, scale, shift, res, relu)
+        np.testing.assert_allclose(c, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_work_items_cover_every_tile_once():
+    for m, n, k, t in [(3136, 64, 576, 2), (49, 2048, 512, 2), (1, 1024, 2048, 4), (7, 64, 3, 8)]:
+        blocks, panels = -(-m // G.MR), n // G.NR
+        seen = np.zeros((blocks, panels), int)
+        for b0, b1, p0, p1 in G.work_items(m, n, k, t):
+            seen[b0:b1, p0:p1] += 1
+        assert (seen == 1).all()
+
+
+def test_pack_panels_refuses_ragged_n():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        G.pack_panels(np.zeros((4, 33), np.float32))
+
+
+def test_pool_runs_every_item_once_from_several_threads():
+    pool = G.WorkPool(3)
+    hits = []
+    lock = threading.Lock()
+
+    def record(i):
+        with lock:
+            hits.append(i)
+
+    for _ in range(20):
+        pool.run(record, [(i,) for i in range(50)])
+    assert sorted(hits) == sorted(list(range(50)) * 20)
