@@ -7,9 +7,14 @@ fsync folder — :mod:`bnlab.io`):
                        metadata (JSON string under "bnlab") in the safetensors header
     NAME.json          the same metadata, human-readable, plus the sha256 of NAME.safetensors
 
-The safetensors file is self-describing; the sidecar is checked against it (sha256), so a pair
-from two different saves, or a truncated file, is refused with a clear error. Nothing is
-unpickled. Metadata: format, version, model name, epoch (completed epochs), config, optimizer
+The safetensors file is self-describing and self-checking: its metadata holds a sha256 of every
+tensor (name, dtype, shape, bytes), verified on load, so a truncated or bit-flipped file is
+refused with a clear error. It is the single source of truth: the two files are renamed into
+place one after the other, so a crash in between can leave new weights next to the previous
+sidecar; that pair still loads (the sidecar's sha256 of the weights file tells it is stale and a
+warning says so), and the next save rewrites both. Nothing is unpickled.
+
+Metadata: format, version, model name, epoch (completed epochs), config, optimizer
 hyperparameters, RNG state (the data-order key: batches of epoch e are a pure function of
 (seed, e), see :mod:`bnlab.data.batches`) and the metrics so far.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +73,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, model, optimizer, *, model_name: str, epoch: int, extra=None) -> Path:
     """Write ``model`` and ``optimizer`` state after ``epoch`` completed epochs; returns the
     weights path. ``extra`` (JSON-serialisable dict) is stored in the metadata."""
@@ -83,6 +99,7 @@ def save_checkpoint(path, model, optimizer, *, model_name: str, epoch: int, extr
         "epoch": int(epoch),
         "optimizer": {"type": type(optimizer).__name__, **optimizer.hyperparameters()},
         **(extra or {}),
+        "tensors_sha256": tensors_sha256(tensors),
     }
     save_safetensors(weights, tensors, metadata={"bnlab": json.dumps(meta, sort_keys=True)})
     atomic_write_json(sidecar, {**meta, "weights": weights.name, "sha256": _sha256(weights)})
@@ -94,7 +111,8 @@ def load_checkpoint(path, *, expect_model: str | None = None) -> Checkpoint:
 
     Raises:
         FileNotFoundError: the weights file is missing.
-        DataFormatError: truncated/corrupt file, not a bnlab checkpoint, or sidecar mismatch.
+        DataFormatError: truncated/corrupt file (including a tensor checksum mismatch), or not a
+            bnlab checkpoint. A stale sidecar only warns (StaleSidecarWarning).
         ValueError: ``expect_model`` is given and the checkpoint is of another model.
     """
     from bnlab.io import load_safetensors
@@ -104,6 +122,11 @@ def load_checkpoint(path, *, expect_model: str | None = None) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint weights not found: {weights}")
     tensors, header = load_safetensors(weights)
     meta = _parse_meta(weights, header)
+    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
+        raise DataFormatError(
+            f"{weights}: tensor data does not match the sha256 checksum in its metadata "
+            "(corrupt file)"
+        )
     _check_sidecar(weights, sidecar)
     if expect_model is not None and meta["model"] != expect_model:
         raise ValueError(
@@ -142,15 +165,22 @@ def _parse_meta(weights: Path, header: dict) -> dict:
 
 
 def _check_sidecar(weights: Path, sidecar: Path) -> None:
-    """The JSON sidecar, when present, must describe exactly these weights."""
+    """The human-readable sidecar should describe these weights; when it does not (a crash
+    between the two renames, or an edit), warn: the weights file's own metadata is used."""
     if not sidecar.exists():
         return
     try:
         side = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{sidecar}: corrupt checkpoint sidecar: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        side = None
     if not isinstance(side, dict) or side.get("sha256") != _sha256(weights):
-        raise DataFormatError(
-            f"{sidecar} does not match {weights.name} (sha256 differs): the pair comes from "
-            "different saves or a file was modified"
+        warnings.warn(
+            f"{sidecar} does not describe {weights.name} (sha256 differs: stale or edited "
+            "sidecar); using the metadata stored in the weights file",
+            StaleSidecarWarning,
+            stacklevel=3,
         )
+
+
+class StaleSidecarWarning(UserWarning):
+    """The JSON sidecar does not match the checkpoint weights it sits next to."""

@@ -138,17 +138,35 @@ def test_truncated_checkpoint_is_refused_and_resume_writes_nothing(straight, tmp
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
-def test_sidecar_from_another_save_is_refused(straight, tmp_path):
+def test_stale_sidecar_warns_and_the_weights_metadata_wins(straight, tmp_path):
+    """A crash between the weights rename and the sidecar rename leaves this pair."""
     out, _ = straight
     import shutil
+
+    from bnlab.checkpoint import StaleSidecarWarning
 
     run = tmp_path / "run"
     shutil.copytree(out, run)
     _, sidecar = paths(run)
     meta = json.loads(sidecar.read_text())
-    meta["sha256"] = "0" * 64
+    meta["sha256"], meta["epoch"] = "0" * 64, 1
     sidecar.write_text(json.dumps(meta))
-    with pytest.raises(DataFormatError, match="sha256"):
+    with pytest.warns(StaleSidecarWarning, match="sha256"):
+        ckpt = load_checkpoint(run)
+    assert ckpt.epoch == 2
+
+
+def test_bit_flip_in_tensor_data_is_refused(straight, tmp_path):
+    out, _ = straight
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    weights, _ = paths(run)
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor's bytes: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match="checksum"):
         load_checkpoint(run)
 
 

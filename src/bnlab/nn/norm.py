@@ -18,6 +18,7 @@ import numpy as np
 from bnlab import functional as F
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
+from bnlab.functional._layout import get_layout
 from bnlab.nn._util import check_x, float_dtype, positive_int
 from bnlab.nn.module import Module, Parameter
 
@@ -93,6 +94,12 @@ class _BatchNorm(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         check_x(x, tuple(self._layouts), type(self).__name__, self._expected)
         layout = self._layout_for(x)
+        axis = get_layout(layout).channel_axis
+        if x.shape[axis] != self.num_features:
+            raise ShapeError(
+                f"{type(self).__name__}: input must have {self.num_features} channels "
+                f"(axis {axis} of layout {layout!r}), got shape {x.shape}"
+            )
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         y, cache = F.batch_norm_forward(
