@@ -230,3 +230,13 @@ def test_thread_switch_sets_and_reports_both_pools():
             set_blas_threads(blas_before)
     with pytest.raises(ValueError, match="threads"):
         set_num_threads(0)
+
+
+def test_float16_batchnorm_keeps_float32_running_statistics():
+    m = nn.BatchNorm2d(2, dtype=np.float16)
+    x = np.concatenate(
+        [np.full((4, 2, 2, 2), -300, np.float16), np.full((4, 2, 2, 2), 300, np.float16)]
+    )
+    m(x)  # batch variance 90000 > 65504, the float16 maximum
+    assert m.running_var.dtype == np.float32 and np.isfinite(m.running_var).all()
+    assert m.to(np.float16).running_var.dtype == np.float32

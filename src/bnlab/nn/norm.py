@@ -23,6 +23,13 @@ from bnlab.nn._util import check_x, float_dtype, positive_int
 from bnlab.nn.module import Module, Parameter
 
 
+def _buffer_dtype(dtype) -> np.dtype:
+    """Running statistics of float16 modules are kept in float32: a batch variance above 65504
+    (float16's maximum) would otherwise turn running_var into inf for good."""
+    dt = np.dtype(dtype)
+    return np.dtype(np.float32) if dt == np.float16 else dt
+
+
 class _BatchNorm(Module):
     """Shared by BatchNorm1d/2d: ``torch.nn.BatchNorm*d`` arguments, buffers and state_dict keys.
 
@@ -62,8 +69,9 @@ class _BatchNorm(Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if self.track_running_stats:
-            self.register_buffer("running_mean", np.zeros(c, dt))
-            self.register_buffer("running_var", np.ones(c, dt))
+            buf = _buffer_dtype(dt)
+            self.register_buffer("running_mean", np.zeros(c, buf))
+            self.register_buffer("running_var", np.ones(c, buf))
             self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
         else:
             self.register_buffer("running_mean", None)
@@ -75,6 +83,12 @@ class _BatchNorm(Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
+
+    def _on_dtype_change(self) -> None:
+        for name in ("running_mean", "running_var"):
+            b = self._buffers.get(name)
+            if b is not None and b.dtype != _buffer_dtype(b.dtype):
+                self._buffers[name] = b.astype(_buffer_dtype(b.dtype))
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
