@@ -20,6 +20,7 @@ two processes train the same model as one process with the same batch size.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -329,6 +330,9 @@ def main(argv=None) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            # free DDP's reducer (held in reference cycles) while its group is still alive, so
+            # nothing touches a destroyed group at interpreter exit
+            gc.collect()
             dist.destroy_process_group()
     if ctx.main and metrics["epochs"]:
         print(f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; outputs in {args.out}")
