@@ -186,6 +186,7 @@ def test_report_written_with_curves_and_bn_parameters(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "![loss](loss.png)" in text and "γ" in text and "β" in text
     assert "layer `1` (6 channels)" in text
+    assert "population statistics" in text
     for png in ("loss.png", "accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
