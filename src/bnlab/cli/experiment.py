@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--replot",
         action="store_true",
-        help="no training: redraw the figures and the report section from OUT/results.json",
+        help="no training: re-derive summary, verdict, figures and report from OUT/results.json",
     )
 
 
@@ -90,7 +90,7 @@ def run(args) -> int:
         try:
             for name, out, report in targets:
                 replot_experiment(name, out, report_path=report)
-                print(f"{name}: figures and report redrawn from {out}/results.json")
+                print(f"{name}: figures and report re-derived from {out}/results.json")
         except (ValueError, OSError) as err:
             print(f"bnlab experiment: error: {err}", file=sys.stderr)
             return 2

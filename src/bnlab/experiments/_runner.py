@@ -122,8 +122,8 @@ def run_experiment(
 def replot_experiment(
     name: str, out_dir: str | Path | None = None, *, report_path: str | Path | None = None
 ) -> dict:
-    """Redraw the figures and rewrite the report section from an existing ``results.json``
-    (no training): figures and report are pure functions of the stored result."""
+    """Re-derive summary, verdict, figures and report section from the raw per-seed numbers
+    of an existing ``results.json`` (no training): all four are pure functions of them."""
     from bnlab.errors import DataFormatError  # noqa: PLC0415
 
     exp = load_experiment(name)
@@ -142,6 +142,11 @@ def replot_experiment(
     ensure_writable_dir(out_dir, "--out")
     report_path = Path(report_path) if report_path else default_report_path(out_dir)
     if result["status"] == "ok":
+        summary = exp.summarize(result["per_seed"], result["config"])
+        verdict = exp.verdict(json.loads(dumps_json(summary)), result["config"])
+        result["summary"] = summary
+        result["verdict"] = {"holds": verdict.holds, "text": verdict.text}
+        result = json.loads(dumps_json(result))
         result["figures"] = list(exp.plot(result, out_dir))
         write_json(path, result)
     _write_section(exp, result, out_dir, report_path)

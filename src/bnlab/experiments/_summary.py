@@ -21,7 +21,9 @@ def mean_std(values: Iterable[float | None]) -> dict:
         return {"mean": None, "std": None, "n": 0, "n_failed": n_all}
     mean = math.fsum(vals) / len(vals)
     std = None
-    if len(vals) > 1:
+    if len(vals) > 1 and len(set(vals)) == 1:
+        std = 0.0  # identical values: exactly 0, not a rounding residue like 1.7e-17
+    elif len(vals) > 1:
         std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
     return {"mean": mean, "std": std, "n": len(vals), "n_failed": n_all - len(vals)}
 

@@ -197,19 +197,20 @@ def plot(result: dict, out_dir) -> list[str]:
     from bnlab.experiments._plot import new_figure, save_png  # noqa: PLC0415
 
     summary = result["summary"]["test_acc"]
-    fig, ax = new_figure(size=(7.5, 4.2))
+    fig, ax = new_figure(size=(9.0, 4.2))
     means = [summary[s]["mean"] for s in STATS]
     errs = [summary[s]["std"] or 0.0 for s in STATS]
     colors = ["tab:blue", "tab:cyan", "tab:gray", "tab:green", "tab:olive"]
     ax.barh(range(len(STATS)), means, xerr=errs, color=colors, capsize=4, label="test accuracy")
     ax.set_yticks(range(len(STATS)), [LABELS[s] for s in STATS])
     ax.invert_yaxis()
-    lo = min(m for m in means if m is not None)
-    ax.set_xlim(max(0.0, lo - 0.1), min(1.0, max(means) + 0.03))
+    lo = min(m - e for m, e in zip(means, errs, strict=True))
+    hi = max(m + e for m, e in zip(means, errs, strict=True))
+    ax.set_xlim(max(0.0, lo - 0.05), min(1.0, hi + 0.02))
     ax.set_xlabel("test accuracy (mean ± std over seeds)")
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("LeNet-BN on Fashion-MNIST: test accuracy by inference statistics")
+    ax.set_title("LeNet-BN on Fashion-MNIST: test accuracy with each set of BN statistics")
     return [save_png(fig, out_dir / "population_stats.png")]
 
 
