@@ -219,3 +219,11 @@ def test_all_continues_after_a_failing_experiment(fake, monkeypatch, tmp_path, c
     assert status == 1
     assert "broken: FAILED" in captured.err and "ZeroDivisionError" in captured.err
     assert (tmp_path / "fake-exp" / "results.json").exists()
+
+
+def test_config_overrides_are_recorded_and_unknown_keys_refused(fake, tmp_path):
+    result = run_experiment(fake, tmp_path / "o", budget="tiny", seeds=1, progress=False,
+                            config_overrides={"n": 3})  # fmt: skip
+    assert result["config"] == {"n": 3}
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_experiment(fake, tmp_path / "o", budget="tiny", seeds=1, config_overrides={"x": 1})

@@ -173,9 +173,16 @@ def exact_d2l_to_torch_var(var: np.ndarray, n: int, steps: int, w: float = 0.1) 
     return init + n / (n - 1) * (var - init)
 
 
-def values_per_channel(batch_size: int) -> dict[int, int]:
-    """n for each BN layer index of LeNet-BN at this batch size (24×24, 8×8 maps, then FC)."""
-    return {1: batch_size * 24 * 24, 5: batch_size * 8 * 8, 10: batch_size, 13: batch_size}
+def values_per_channel(engine, x: np.ndarray) -> dict[int, int]:
+    """n (values per channel per batch) of each BN layer, keyed by its index in ``engine``,
+    measured on batch ``x`` (the engine's buffers are left as they were)."""
+    from bnlab.experiments._bn import bn_input_moments, bn_layers, running_stats_restored  # noqa: PLC0415
+
+    with running_stats_restored(engine):
+        counts = [n for _, _, n in bn_input_moments(engine, x)]
+    bn_ids = {id(m) for m in bn_layers(engine)}
+    indices = [i for i, layer in enumerate(engine) if id(layer) in bn_ids]
+    return dict(zip(indices, counts, strict=True))
 
 
 def run_seed(cfg: dict, seed: int, progress) -> dict:
@@ -191,10 +198,10 @@ def run_seed(cfg: dict, seed: int, progress) -> dict:
     models = torch_models(engine, cfg["dtype"])
     opts = {k: torch.optim.SGD(m.parameters(), lr=cfg["lr"]) for k, m in models.items()}
     e_opt, loss_fn = SGD(engine.parameters(), lr=cfg["lr"]), CrossEntropyLoss()
-    counts = values_per_channel(cfg["batch_size"])
     trace = {impl: {q: [] for q in QUANTITIES} for impl in IMPLS}
     losses = {impl: [] for impl in (*IMPLS, "torch")}
     batches = batch_indices(len(train), cfg["batch_size"], seed, cfg["steps"])
+    counts = values_per_channel(engine, train.x[: cfg["batch_size"]].astype(dtype))
     with progress(cfg["steps"], f"seed {seed}") as bar:
         for t, idx in enumerate(batches, start=1):
             x, y = train.x[idx].astype(dtype), train.y[idx]
