@@ -227,3 +227,15 @@ def test_config_overrides_are_recorded_and_unknown_keys_refused(fake, tmp_path):
     assert result["config"] == {"n": 3}
     with pytest.raises(ValueError, match="unknown keys"):
         run_experiment(fake, tmp_path / "o", budget="tiny", seeds=1, config_overrides={"x": 1})
+
+
+def test_missing_matplotlib_fails_before_training(fake, monkeypatch, tmp_path):
+    import bnlab.experiments._runner as runner
+
+    real = runner.importlib.util.find_spec
+    monkeypatch.setattr(
+        runner.importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"bnlab\[plots\]"):
+        run_experiment(fake, tmp_path / "m", budget="tiny", seeds=1, progress=False)
+    assert not (tmp_path / "m").exists()

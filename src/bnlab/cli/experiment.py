@@ -73,16 +73,21 @@ def _targets(args) -> list[tuple[str, Path, Path]]:
 
 def run(args) -> int:
     from bnlab.experiments._io import ensure_writable_dir  # noqa: PLC0415
-    from bnlab.experiments._runner import replot_experiment, run_experiment  # noqa: PLC0415
+    from bnlab.experiments._runner import (  # noqa: PLC0415
+        replot_experiment,
+        require_matplotlib,
+        run_experiment,
+    )
 
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be a positive integer, got {args.seeds}")
         targets = _targets(args)
+        require_matplotlib()
         for _, out, report in targets:  # fail before hours of training, not after
             ensure_writable_dir(out, "--out")
             ensure_writable_dir(report.parent, "--report")
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         print(f"bnlab experiment: error: {err}", file=sys.stderr)
         return 2
 

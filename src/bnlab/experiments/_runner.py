@@ -18,6 +18,7 @@ The runner never measures time into results.json, so a fixed seed gives identica
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ def _check_budget(budget: str) -> None:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
 
 
+def require_matplotlib() -> None:
+    """Fail before training, not after it, when the figures cannot be drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(
+            "bnlab experiments draw PNG figures with matplotlib, which is not installed: "
+            "pip install 'bnlab[plots]'"
+        )
+
+
 def run_experiment(
     name: str,
     out_dir: str | Path | None = None,
@@ -78,6 +88,7 @@ def run_experiment(
     as stored in results.json. Bad arguments fail before any training starts.
     """
     exp = load_experiment(name)
+    require_matplotlib()
     _check_budget(budget)
     seed_list = _seed_list(seeds)
     out_dir = ensure_writable_dir(Path(out_dir or Path("reports") / name), "--out")
