@@ -27,7 +27,7 @@ NORMS = ("bn", "ln", "gn", "none")
 
 _BUDGETS = {
     "full": dict(batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256], examples=61440, n_train=20000),
-    "quick": dict(batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256], examples=4096, n_train=4096),
+    "quick": dict(batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256], examples=6144, n_train=6144),
     "tiny": dict(batch_sizes=[2, 8, 32], examples=128, n_train=128),
 }
 

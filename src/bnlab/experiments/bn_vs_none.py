@@ -22,7 +22,7 @@ LABELS = {"lenet": "LeNet", "lenet-bn": "LeNet-BN"}
 
 _BUDGETS = {
     "full": dict(n_train=60000, n_test=10000, epochs=10, batch_size=256, n_evals=20),
-    "quick": dict(n_train=5120, n_test=2000, epochs=2, batch_size=128, n_evals=5),
+    "quick": dict(n_train=12800, n_test=2000, epochs=3, batch_size=128, n_evals=6),
     "tiny": dict(n_train=256, n_test=100, epochs=1, batch_size=64, n_evals=2),
 }
 

@@ -30,7 +30,7 @@ PERCENTILES = (15, 50, 85)
 
 _BUDGETS = {
     "full": dict(steps=10000, measure_every=200, n_train=50000, n_test=10000),
-    "quick": dict(steps=1200, measure_every=60, n_train=6000, n_test=1000),
+    "quick": dict(steps=2400, measure_every=100, n_train=12000, n_test=1000),
     "tiny": dict(steps=20, measure_every=10, n_train=300, n_test=100, probe_size=64),
 }
 

@@ -45,7 +45,7 @@ _TORCH_NORM = {"d2l": "d2l", "drop-in": "bnlab", "torch": "torch"}
 
 _BUDGETS = {
     "full": dict(steps=300, batch_size=128, n_train=38400),
-    "quick": dict(steps=40, batch_size=64, n_train=2560),
+    "quick": dict(steps=60, batch_size=64, n_train=3840),
     "tiny": dict(steps=3, batch_size=16, n_train=48),
 }
 

@@ -26,7 +26,7 @@ VARIANTS = ("bn", "none")
 
 _BUDGETS = {
     "full": dict(n_scales=13, n_train=10000, n_val=2000, epochs=10),
-    "quick": dict(n_scales=9, n_train=2000, n_val=1000, epochs=4),
+    "quick": dict(n_scales=9, n_train=3000, n_val=1000, epochs=5),
     "tiny": dict(n_scales=3, n_train=200, n_val=100, epochs=1),
 }
 

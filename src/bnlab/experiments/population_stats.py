@@ -44,7 +44,7 @@ LABELS = {
 
 _BUDGETS = {
     "full": dict(n_train=60000, n_test=10000, epochs=10, batch_size=256),
-    "quick": dict(n_train=6000, n_test=2000, epochs=2, batch_size=128),
+    "quick": dict(n_train=12800, n_test=2000, epochs=3, batch_size=128),
     "tiny": dict(n_train=256, n_test=100, epochs=1, batch_size=64),
 }
 
