@@ -66,6 +66,14 @@ def test_engine_matches_torch(engines, images, torch_logits, fold_bn, batch):
     assert_logits_close(out, torch_logits[:batch])
 
 
+def test_packed_gemm_engine_equals_blas_engine(state_dict, images, engines):
+    """The fast path (own AVX-512 GEMM) against the np.matmul reference path, same plan."""
+    blas = bnlab.inference.compile(state_dict, gemm="blas")
+    packed = bnlab.inference.compile(state_dict, gemm="packed", threads=2)
+    ref = blas(images[:2])
+    np.testing.assert_allclose(packed(images[:2]), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_engine_nhwc_input_buffer_reuse_and_fresh_outputs(engines, images, torch_logits):
     predict = engines[True]
     first = predict(images[:1])
@@ -142,6 +150,10 @@ def test_engine_rejects_bad_layouts(engines, state_dict):
         engines[True](np.zeros((1, 3, 32, 32), np.float32), layout="CHW")
     with pytest.raises(ValueError, match="only engine layout"):
         bnlab.inference.compile(state_dict, layout="NCHW")
+    with pytest.raises(ValueError, match="gemm must be"):
+        bnlab.inference.compile(state_dict, gemm="mkl")
+    with pytest.raises(ValueError, match="threads must be"):
+        bnlab.inference.compile(state_dict, threads=0)
 
 
 def test_wrong_weights_list_every_problem(state_dict):

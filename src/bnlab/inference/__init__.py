@@ -19,7 +19,7 @@ def compile(  # noqa: A001
     fold_bn: bool = True,
     *,
     batch_chunk=None,
-    gemm: str = "packed",
+    gemm: str = "auto",
     threads: int | None = None,
 ) -> CompiledResNet:
     """Compile a bottleneck ResNet (bnlab model, PyTorch model or state dict) for inference.
@@ -28,10 +28,11 @@ def compile(  # noqa: A001
     plain GEMMs). ``fold_bn=True`` folds every BN into its conv; ``False`` keeps BN as a fused
     per-channel scale and shift (slower by one multiply, useful to check the fold).
     ``batch_chunk``: run larger batches this many images at a time (activations then stay in
-    cache; None = the whole batch in one pass). ``gemm="packed"`` (default) runs the convs on
-    bnlab's AVX-512 GEMM with fused epilogue (:mod:`bnlab.inference._gemm`); ``"blas"`` on
-    ``np.matmul`` plus a separate epilogue pass (the reference). ``threads``: worker threads of
-    the packed GEMM (default: the CPUs this process may use).
+    cache; None = the whole batch in one pass). ``gemm="packed"`` runs the convs on bnlab's
+    AVX-512 GEMM with fused epilogue (:mod:`bnlab.inference._gemm`); ``"blas"`` on ``np.matmul``
+    plus a separate epilogue pass (the reference); ``"auto"`` (default) picks "packed" on CPUs
+    with AVX-512, else "blas" (the packed kernel is correct everywhere, fast with zmm registers).
+    ``threads``: worker threads of the packed GEMM (default: the CPUs this process may use).
 
     Returns a callable ``predict(x, layout="NCHW") -> logits (N, classes)``; the model may be a
     path to a .safetensors/.npz/.pt file, too.
@@ -45,8 +46,12 @@ def compile(  # noqa: A001
     if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(
         batch_chunk, int) or batch_chunk < 1):  # fmt: skip
         raise ValueError(f"batch_chunk must be a positive int or None, got {batch_chunk!r}")
-    if gemm not in ("packed", "blas"):
-        raise ValueError(f"gemm must be 'packed' or 'blas', got {gemm!r}")
+    if gemm not in ("auto", "packed", "blas"):
+        raise ValueError(f"gemm must be 'auto', 'packed' or 'blas', got {gemm!r}")
+    if gemm == "auto":
+        from bnlab.inference._gemm import host_has_avx512  # noqa: PLC0415
+
+        gemm = "packed" if host_has_avx512() else "blas"
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):  # fmt: skip
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")

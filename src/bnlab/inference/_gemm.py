@@ -281,6 +281,17 @@ class WorkPool:
             job.work()
 
 
+def host_has_avx512() -> bool:
+    """True when LLVM reports AVX-512F on this CPU (the packed GEMM's 16-float vectors then map
+    to single zmm instructions; elsewhere they still run correctly, split into narrower ones)."""
+    from llvmlite import binding  # noqa: PLC0415
+
+    try:
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except RuntimeError:  # pragma: no cover - feature detection unavailable
+        return False
+
+
 def default_threads() -> int:
     """Cores this process may use."""
     try:
