@@ -180,6 +180,66 @@ def gemm_tile_range(
         _epilogue_rows(c, i, m, pan0 * NR, pan1 * NR, scale, shift, residual, relu)
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _gather_rows(x, kk, stride, pad, ho, wo, r0, r1, out):  # pragma: no cover
+    """out[r − r0, (i, j, c)] = x[n, oh·s − p + i, ow·s − p + j, c] for GEMM rows r = (n, oh, ow)
+    in [r0, r1): the im2col rows of one chunk, written into a small L2-resident scratch."""
+    n_img, h, w, ch = x.shape
+    for r in range(r0, r1):
+        ow = r % wo
+        t = r // wo
+        oh = t % ho
+        nn = t // ho
+        row = r - r0
+        for i in range(kk):
+            ih = oh * stride - pad + i
+            for j in range(kk):
+                iw = ow * stride - pad + j
+                base = (i * kk + j) * ch
+                if 0 <= ih < h and 0 <= iw < w:
+                    for q in range(ch):
+                        out[row, base + q] = x[nn, ih, iw, q]
+                else:
+                    for q in range(ch):
+                        out[row, base + q] = 0.0
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def conv_tile_range(x, kk, stride, pad, ho, wo, bp, c, blk0, blk1, pan0, pan1, scale, shift,
+                    residual, relu):  # fmt: skip  # pragma: no cover
+    """Implicit-GEMM convolution: rows [6·blk0, 6·blk1) and panels [pan0, pan1) of
+    c = epilogue(im2col(x) @ B), where the im2col rows of each L2-sized chunk are gathered into a
+    scratch instead of a full (N·Ho·Wo, k·k·C) matrix. x (N, H, W, C); c (N·Ho·Wo, C_out).
+    """
+    m, n = c.shape
+    k = bp.shape[1]
+    bf = bp.reshape(-1)
+    cf = c.reshape(-1)
+    hi = min(blk1, -(-m // MR))
+    chunk = max(1, A_CHUNK_FLOATS // (MR * k))
+    scratch = np.zeros((chunk * MR, k), np.float32)
+    sf = scratch.reshape(-1)
+    c_tile = np.empty((MR, NR), np.float32)
+    ct = c_tile.reshape(-1)
+    for c0 in range(blk0, hi, chunk):
+        c1 = min(c0 + chunk, hi)
+        r0 = c0 * MR
+        r1 = min(c1 * MR, m)
+        _gather_rows(x, kk, stride, pad, ho, wo, r0, r1, scratch)
+        scratch[r1 - r0 : (c1 - c0) * MR] = 0.0  # padding rows of a last, partial block
+        for p in range(pan0, pan1):  # one B panel stays in L1 across the chunk's rows
+            for blk in range(c0, c1):
+                i = blk * MR
+                local = (blk - c0) * MR * k
+                if i + MR <= m:
+                    _microkernel(sf, local, k, bf, p * k * NR, cf, i * n + p * NR, n, k)
+                else:
+                    _microkernel(sf, local, k, bf, p * k * NR, ct, 0, NR, k)
+                    c[i:m, p * NR : (p + 1) * NR] = c_tile[: m - i]
+                _epilogue_rows(c, i, min(i + MR, m), p * NR, (p + 1) * NR, scale, shift,
+                               residual, relu)  # fmt: skip
+
+
 def pack_panels(w_kn: np.ndarray) -> np.ndarray:
     """B (K, N) -> panels (N/32, K, 32), contiguous: what the micro-kernel streams."""
     k, n = w_kn.shape

@@ -211,6 +211,10 @@ class CompiledResNet:
             sub = arena.request("sub", (n, ho, wo, c_in))
             steps.append((_subsample, src, (n, h, w, c_in), conv.stride, sub))
             a = sub
+        elif self.gemm == "packed" and conv.panels is not None:  # implicit GEMM: no im2col
+            steps.append((_packed_conv, self.pool, src, (n, h, w, c_in), conv, (ho, wo), out,
+                          residual, relu))  # fmt: skip
+            return out, (ho, wo)
         else:
             col = arena.request("col", (n * ho * wo, conv.w.shape[0]))
             steps.append((_im2col, self.pool, src, (n, h, w, c_in), conv, col, _row_items(n * ho,
@@ -313,6 +317,19 @@ def _epilogue(out, scale, shift, residual, relu):
 
 def _maxpool(src, shape4, out):
     K.maxpool_nhwc(_as4(src, shape4), 3, 2, 1, out)
+
+
+def _packed_conv(pool, src, shape4, conv, out_hw, out, residual, relu):
+    x = _as4(src, shape4)
+    res = EMPTY.reshape(0, 1) if residual is None else residual
+    k = conv.w.shape[0]
+    items = G.work_items(out.shape[0], out.shape[1], k, pool.n_threads)
+
+    def tile(b0, b1, p0, p1):
+        G.conv_tile_range(x, conv.k, conv.stride, conv.pad, out_hw[0], out_hw[1], conv.panels,
+                          out, b0, b1, p0, p1, conv.scale, conv.shift, res, relu)  # fmt: skip
+
+    pool.run(tile, items)
 
 
 def _avgpool(feat, shape3, pooled):
