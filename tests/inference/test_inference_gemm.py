@@ -57,3 +57,25 @@ def test_pool_runs_every_item_once_from_several_threads():
     for _ in range(20):
         pool.run(record, [(i,) for i in range(50)])
     assert sorted(hits) == sorted(list(range(50)) * 20)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "c", "kk", "stride", "pad", "c_out"),
+    [(1, 9, 7, 3, 7, 2, 3, 64), (2, 6, 6, 16, 3, 1, 1, 32), (1, 7, 5, 40, 3, 2, 1, 96)],
+)
+def test_implicit_gemm_conv_matches_im2col_reference(rng, n, h, w, c, kk, stride, pad, c_out):
+    from bnlab.inference import _kernels as K
+
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wk = rng.standard_normal((kk * kk * c, c_out)).astype(np.float32)
+    shift = rng.standard_normal(c_out).astype(np.float32)
+    ho, wo = (h + 2 * pad - kk) // stride + 1, (w + 2 * pad - kk) // stride + 1
+    m = n * ho * wo
+    res = rng.standard_normal((m, c_out)).astype(np.float32)
+    ref = G.gemm_reference(K.im2col_nhwc_ref(x, kk, kk, stride, pad), wk, np.zeros(0, "f4"),
+                           shift, res, True)  # fmt: skip
+    out = np.full((m, c_out), np.nan, np.float32)
+    for item in G.work_items(m, c_out, wk.shape[0], 2):
+        G.conv_tile_range(x, kk, stride, pad, ho, wo, G.pack_panels(wk), out, *item,
+                          np.zeros(0, np.float32), shift, res, True)  # fmt: skip
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
