@@ -5,11 +5,15 @@ What "compiled" means here, done once in :func:`compile_resnet`:
 * every BN is folded into its conv (:func:`bnlab.fold.fold_conv_bn`, float64 then float32), or,
   with ``fold_bn=False``, kept as a per-channel (scale, shift) applied in the epilogue;
 * every conv weight (C_out, C_in, kh, kw) is packed once as a contiguous GEMM operand
-  (kh·kw·C_in, C_out) whose row order (i, j, c) matches the im2col columns;
-* activations live as NHWC matrices (N·H·W, C): a 1x1 conv is one ``np.matmul`` (multithreaded
-  OpenBLAS SGEMM), a 3x3/7x7 conv is a parallel numba im2col then one GEMM;
-* bias, ReLU and the residual add run as one fused in-place pass after each GEMM;
-* buffers are allocated once per input shape and reused between layers and between calls.
+  (kh·kw·C_in, C_out) whose row order (i, j, c) matches the im2col columns, and into the 32-column
+  panels of bnlab's GEMM (:mod:`bnlab.inference._gemm`);
+* activations live as NHWC matrices (N·H·W, C): a 1x1 conv is one GEMM; a 3x3/7x7 conv is an
+  implicit GEMM (im2col rows gathered per L2-sized chunk) — or, with ``gemm="blas"`` (the
+  reference path), a numba im2col followed by ``np.matmul``;
+* bias (or BN scale + shift), the residual add and ReLU are applied to each output tile while it is
+  in cache (``gemm="blas"``: one in-place pass after each GEMM);
+* buffers are allocated once per input shape and reused between layers and between calls;
+* the GEMM items of each layer are shared by a small work-claiming thread pool.
 
 Per bottleneck (v1.5, stride s on the 3x3):
 
