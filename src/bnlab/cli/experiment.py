@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
         action="store_const",
         const="quick",
         dest="budget",
-        help="smaller budgets (all seven finish in about 15 minutes on 2 cores)",
+        help="smaller budgets (all seven: about 10 minutes on 2 shared cores)",
     )
     budget.add_argument(
         "--tiny",
