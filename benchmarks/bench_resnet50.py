@@ -79,7 +79,7 @@ def gemm_peak(threads: int, repeats: int = 5) -> dict[str, float]:
     shapes = {"1024^3": (1024, 1024, 1024), "3136x576x64": (3136, 576, 64),
               "784x1152x128": (784, 1152, 128), "49x4608x512": (49, 4608, 512)}  # fmt: skip
     rng = np.random.default_rng(0)
-    pool = G.WorkPool(threads)
+    pool = G.shared_pool(threads)
     out = {}
     for name, (m, k, n) in shapes.items():
         a = rng.standard_normal((m, k), dtype=np.float32)

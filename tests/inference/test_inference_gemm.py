@@ -79,3 +79,11 @@ def test_implicit_gemm_conv_matches_im2col_reference(rng, n, h, w, c, kk, stride
         G.conv_tile_range(x, kk, stride, pad, ho, wo, G.pack_panels(wk), out, *item,
                           np.zeros(0, np.float32), shift, res, True)  # fmt: skip
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_engines_share_one_pool_per_thread_count():
+    assert G.shared_pool(2) is G.shared_pool(2)
+    before = threading.active_count()
+    for _ in range(3):
+        G.shared_pool(2)
+    assert threading.active_count() == before

@@ -74,6 +74,24 @@ def test_packed_gemm_engine_equals_blas_engine(state_dict, images, engines):
     np.testing.assert_allclose(packed(images[:2]), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+def test_two_engines_predicting_concurrently(engines, images, torch_logits):
+    """Engines share one worker pool per thread count: concurrent calls must not mix jobs."""
+    import threading
+
+    out = {}
+
+    def run(fold):
+        out[fold] = engines[fold](images[:1])
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fold in (True, False):
+        assert_logits_close(out[fold], torch_logits[:1])
+
+
 def test_engine_nhwc_input_buffer_reuse_and_fresh_outputs(engines, images, torch_logits):
     predict = engines[True]
     first = predict(images[:1])

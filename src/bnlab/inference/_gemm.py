@@ -312,6 +312,7 @@ class WorkPool:
 
     def __init__(self, n_threads: int):
         self.n_threads = max(1, int(n_threads))
+        self._run_lock = threading.Lock()  # one job at a time, whoever calls
         self._cv = threading.Condition()
         self._job: _Job | None = None
         self._serial = 0
@@ -324,12 +325,13 @@ class WorkPool:
                 fn(*it)
             return
         job = _Job(fn, items)
-        with self._cv:
-            self._job = job
-            self._serial += 1
-            self._cv.notify_all()
-        job.work()
-        job.finished.wait()
+        with self._run_lock:
+            with self._cv:
+                self._job = job
+                self._serial += 1
+                self._cv.notify_all()
+            job.work()
+            job.finished.wait()
 
     def _worker(self) -> None:
         seen = 0
@@ -339,6 +341,19 @@ class WorkPool:
                     self._cv.wait()
                 seen, job = self._serial, self._job
             job.work()
+
+
+_POOLS: dict[int, WorkPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(n_threads: int) -> WorkPool:
+    """One pool per thread count for the whole process: compiling many engines starts no new
+    threads (the workers are daemons that sleep between jobs)."""
+    with _POOLS_LOCK:
+        if n_threads not in _POOLS:
+            _POOLS[n_threads] = WorkPool(n_threads)
+        return _POOLS[n_threads]
 
 
 def host_has_avx512() -> bool:

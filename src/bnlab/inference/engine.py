@@ -146,7 +146,7 @@ class CompiledResNet:
         self.fold_bn = fold_bn
         self.batch_chunk = batch_chunk  # run big batches this many images at a time (cache reuse)
         self.gemm = gemm  # "packed": the AVX-512 GEMM of _gemm.py; "blas": np.matmul + epilogue
-        self.pool = G.WorkPool(threads or G.default_threads())
+        self.pool = G.shared_pool(threads or G.default_threads())
         n_pad = -(-fc_w.shape[1] // G.NR) * G.NR  # the fc on the packed GEMM: pad the classes
         self.fc = PackedConv(
             "fc",
