@@ -34,8 +34,7 @@ experiments: setup
 	$(BNLAB) experiment all --quick --out reports
 
 reliability: setup
-	$(PY) -m pytest -m reliability tests/reliability -q
-	$(PY) -m bnlab.reliability_report
+	$(PY) tests/reliability/report.py
 
 bench: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
