@@ -21,7 +21,7 @@ data:
 	@bash scripts/ensure-data.sh
 
 demo: setup
-	$(BNLAB) train --model lenet-bn --epochs 10 --batch-size 256 --lr 1.0 --seed 0 --out runs/demo
+	$(BNLAB) train --model lenet-bn --epochs 10 --batch-size 256 --lr 1.0 --seed 0 --out runs/demo --overwrite
 	@echo "Report: runs/demo/report.md (metrics: runs/demo/metrics.json)"
 
 test: setup

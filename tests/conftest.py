@@ -7,7 +7,12 @@ per-example deadline: the machine is shared and noisy, and tests never assert on
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+# torch (OpenMP) and numba both keep worker threads; spinning idle workers of one steal the two
+# cores from the other, making interleaved calls up to 100x slower. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
@@ -22,6 +27,22 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(autouse=True)
+def _torch_single_thread():
+    """Tests use tiny tensors: torch's second thread only adds synchronisation (100x slower on a
+    shared 2-core machine). Restored after each test."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

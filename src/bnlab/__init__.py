@@ -6,6 +6,11 @@
 from bnlab.backend import get_backend, set_backend
 from bnlab.conventions import PRESETS, convert_momentum, convert_running_stats, get_convention
 
+# Functions named like their modules: bind after the submodule import so `bnlab.diagnose(...)` and
+# `bnlab.recalibrate(...)` are the functions (both modules import only NumPy).
+from bnlab.diagnose import diagnose  # noqa: E402
+from bnlab.recalibrate import recalibrate  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -13,7 +18,9 @@ __all__ = [
     "__version__",
     "convert_momentum",
     "convert_running_stats",
+    "diagnose",
     "get_backend",
     "get_convention",
+    "recalibrate",
     "set_backend",
 ]

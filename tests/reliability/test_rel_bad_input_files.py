@@ -144,11 +144,6 @@ def test_checkpoint_bit_flip_in_data_caught_by_the_sidecar(ckpt):
     expect_clean_error(lambda: ck.load_checkpoint(weights), DataFormatError, ["sha256"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bnlab checkpoint's integrity check lives only in the optional JSON sidecar: with the "
-    "sidecar gone (copied alone, or lost in a crash), a bit flip in the tensor data loads silently",
-)
 def test_checkpoint_bit_flip_in_data_without_sidecar(ckpt):
     ck, weights = ckpt
     weights.with_suffix(".json").unlink()

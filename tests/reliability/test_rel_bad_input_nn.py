@@ -29,11 +29,6 @@ def test_bn_wrong_ndim(rng):
     expect_clean_error(lambda: m(x4(rng, 4, 3, 2)), ShapeError, ["4-D", "(N, C, H, W)"], [m])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nn.BatchNorm2d(3) fed 4 channels blames gamma ('gamma must have shape (4,)') instead "
-    "of saying the input must have 3 channels, unlike nn.Conv2d/nn.GroupNorm",
-)
 def test_bn_channel_mismatch_names_the_input(rng):
     m = _trained_bn(rng)
     expect_clean_error(lambda: m(x4(rng, 4, 4, 2, 2)), ShapeError, ["input", "3 channels"], [m])

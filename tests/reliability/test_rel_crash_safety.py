@@ -76,23 +76,11 @@ def test_sigkill_while_saving_safetensors_never_loses_the_previous_save(tmp_path
     _check_kill_rounds(tmp_path, "safetensors")
 
 
-@pytest.mark.xfail(
-    strict=False,  # random kill points: the bug below is hit in almost every run, not provably all
-    reason="same bug as test_sigkill_between_weights_and_sidecar_keeps_a_loadable_checkpoint "
-    "(strict there): a kill between the weights and sidecar renames leaves an unloadable pair",
-)
 def test_sigkill_while_saving_checkpoints_never_loses_the_previous_save(tmp_path):
     pytest.importorskip("bnlab.checkpoint")
     _check_kill_rounds(tmp_path, "checkpoint")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnlab.checkpoint writes NAME.safetensors then NAME.json (sha256 of the weights) as two "
-    "separate atomic renames: a crash between them leaves new weights + old sidecar, and "
-    "load_checkpoint refuses the pair (DataFormatError 'sha256 differs'), so neither the previous "
-    "nor the new checkpoint loads",
-)
 def test_sigkill_between_weights_and_sidecar_keeps_a_loadable_checkpoint(tmp_path):
     pytest.importorskip("bnlab.checkpoint")
     proc = subprocess.run(

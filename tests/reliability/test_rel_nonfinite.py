@@ -142,12 +142,6 @@ def test_bnlab_torch_paths(dtype, memory_format):
     _warns_and_keeps(lambda: m(x), [m])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnlab.torch.BatchNorm (d2l's module, 'minus its traps') averages a NaN/Inf training "
-    "batch into moving_mean/moving_var, unlike every other bnlab batch norm (which warns "
-    "NonFiniteBatchWarning and leaves the statistics alone); every later eval output is NaN",
-)
 def test_d2l_batch_norm_module():
     import bnlab.torch as bt
 

@@ -105,13 +105,6 @@ def test_float16_near_its_maximum(rng, backend, kind):
     assert np.abs(y.astype(np.float64) - xhat64).max() <= 2e-3 * max(1, np.abs(xhat64).max())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a BatchNorm with float16 running buffers (nn.BatchNorm2d(dtype=np.float16), or "
-    "float16 buffers passed to the functional API) turns a finite batch whose variance exceeds "
-    "65504 into running_var = inf, with only NumPy's 'overflow encountered in cast' warning; "
-    "later eval outputs are then 0. Fix: float32 buffers for float16 modules",
-)
 def test_float16_running_buffers_stay_finite():
     from bnlab import nn
 

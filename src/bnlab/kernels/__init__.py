@@ -5,6 +5,7 @@ See ``docs/kernels.md`` for the pass structure and the measured speed.
 """
 
 from .batch_norm import bn_backward, bn_eval_backward, bn_eval_forward, bn_train_forward
+from .core import channel_moments
 from .group_norm import gn_backward, gn_forward
 from .layer_norm import ln_backward, ln_forward
 
@@ -13,6 +14,7 @@ __all__ = [
     "bn_eval_backward",
     "bn_eval_forward",
     "bn_train_forward",
+    "channel_moments",
     "gn_backward",
     "gn_forward",
     "ln_backward",

@@ -10,20 +10,26 @@ Identity), ``norm`` (BatchNorm1d/2d, LayerNorm, GroupNorm), ``activation``, ``po
 
 from bnlab.nn.activation import ReLU, Sigmoid
 from bnlab.nn.conv import Conv2d
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.linear import Flatten, Identity, Linear
 from bnlab.nn.loss import CrossEntropyLoss
 from bnlab.nn.module import IncompatibleKeys, Module, Parameter, Sequential, no_grad
 from bnlab.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm
 from bnlab.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = [
     "AdaptiveAvgPool2d",
     "AvgPool2d",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
     "Conv2d",
     "CrossEntropyLoss",
     "Flatten",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
     "GroupNorm",
     "Identity",
     "IncompatibleKeys",

@@ -23,6 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
 
 from bnlab.torch import functional
 from bnlab.torch.d2l import BatchNorm, batch_norm
+from bnlab.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, convert, revert
 from bnlab.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
@@ -30,6 +31,8 @@ __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
     "SyncBatchNorm",
     "batch_norm",
     "convert",
