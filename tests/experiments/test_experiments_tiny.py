@@ -104,7 +104,8 @@ def test_from_scratch_implementations_agree_with_torch(fashion_mnist_dir, tmp_pa
 
 
 def test_population_stats_engine_matches_ioffe_formula(fashion_mnist_dir, tmp_path):
-    """The engine's cumulative average (momentum=None) equals E[μ_B], m/(m−1)·E[σ²_B]."""
+    """The engine's cumulative average (momentum=None) equals bnlab.recalibrate's population
+    statistics E[μ_B], m/(m−1)·E[σ²_B] over the same batches."""
     result = run_experiment("population-stats", tmp_path / "ps", budget="tiny", seeds=1,
                             progress=False)  # fmt: skip
     assert result["summary"]["engine_vs_formula_max_abs_diff"] < 1e-5

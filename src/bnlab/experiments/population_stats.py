@@ -10,9 +10,10 @@ seed is trained (d2l's setup) and its test accuracy is measured with each set of
 * ``ema-0.1-few``    EMA with momentum 0.1 re-estimated from only ``few_steps`` batches at the
                      final weights (starting from the buffers' initial 0 and 1)
 * ``population``     Ioffe's population statistics over one pass of the training set at the
-                     final weights (the engine's cumulative average, momentum=None)
-* ``precise``        the exact mean and variance of each BN input over that pass,
-                     E_B[σ²_B + μ_B²] − E_B[μ_B]² ("precise BN", Wu & Johnson 2021)
+                     final weights (:func:`bnlab.recalibrate.recalibrate`, cross-checked
+                     against the engine's own cumulative average, momentum=None)
+* ``precise``        the exact mean and (unbiased) variance of every value of each BN input in
+                     that pass ("precise BN", Wu & Johnson 2021; ``method="precise"``)
 
 During training the BN layers run with momentum 1.0, so after each step their buffers hold that
 step's batch mean and unbiased variance (training itself uses batch statistics and is not
@@ -104,34 +105,36 @@ def few_step_ema(model, train, cfg: dict, seed: int) -> list:
 
 
 def population_and_precise(model, train, cfg: dict) -> tuple[list, list, float]:
-    """One pass over the training set at the final weights (file order, full batches).
+    """:func:`bnlab.recalibrate.recalibrate` over one pass of the training set (file order, full
+    batches) at the final weights, with ``method="population"`` and ``"precise"``.
 
     Returns (population, precise, max |engine cumulative average − population|): the engine's
-    momentum=None buffers must equal Ioffe's formula computed from the recorded moments.
+    own momentum=None buffers over the same batches must give Ioffe's population statistics too.
     """
     from bnlab.experiments import _bn  # noqa: PLC0415
+    from bnlab.nn import no_grad  # noqa: PLC0415
+    from bnlab.recalibrate import recalibrate  # noqa: PLC0415
 
-    per_batch = []  # per batch: [(mean, biased var, m) per BN layer]
     b = cfg["batch_size"]
+    batches = [train.x[i : i + b] for i in range(0, len(train) - b + 1, b)]
+    stats = {}
+    for method in ("population", "precise"):
+        with _bn.running_stats_restored(model):
+            recalibrate(model, batches, method=method)
+            stats[method] = _bn.get_running(model)
     with _bn.running_stats_restored(model), _bn.momentum(model, None):
         for m in _bn.bn_layers(model):
             m.reset_running_stats()
-        for i in range(0, len(train) - b + 1, b):
-            per_batch.append(_bn.bn_input_moments(model, train.x[i : i + b]))
+        model.train()
+        with no_grad():
+            for x in batches:
+                model.forward(x)
         engine = _bn.get_running(model)
-    population, precise = [], []
-    for layer in range(len(per_batch[0])):
-        means = np.stack([batch[layer][0] for batch in per_batch])
-        vars_ = np.stack([batch[layer][1] for batch in per_batch])
-        m = per_batch[0][layer][2]
-        mu = means.mean(axis=0)
-        population.append((mu, vars_.mean(axis=0) * m / (m - 1)))
-        precise.append((mu, (vars_ + means**2).mean(axis=0) - mu**2))
     check = max(
         float(max(np.abs(e_m - p_m).max(), np.abs(e_v - p_v).max()))
-        for (e_m, e_v), (p_m, p_v) in zip(engine, population, strict=True)
+        for (e_m, e_v), (p_m, p_v) in zip(engine, stats["population"], strict=True)
     )
-    return population, precise, check
+    return stats["population"], stats["precise"], check
 
 
 def run_seed(cfg: dict, seed: int, progress) -> dict:
@@ -188,7 +191,7 @@ def verdict(summary: dict, cfg: dict) -> Verdict:
     return Verdict(
         holds,
         f"test accuracy: {parts}; criterion: population >= every moving average − 0.005. "
-        f"Engine cumulative average vs Ioffe's formula: max abs diff "
+        f"Engine cumulative average vs bnlab.recalibrate: max abs diff "
         f"{fmt(summary['engine_vs_formula_max_abs_diff'])}.",
     )
 
