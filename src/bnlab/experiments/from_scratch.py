@@ -82,6 +82,7 @@ def _torch_key(model, key: str) -> str:
 def torch_models(engine, dtype: str) -> dict:
     """``d2l``, ``drop-in`` and ``torch`` LeNet-BNs holding the engine's initial weights."""
     import torch  # noqa: PLC0415
+
     from bnlab.torch.models import lenet_bn  # noqa: PLC0415
 
     models = {}
@@ -187,6 +188,7 @@ def values_per_channel(engine, x: np.ndarray) -> dict[int, int]:
 
 def run_seed(cfg: dict, seed: int, progress) -> dict:
     import torch  # noqa: PLC0415
+
     from bnlab.experiments._data import batch_indices, fashion_mnist  # noqa: PLC0415
     from bnlab.models import lenet_bn  # noqa: PLC0415
     from bnlab.nn import CrossEntropyLoss  # noqa: PLC0415
@@ -243,6 +245,7 @@ def _differences(got: dict, ref: dict, logits, ref_logits) -> dict:
 def _eval_differences(engine, models: dict, test) -> dict:
     """Max abs difference of eval-mode logits on the test images, per implementation."""
     import torch  # noqa: PLC0415
+
     from bnlab.nn import no_grad  # noqa: PLC0415
 
     x = test.x.astype(engine.state_dict()["0.weight"].dtype)
