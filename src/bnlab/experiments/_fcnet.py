@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-NORMS = ("bn", "ln", "gn", "none")
-NORM_LABELS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm", "none": "no norm"}
+NORMS = ("bn", "ghost", "renorm", "ln", "gn", "none")
+NORM_LABELS = {
+    "bn": "BatchNorm",
+    "ghost": "Ghost BN (vbs 16)",
+    "renorm": "Batch Renorm",
+    "ln": "LayerNorm",
+    "gn": "GroupNorm",
+    "none": "no norm",
+}
+GHOST_VIRTUAL_BATCH = 16
+RENORM_LIMITS = {"rmax": 3.0, "dmax": 5.0}  # the paper's final values, without the warm-up
 
 
 def norm_layer(norm: str, width: int, gn_groups: int = 4):
@@ -21,6 +30,10 @@ def norm_layer(norm: str, width: int, gn_groups: int = 4):
 
     if norm == "bn":
         return nn.BatchNorm1d(width)
+    if norm == "ghost":
+        return nn.GhostBatchNorm1d(width, GHOST_VIRTUAL_BATCH)
+    if norm == "renorm":
+        return nn.BatchRenorm1d(width, **RENORM_LIMITS)
     if norm == "ln":
         return nn.LayerNorm(width)
     if norm == "gn":

@@ -17,6 +17,8 @@ COLORS = {
     "none": "tab:red",
     "ln": "tab:green",
     "gn": "tab:purple",
+    "ghost": "tab:cyan",
+    "renorm": "tab:orange",
 }
 
 

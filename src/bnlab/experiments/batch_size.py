@@ -17,13 +17,13 @@ from bnlab.experiments._runner import Verdict
 from bnlab.experiments._summary import fmt, fmt_pm, mean_std
 
 NAME = "batch-size"
-TITLE = "Test accuracy vs batch size: BatchNorm, LayerNorm, GroupNorm, none"
+TITLE = "Test accuracy vs batch size: BatchNorm, Ghost BN, Batch Renorm, LayerNorm, GroupNorm, none"
 CLAIM = (
     "Batch norm degrades at small batch sizes (noisy batch statistics, train/inference "
     "mismatch); LayerNorm and GroupNorm, which do not normalize over the batch, do not."
 )
 SOURCE = "Wu & He 2018 (Group Normalization), fig. 1; Ba et al. 2016 (Layer Normalization)"
-NORMS = ("bn", "ln", "gn", "none")
+NORMS = ("bn", "ghost", "renorm", "ln", "gn", "none")
 
 _BUDGETS = {
     "full": dict(batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256], examples=61440, n_train=20000),
