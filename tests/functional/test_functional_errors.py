@@ -213,3 +213,34 @@ def test_norm_backward_checks_dout(rng):
     _, cache = F.layer_norm_forward(rng.standard_normal((2, 5)), 5)
     with pytest.raises(ShapeError, match=r"dout must have the shape of x \(2, 5\)"):
         F.layer_norm_backward(np.ones((5, 2)), cache)
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise"])
+def test_float16_buffers_never_overflow_to_inf(policy):
+    """A finite batch whose variance exceeds float16's range must not turn float16 buffers into
+    Inf: the update is refused like a non-finite batch and buffers/counter stay as they were."""
+    import warnings
+
+    from bnlab.errors import NonFiniteBatchWarning, NonFiniteError
+    from bnlab.functional import batch_norm_forward
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 2)) * 3e3).astype(np.float32)  # variance ~ 9e6 > 65504
+    rm, rv = np.zeros(2, np.float16), np.ones(2, np.float16)
+    counter = np.array(3)
+    before = rm.copy(), rv.copy()
+    kwargs = dict(training=True, running_mean=rm, running_var=rv, momentum=0.5, layout="NC")
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="overflows"):
+            batch_norm_forward(
+                x, None, None, num_batches_tracked=counter, on_nonfinite="raise", **kwargs
+            )
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch_norm_forward(x, None, None, num_batches_tracked=counter, **kwargs)
+        assert any(issubclass(w.category, NonFiniteBatchWarning) for w in caught)
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])
+    assert int(counter) == 3
+    assert np.isfinite(rv).all()

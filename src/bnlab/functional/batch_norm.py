@@ -237,7 +237,15 @@ def batch_norm_forward(
         report_nonfinite(on_nonfinite)
     elif tracking:
         update_running_stats(
-            running_mean, running_var, mean, var, count, momentum, conv, num_batches_tracked
+            running_mean,
+            running_var,
+            mean,
+            var,
+            count,
+            momentum,
+            conv,
+            num_batches_tracked,
+            on_nonfinite,
         )
     rstd = inverse_std(var, eps)
     return y, BatchNormCache(backend, lay, True, x, mean, var, rstd, g, eps, xhat)

@@ -56,16 +56,38 @@ def update_running_stats(
     momentum: float | None,
     convention: NormConvention,
     num_batches_tracked: np.ndarray | None = None,
-) -> None:
+    on_nonfinite: str = "warn",
+) -> bool:
     """Update the buffers in place:  r ← (1 − w)·r + w·s  (mean and variance alike).
 
     ``batch_var`` is the biased σ²_B; it is multiplied by count/(count − 1) first when the
     convention keeps an unbiased running variance. ``count`` is the number of values per channel.
+
+    The new values are formed in float64 and written only if they are finite *in the buffers'
+    dtype*: a finite batch whose variance exceeds a float16 buffer's range (65504) would otherwise
+    turn ``running_var`` into Inf. Such an update is refused like a non-finite batch (warn or
+    raise per ``on_nonfinite``), leaving buffers and counter untouched. Returns whether it wrote.
     """
+    tracked = None if num_batches_tracked is None else int(num_batches_tracked) + 1
+    w = new_batch_weight(momentum, convention, tracked)
+    var = batch_var * (count / (count - 1)) if convention.unbiased_running_var else batch_var
+    new_mean = (1.0 - w) * running_mean.astype(np.float64) + w * batch_mean.astype(np.float64)
+    new_var = (1.0 - w) * running_var.astype(np.float64) + w * var.astype(np.float64)
+    with np.errstate(over="ignore"):
+        cast_mean = new_mean.astype(running_mean.dtype)
+        cast_var = new_var.astype(running_var.dtype)
+    if not (np.isfinite(cast_mean).all() and np.isfinite(cast_var).all()):
+        msg = (
+            f"the running-statistics update overflows the buffers' dtype "
+            f"({running_mean.dtype}/{running_var.dtype}; largest new variance {new_var.max():.4g}): "
+            "the running statistics were left unchanged; keep buffers in float32"
+        )
+        if on_nonfinite == "raise":
+            raise NonFiniteError(msg)
+        warnings.warn(msg, NonFiniteBatchWarning, stacklevel=3)
+        return False
+    running_mean[...] = cast_mean
+    running_var[...] = cast_var
     if num_batches_tracked is not None:
         num_batches_tracked += 1
-    w = new_batch_weight(momentum, convention, num_batches_tracked)
-    var = batch_var * (count / (count - 1)) if convention.unbiased_running_var else batch_var
-    dt = running_mean.dtype
-    running_mean[...] = (1.0 - w) * running_mean + w * batch_mean.astype(dt)
-    running_var[...] = (1.0 - w) * running_var + w * var.astype(running_var.dtype)
+    return True
