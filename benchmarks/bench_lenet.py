@@ -150,9 +150,9 @@ def main(argv=None) -> int:
     threads = args.threads or os.cpu_count() or 1
     set_threads_env(threads)
     import numpy as np
+    import torch
 
     import bnlab
-    import torch
     from bnlab.data import batches
     from bnlab.models import lenet_bn
     from bnlab.nn.threads import set_num_threads

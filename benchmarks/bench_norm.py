@@ -82,9 +82,8 @@ class Case:
 
     # ------------------------------------------------------------------ torch
     def torch_ops(self):
-        import torch.nn.functional as F
-
         import torch
+        import torch.nn.functional as F
 
         def train_fwd():
             with torch.no_grad():
@@ -199,9 +198,9 @@ FAMILY_QUICK = [("layer_norm", (256, 128), None), ("group_norm", (4, 16, 7, 7), 
 
 def family_ops(kind, shape, groups):
     """Forward+backward of layer norm / group norm: torch autograd, NumPy reference, kernels."""
+    import torch
     import torch.nn.functional as F
 
-    import torch
     from bnlab import kernels
     from bnlab.functional import (
         group_norm_backward,
@@ -384,7 +383,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import numba
-
     import torch
 
     torch.set_num_threads(args.threads)

@@ -143,7 +143,6 @@ def build_peers(threads: int, tmp: Path):
 
 def _onnx_peer(model, threads: int, tmp: Path):
     import onnxruntime as ort
-
     import torch
 
     path = tmp / "resnet50.onnx"

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 import bnlab
 import bnlab.torch as bt
-import torch
 from bnlab.torch.models import lenet_bn
-from torch import nn
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 

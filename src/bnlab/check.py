@@ -292,9 +292,8 @@ def torch_reference(op: Op, p: Problem, layout, momentum=0.1, eps=1e-5):
 
     Returns (y, dx, dgamma, dbeta, buffers) as NumPy arrays, like :func:`_run`.
     """
-    import torch.nn.functional as TF
-
     import torch
+    import torch.nn.functional as TF
 
     ch = get_layout(layout).channel_axis
     xt = torch.tensor(p.x, requires_grad=True)

@@ -25,7 +25,7 @@ class NonFiniteError(BNLabError, ValueError):
 
 
 class DataFormatError(BNLabError, ValueError):
-    """A data file (IDX, checkpoint, safetensors, npz) is corrupt, truncated or of another format."""
+    """A data file (IDX, checkpoint, safetensors, npz) is corrupt, truncated or of another kind."""
 
 
 class NonFiniteBatchWarning(RuntimeWarning):

@@ -15,10 +15,10 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 import bnlab.torch as bt
-import torch
 from bnlab.errors import NonFiniteBatchWarning
 
 PG_TIMEOUT = timedelta(seconds=4)

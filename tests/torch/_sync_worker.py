@@ -16,14 +16,14 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bnlab.torch as bt
-import torch
 from bnlab.errors import NonFiniteBatchWarning
 from bnlab.torch.models import lenet_bn
-from torch import nn
 
 
 def _max_diff(a, b) -> float:

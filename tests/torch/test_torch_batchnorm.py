@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
 import bnlab.torch as bt  # noqa: E402
 from bnlab.errors import NonFiniteBatchWarning  # noqa: E402
 from bnlab.torch import functional as BF  # noqa: E402
-from torch import nn  # noqa: E402
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = [torch.float32, torch.float64]

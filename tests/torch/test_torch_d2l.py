@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
 import bnlab.torch as bt  # noqa: E402
 from bnlab.errors import ShapeError  # noqa: E402
 from bnlab.torch.models import lenet_bn  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 def _d2l_inputs(shape, seed=0):

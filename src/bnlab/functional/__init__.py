@@ -11,13 +11,13 @@ from bnlab.functional.batch_norm import (
     batch_norm_backward_graph,
     batch_norm_forward,
 )
+from bnlab.functional.ghost import ghost_batch_norm_backward, ghost_batch_norm_forward
 from bnlab.functional.group_norm import (
     group_norm_backward,
     group_norm_forward,
     instance_norm_backward,
     instance_norm_forward,
 )
-from bnlab.functional.ghost import ghost_batch_norm_backward, ghost_batch_norm_forward
 from bnlab.functional.layer_norm import NormCache, layer_norm_backward, layer_norm_forward
 from bnlab.functional.renorm import RenormSchedule, batch_renorm_backward, batch_renorm_forward
 from bnlab.functional.stats import moments, standardize, standardize_backward

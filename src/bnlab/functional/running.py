@@ -78,8 +78,9 @@ def update_running_stats(
         cast_var = new_var.astype(running_var.dtype)
     if not (np.isfinite(cast_mean).all() and np.isfinite(cast_var).all()):
         msg = (
-            f"the running-statistics update overflows the buffers' dtype "
-            f"({running_mean.dtype}/{running_var.dtype}; largest new variance {new_var.max():.4g}): "
+            "the running-statistics update overflows the buffers' dtype "
+            f"({running_mean.dtype}/{running_var.dtype}; "
+            f"largest new variance {new_var.max():.4g}): "
             "the running statistics were left unchanged; keep buffers in float32"
         )
         if on_nonfinite == "raise":

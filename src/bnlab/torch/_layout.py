@@ -17,7 +17,6 @@ tensor (logical shape)          layout  NumPy view
 from __future__ import annotations
 
 import numpy as np
-
 import torch
 
 # how to go from the logical (N, C, ...) tensor to the layout's axis order, and back

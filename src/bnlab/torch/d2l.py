@@ -17,9 +17,10 @@ The moving variance accumulates the *biased* batch variance, as in d2l.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from bnlab.errors import ShapeError
 from bnlab.functional.running import report_nonfinite
-from torch import nn
 
 D2L_MOMENTUM = 0.9  # weight of the old moving value
 

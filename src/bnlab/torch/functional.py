@@ -33,8 +33,8 @@ Unlike PyTorch, a training batch with NaN/Inf never reaches the running statisti
 from __future__ import annotations
 
 import numpy as np
-
 import torch
+
 from bnlab.errors import ShapeError
 from bnlab.functional import batch_norm_backward, batch_norm_forward
 from bnlab.functional._validate import check_eps, check_momentum, check_policy

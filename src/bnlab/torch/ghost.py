@@ -14,6 +14,8 @@ every buffer unchanged.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from bnlab.functional.ghost import (
     RUNNING_UPDATES,
     check_virtual_batch_size,
@@ -21,7 +23,6 @@ from bnlab.functional.ghost import (
     update_ghost_running_stats,
 )
 from bnlab.torch import functional as BF
-from torch import nn
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 

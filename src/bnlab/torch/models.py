@@ -11,9 +11,10 @@ NumPy engine, PyTorch and bnlab.torch. Input (N, 1, 28, 28), output logits (N, 1
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from bnlab.torch.d2l import BatchNorm
 from bnlab.torch.modules import BatchNorm1d, BatchNorm2d
-from torch import nn
 
 NORMS = ("bnlab", "torch", "d2l")
 

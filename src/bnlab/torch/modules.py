@@ -20,8 +20,9 @@ is not finite leaves ``running_mean``, ``running_var`` *and* ``num_batches_track
 from __future__ import annotations
 
 import torch
-from bnlab.torch import functional as BF
 from torch import nn
+
+from bnlab.torch import functional as BF
 
 
 class _BnlabBatchNorm:

@@ -27,16 +27,16 @@ synchronized path is not supported (it raises).
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-import torch
 from bnlab.errors import ShapeError
 from bnlab.functional._validate import check_eps, check_momentum, check_policy
 from bnlab.functional.running import report_nonfinite
 from bnlab.torch import functional as BF
 from bnlab.torch.modules import _rebuild
-from torch import nn
 
 STATS_DTYPE = torch.float64
 

@@ -28,15 +28,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import torch
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
 from bnlab.train import Splits, TrainConfig, format_epoch, limit_splits, load_splits, peak_rss_mb
-from torch import nn
 
 MODELS = ("lenet-bn",)
 
@@ -218,16 +218,16 @@ def save_epoch(out: Path, states: _NumpyStates, config: dict, metrics: dict, don
 def write_report(out: Path, metrics: dict, module: nn.Module) -> Path:
     """report.md with the curves and the learned BN γ, β (the NumPy engine's renderer)."""
     from bnlab.io import atomic_write_text
-    from bnlab.train import _plot_curves, render_report
+    from bnlab.train import plot_curves, render_report
 
     bn = [
         (name, m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
     ]
-    figures = _plot_curves(out, metrics["epochs"]) if metrics["epochs"] else []
+    figures = plot_curves(out, metrics["epochs"])
     path = out / "report.md"
-    atomic_write_text(path, render_report(metrics, bn, figures))
+    atomic_write_text(path, render_report(metrics, bn, figures, out))
     return path
 
 
