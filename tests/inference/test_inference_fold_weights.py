@@ -131,9 +131,29 @@ def test_fold_bad_input_names_the_argument(rng):
         fold_conv_bn(w.astype(int), None, mean, var, EPS, gamma, beta)
     with pytest.raises(ValueError, match="running_var must be >= 0"):
         fold_conv_bn(w, None, mean, -var, EPS, gamma, beta)
-    with pytest.raises(ValueError, match="eps must be a float > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite float > 0"):
         fold_conv_bn(w, None, mean, var, 0.0, gamma, beta)
     with pytest.raises(ShapeError, match="running_mean \\(C_in=2"):
         fold_bn_conv(mean, var, EPS, gamma, beta, w)
     with pytest.raises(ShapeError, match="not divisible by groups=3"):
         fold_bn_conv(mean, var, EPS, gamma, beta, w, groups=3)
+
+
+@pytest.mark.parametrize("bad", ["mean_nan", "var_nan", "gamma_inf", "eps_inf"])
+def test_fold_refuses_non_finite_statistics_and_eps(bad):
+    """A NaN running statistic or eps=inf must not turn into NaN or zero folded weights."""
+    from bnlab.errors import NonFiniteError
+    from bnlab.fold import bn_scale_shift
+
+    g, b, m, v = np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)
+    eps = 1e-5
+    if bad == "mean_nan":
+        m[1] = np.nan
+    elif bad == "var_nan":
+        v[0] = np.nan
+    elif bad == "gamma_inf":
+        g[2] = np.inf
+    else:
+        eps = float("inf")
+    with pytest.raises((NonFiniteError, ValueError), match="NaN or Inf|eps"):
+        bn_scale_shift(g, b, m, v, eps)

@@ -132,8 +132,6 @@ def test_numpy_input_is_refused_by_the_torch_module():
 
 
 def test_sync_batch_norm_without_a_process_group():
-    if bt.SyncBatchNorm is None:
-        pytest.skip("bnlab.torch.SyncBatchNorm has not landed")
     m = bt.SyncBatchNorm(3)
     expect_clean_error(
         lambda: m(torch.randn(4, 3, 2, 2)), RuntimeError, ["init_process_group", "BatchNorm2d"], [m]

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.errors import DTypeError, ShapeError
+from bnlab.errors import DTypeError, NonFiniteError, ShapeError
+from bnlab.functional._validate import check_eps
 
 __all__ = ["bn_scale_shift", "fold_bn_conv", "fold_bn_linear", "fold_conv_bn"]
 
@@ -72,10 +73,12 @@ def _check_weight(w, name: str = "weight") -> np.ndarray:
     return w
 
 
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
-    return float(eps)
+def _check_finite(a: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(a).all():
+        raise NonFiniteError(
+            f"{name} contains NaN or Inf: a fold of it would give non-finite weights"
+        )
+    return a
 
 
 def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -89,12 +92,15 @@ def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.n
     if mean.ndim != 1:
         raise ShapeError(f"running_mean must be a vector (C,), got shape {mean.shape}")
     c = mean.shape[0]
-    var = _check_vector(var, "running_var", c)
+    _check_finite(mean, "running_mean")
+    var = _check_finite(_check_vector(var, "running_var", c), "running_var")
     if np.any(var < 0):
         raise ValueError("running_var must be >= 0 everywhere (a variance)")
     g = np.ones(c) if gamma is None else _check_vector(gamma, "gamma (BN weight)", c)
     b = np.zeros(c) if beta is None else _check_vector(beta, "beta (BN bias)", c)
-    s = g.astype(np.float64) / np.sqrt(var.astype(np.float64) + _check_eps(eps))
+    _check_finite(g, "gamma (BN weight)")
+    _check_finite(b, "beta (BN bias)")
+    s = g.astype(np.float64) / np.sqrt(var.astype(np.float64) + check_eps(eps))
     t = b.astype(np.float64) - mean.astype(np.float64) * s
     return s, t
 
