@@ -18,11 +18,10 @@ float16 input is staged through a float32 copy (numba has no float16 arithmetic 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from bnlab.errors import DTypeError, ShapeError
+from bnlab.functional._validate import check_eps as _check_eps
 
 from . import core
 
@@ -79,14 +78,6 @@ def _check_out(out, x3: np.ndarray, name: str = "out") -> np.ndarray:
             f"{x3.dtype}, got {got}"
         )
     return out
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)):
-        raise TypeError(f"eps must be a positive float, got {eps!r}")
-    if not (math.isfinite(float(eps)) and float(eps) > 0):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-    return float(eps)
 
 
 def _check_nonempty(x3: np.ndarray, name: str = "x3") -> None:
