@@ -7,16 +7,28 @@ The C channels are split into G groups of C/G; statistics are per sample and gro
     y = γ_c · x̂ + β_c            (γ, β per channel, shape (C,))
 
 Any layout: the channel axis is moved to position 1 for the grouped view and back afterwards.
+
+Two backends (``backend=``, :mod:`bnlab.backend`): ``"numpy"`` is the reference below;
+``"numba"`` runs ``bnlab.kernels.gn_forward/gn_backward`` on the channels-first (N, C, S) view
+(NC, NCL, NCHW) and caches x, mean and rstd (:class:`NormKernelCache`). The kernels do not cover
+channels-last layouts (NLC, NHWC): those take the reference on either backend. Validation happens
+once, before the dispatch, so both backends raise the same errors.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from bnlab.backend import resolve_backend
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
 from bnlab.functional._layout import accumulation_dtype, check_input
-from bnlab.functional.layer_norm import NormCache, normalize_backward, normalize_forward
+from bnlab.functional.layer_norm import (
+    NormCache,
+    NormKernelCache,
+    normalize_backward,
+    normalize_forward,
+)
 
 
 def _group_views(shape, channel_axis, num_groups):
@@ -33,10 +45,24 @@ def _group_views(shape, channel_axis, num_groups):
     return to_view, from_view
 
 
-def group_norm_forward(x, num_groups, gamma=None, beta=None, eps: float = 1e-5, layout="NCHW"):
-    """Group norm forward; returns ``(out, cache)``. x in ``layout``; gamma, beta (C,) or None."""
+def group_norm_forward(
+    x,
+    num_groups,
+    gamma=None,
+    beta=None,
+    eps: float = 1e-5,
+    layout="NCHW",
+    *,
+    backend: str | None = None,
+):
+    """Group norm forward; returns ``(out, cache)``. x in ``layout``; gamma, beta (C,) or None.
+
+    ``backend``: ``"numpy"`` (the reference) or ``"numba"`` (kernels for channels-first layouts;
+    channels-last ones fall back to the reference); None: the default backend.
+    """
     lay = check_input(x, layout)
     eps = v.check_eps(eps)
+    backend = resolve_backend(backend)
     c = x.shape[lay.channel_axis]
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
         raise TypeError(f"num_groups must be an int, got {num_groups!r}")
@@ -47,6 +73,8 @@ def group_norm_forward(x, num_groups, gamma=None, beta=None, eps: float = 1e-5, 
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
     acc = accumulation_dtype(x.dtype)
+    if backend == "numba" and not lay.channels_last:
+        return _group_norm_kernel(x, int(num_groups), gamma, beta, eps, acc)
     g = None if gamma is None else lay.per_channel(gamma.astype(acc, copy=False))
     b = None if beta is None else lay.per_channel(beta.astype(acc, copy=False))
     to_view, from_view = _group_views(x.shape, lay.channel_axis, int(num_groups))
@@ -54,23 +82,41 @@ def group_norm_forward(x, num_groups, gamma=None, beta=None, eps: float = 1e-5, 
     return y, cache
 
 
-def group_norm_backward(dout, cache: NormCache):
+def _group_norm_kernel(x, groups, gamma, beta, eps, acc):
+    """Channels-first (NC, NCL, NCHW) input as the kernels' (N, C, S) view."""
+    from bnlab import kernels
+
+    n, c = x.shape[0], x.shape[1]
+    x3 = np.ascontiguousarray(x).reshape(n, c, -1)
+    g = None if gamma is None else gamma.astype(acc, copy=False)
+    b = None if beta is None else beta.astype(acc, copy=False)
+    y3, mean, rstd = kernels.gn_forward(x3, groups, g, b, eps)
+    cache = NormKernelCache("group_norm", x3, mean, rstd, g, groups, (c,), x.shape, x.dtype)
+    return y3.reshape(x.shape), cache
+
+
+def group_norm_backward(dout, cache: NormCache | NormKernelCache):
     """Group norm backward: (dx, dgamma, dbeta) with dgamma/dbeta of shape (C,)."""
     return normalize_backward(dout, cache)
 
 
-def instance_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5, layout="NCHW"):
+def instance_norm_forward(
+    x, gamma=None, beta=None, eps: float = 1e-5, layout="NCHW", *, backend: str | None = None
+):
     """Instance norm = group norm with one channel per group (statistics per sample and channel)."""
     lay = check_input(x, layout)
-    return group_norm_forward(x, x.shape[lay.channel_axis], gamma, beta, eps, layout)
+    return group_norm_forward(
+        x, x.shape[lay.channel_axis], gamma, beta, eps, layout, backend=backend
+    )
 
 
-def instance_norm_backward(dout, cache: NormCache):
+def instance_norm_backward(dout, cache: NormCache | NormKernelCache):
     return normalize_backward(dout, cache)
 
 
 __all__ = [
     "NormCache",
+    "NormKernelCache",
     "group_norm_backward",
     "group_norm_forward",
     "instance_norm_backward",

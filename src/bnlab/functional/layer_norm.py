@@ -6,6 +6,12 @@ For x of shape (*, *normalized_shape), k = len(normalized_shape), M = prod(norma
 
 γ, β have shape ``normalized_shape`` (elementwise affine, as in ``torch.nn.LayerNorm``).
 No running statistics: training and inference compute the same thing.
+
+Two backends, as for batch norm (``backend=``, :mod:`bnlab.backend`): ``"numpy"`` is the reference
+below (its :class:`NormCache` holds x̂); ``"numba"`` runs ``bnlab.kernels.ln_forward/ln_backward``
+on the (M, D) view (M = samples, D = prod(normalized_shape)) and its :class:`NormKernelCache`
+holds x, mean and rstd instead. Validation happens once, before the dispatch, so both backends
+raise the same errors; the backward dispatches on the cache it is given.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnlab.backend import resolve_backend
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
 from bnlab.functional._layout import accumulation_dtype, check_float_array
@@ -35,6 +42,25 @@ class NormCache:
     from_view: object  # normalization view -> input-shaped array
 
 
+@dataclass
+class NormKernelCache:
+    """Cache of layer/group norm on the numba backend: x and the statistics, no x̂.
+
+    ``x`` is the kernel view: (M, D) for layer norm, (N, C, S) for group norm (channels-first).
+    """
+
+    kind: str  # "layer_norm" | "group_norm"
+    x: np.ndarray  # C-contiguous kernel view of the input
+    mean: np.ndarray  # (M,) for layer norm, (N, G) for group norm; accumulation dtype
+    rstd: np.ndarray  # same shape as mean
+    gamma: np.ndarray | None  # flat (D,) or (C,) in the accumulation dtype; None: no affine
+    num_groups: int | None  # group norm only
+    param_shape: tuple[int, ...]  # shape of dgamma/dbeta (normalized_shape or (C,))
+    input_shape: tuple[int, ...]
+    dtype: np.dtype
+    backend: str = "numba"
+
+
 def normalize_forward(x, stat_axes, to_view, from_view, gamma_b, beta_b, param_axes, eps):
     """Shared forward of the per-sample norms: standardize in a view, apply the affine outside."""
     xv = to_view(x)
@@ -52,11 +78,15 @@ def normalize_forward(x, stat_axes, to_view, from_view, gamma_b, beta_b, param_a
     return y.astype(x.dtype, copy=False), cache, mean, var
 
 
-def normalize_backward(dout, cache: NormCache):
-    """Shared backward: (dx, dgamma, dbeta); dgamma/dbeta are None without affine parameters."""
+def normalize_backward(dout, cache: NormCache | NormKernelCache):
+    """Shared backward: (dx, dgamma, dbeta); dgamma/dbeta are None without affine parameters.
+
+    Dispatches on the cache: a :class:`NormKernelCache` (numba forward) runs the kernels."""
     check_float_array(dout, "dout")
     if dout.shape != cache.input_shape:
         raise ShapeError(f"dout must have the shape of x {cache.input_shape}, got {dout.shape}")
+    if isinstance(cache, NormKernelCache):
+        return _kernel_backward(dout, cache)
     d = dout.astype(cache.xhat.dtype, copy=False)
     xhat = cache.from_view(cache.xhat)
     dgamma = dbeta = None
@@ -66,6 +96,22 @@ def normalize_backward(dout, cache: NormCache):
         d = d * cache.gamma
     dx = standardize_backward(cache.to_view(d), cache.xhat, cache.rstd, cache.stat_axes)
     return cache.from_view(dx).astype(cache.dtype, copy=False), dgamma, dbeta
+
+
+def _kernel_backward(dout, cache: NormKernelCache):
+    from bnlab import kernels
+
+    d = np.ascontiguousarray(dout).reshape(cache.x.shape)
+    if cache.kind == "layer_norm":
+        dx, dgamma, dbeta = kernels.ln_backward(d, cache.x, cache.mean, cache.rstd, cache.gamma)
+    else:
+        dx, dgamma, dbeta = kernels.gn_backward(
+            d, cache.x, cache.mean, cache.rstd, cache.gamma, cache.num_groups
+        )
+    if cache.gamma is None:  # as the reference: no parameter gradients without a weight
+        return dx.reshape(cache.input_shape), None, None
+    shape = cache.param_shape
+    return dx.reshape(cache.input_shape), dgamma.reshape(shape), dbeta.reshape(shape)
 
 
 def _identity(a):
@@ -90,16 +136,21 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def layer_norm_forward(x, normalized_shape, gamma=None, beta=None, eps: float = 1e-5):
+def layer_norm_forward(
+    x, normalized_shape, gamma=None, beta=None, eps: float = 1e-5, *, backend: str | None = None
+):
     """Layer norm forward; returns ``(out, cache)``.
 
     Args:
         x: (*, *normalized_shape) float array.
         normalized_shape: int or tuple, the trailing shape to normalize over.
         gamma, beta: arrays of shape ``normalized_shape`` or None.
+        backend: ``"numpy"`` (the reference) or ``"numba"`` (kernels on the (M, D) view);
+            None: the default (:func:`bnlab.backend.get_backend`).
     """
     check_float_array(x, "x")
     eps = v.check_eps(eps)
+    backend = resolve_backend(backend)
     shape = _as_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
@@ -116,10 +167,24 @@ def layer_norm_forward(x, normalized_shape, gamma=None, beta=None, eps: float = 
     param_axes = tuple(range(x.ndim - k))
     g = None if gamma is None else gamma.astype(acc, copy=False)
     b = None if beta is None else beta.astype(acc, copy=False)
+    if backend == "numba" and x.size > 0:  # the kernels refuse empty input; the reference doesn't
+        return _layer_norm_kernel(x, shape, g, b, eps)
     y, cache, _, _ = normalize_forward(x, axes, _identity, _identity, g, b, param_axes, eps)
     return y, cache
 
 
-def layer_norm_backward(dout, cache: NormCache):
+def _layer_norm_kernel(x, shape, g, b, eps):
+    from bnlab import kernels
+
+    d = int(np.prod(shape))
+    x2 = np.ascontiguousarray(x).reshape(-1, d)
+    flat_g = None if g is None else g.reshape(d)
+    flat_b = None if b is None else b.reshape(d)
+    y2, mean, rstd = kernels.ln_forward(x2, flat_g, flat_b, eps)
+    cache = NormKernelCache("layer_norm", x2, mean, rstd, flat_g, None, shape, x.shape, x.dtype)
+    return y2.reshape(x.shape), cache
+
+
+def layer_norm_backward(dout, cache: NormCache | NormKernelCache):
     """Layer norm backward: (dx, dgamma, dbeta); see :func:`standardize_backward`."""
     return normalize_backward(dout, cache)

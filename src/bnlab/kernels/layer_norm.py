@@ -7,7 +7,7 @@ same reduction core as batch norm: the row statistics are ``core.channel_moments
     backward  dγ_j = Σ_r dy·x̂,  dβ_j = Σ_r dy
               dx = rstd_r·(dy·γ − mean_j(dy·γ) − x̂·mean_j(dy·γ·x̂))   2 passes over dy and x
 
-Not yet called by ``bnlab.functional.layer_norm_forward`` (see docs/kernels.md).
+Called by ``bnlab.functional.layer_norm_forward`` on the "numba" backend (see docs/kernels.md).
 """
 
 from __future__ import annotations
