@@ -7,7 +7,7 @@ norm) and each layout, on a small random float64 input with a *random* upstream 
 ``graph``    closed-form backward vs the staged computational-graph backward (batch norm train)
 ``numeric``  every gradient (dx, dgamma, dbeta) vs central differences of  L = Σ dout·f(x)
 ``torch``    outputs, gradients and running statistics vs ``torch.nn.functional`` + autograd
-``numba``    the numba backend vs this NumPy reference, in float32 (batch norm only)
+``numba``    the numba backend vs this NumPy reference, in float32 and float64
 ``float32``, ``float16``  the same computation from float32 / float16 input vs float64 math on
              the same rounded values, within :func:`dtype_tolerance` (which grows with the
              input's centering condition number κ)
@@ -168,18 +168,18 @@ def _bn_eval(x, g, b, layout, running_mean, running_var, **kw):
 
 
 def _ln(x, g, b, layout, **kw):
-    return F.layer_norm_forward(x, layer_norm_shape(x.shape, layout), g, b)
+    return F.layer_norm_forward(x, layer_norm_shape(x.shape, layout), g, b, **kw)
 
 
 GN_GROUPS = 2
 
 
 def _gn(x, g, b, layout, **kw):
-    return F.group_norm_forward(x, GN_GROUPS, g, b, layout=layout)
+    return F.group_norm_forward(x, GN_GROUPS, g, b, layout=layout, **kw)
 
 
 def _in(x, g, b, layout, **kw):
-    return F.instance_norm_forward(x, g, b, layout=layout)
+    return F.instance_norm_forward(x, g, b, layout=layout, **kw)
 
 
 OPS: dict[str, Op] = {
@@ -246,7 +246,7 @@ class Problem:
 def _run(op: Op, p: Problem, layout, dtype=np.float64, backend="numpy"):
     """Forward + backward of ``op`` in ``dtype``; returns (y, dx, dgamma, dbeta, buffers, cache).
 
-    ``backend`` applies to batch norm (the other members have only the NumPy reference).
+    ``backend`` selects the NumPy reference or the numba kernels for every member.
     """
     kw = {"backend": backend}
     buffers = p.buffers(dtype) if op.has_buffers else {}
@@ -322,9 +322,7 @@ def check_torch(op: Op, p: Problem, layout) -> float:
 
 
 def check_numba(op: Op, p: Problem, layout) -> float | None:
-    """numba backend vs the NumPy reference, in float32 and float64 (batch norm only)."""
-    if not op.name.startswith("batch_norm"):
-        return None
+    """numba backend vs the NumPy reference, in float32 and float64."""
     return max(
         _max_error(_run(op, p, layout, dt, backend="numba"), _run(op, p, layout, dt))
         for dt in (np.float32, np.float64)
