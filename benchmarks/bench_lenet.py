@@ -52,6 +52,9 @@ def set_threads_env(threads: int) -> None:
     """Thread pools read these when their library loads: call before importing numpy/torch."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # bnlab sets this default on import (see bnlab/__init__.py); set it before torch loads so
+    # both peers run under the same OpenMP wait policy.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def torch_lenet_bn(torch):
