@@ -5,8 +5,9 @@ Timing rules (the machine is shared and noisy):
     burst of load hits all of them alike; report ratios, and medians over the rounds;
   * warm-up calls (compilation, cache loading, first-touch page faults) are excluded and reported
     separately;
-  * the bandwidth limit is measured in the same run: a NumPy copy of the same bytes into an existing
-    buffer, counting read + write.
+  * the bandwidth limit is measured in the same run: a copy of the same bytes into an existing
+    buffer, counting read + write, the faster of NumPy's (one thread) and a multi-threaded copy
+    (``parallel_copy``, all numba threads) — a one-thread copy understates what 2 cores can stream.
 """
 
 from __future__ import annotations
@@ -54,6 +55,40 @@ def time_interleaved(
             "runs_ms": ts,
         }
         for name, ts in runs.items()
+    }
+
+
+_PARALLEL_COPY = None
+
+
+def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy ``src`` into ``dst`` (same shape, C-contiguous) with all numba threads, in 64 KiB
+    blocks: the multi-threaded half of the bandwidth limit."""
+    global _PARALLEL_COPY
+    if _PARALLEL_COPY is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def _copy(d, s):
+            block = 16384
+            nblocks = (s.size + block - 1) // block
+            for b in numba.prange(nblocks):
+                lo = b * block
+                hi = min(lo + block, s.size)
+                for i in range(lo, hi):
+                    d[i] = s[i]
+
+        _PARALLEL_COPY = _copy
+    _PARALLEL_COPY(dst.reshape(-1), src.reshape(-1))
+
+
+def copy_limit(times: dict, nbytes: int) -> dict:
+    """The bandwidth limit (GB/s, read + write) from the interleaved timings of the two copies
+    ``"copy"`` (NumPy) and ``"copy_parallel"``: the faster one, median and best round."""
+    copies = [times[k] for k in ("copy", "copy_parallel") if k in times]
+    return {
+        "median_gbs": 2 * nbytes / min(c["median_ms"] for c in copies) / 1e6,
+        "best_gbs": 2 * nbytes / min(c["min_ms"] for c in copies) / 1e6,
     }
 
 

@@ -8,9 +8,12 @@ Per shape and operation: median ms over interleaved rounds, speed-up vs PyTorch 
 PyTorch), achieved GB/s counting the bytes that must move, % of the bandwidth limit (a NumPy copy
 of the same bytes, read + write), and the peak extra memory of the bnlab call. Bytes that must move
 (N = bytes of x): training forward 3N (read x twice, write y), eval forward 2N, forward+backward 8N
-(forward 3N; backward reads x and dy twice, writes dx: 5N). The limit is a NumPy copy of x into an
-existing buffer (2N moved), timed as one more peer in the same interleaved rounds, so it sees the
-same load as the kernels; "% of limit" is the ratio of the two medians (or of the two best rounds).
+(forward 3N; backward reads x and dy twice, writes dx: 5N). The limit is a copy of x into an
+existing buffer (2N moved), the faster of a NumPy copy (one thread) and an all-threads numba copy,
+timed as peers in the same interleaved rounds, so it sees the same load as the kernels; "% of
+limit" is the ratio of the medians (or of the best rounds). It is a copy's streaming speed, not a
+hard ceiling: a kernel whose second pass finds part of x still in the last-level cache, or that
+avoids the copy's write-allocate traffic, can reach ~100% or a little more.
 
 Implementations: ``torch`` is ``F.batch_norm`` (autograd for the backward, same thread count);
 ``numpy`` is ``bnlab.functional`` with backend="numpy"; ``bnlab`` the same public function with
@@ -37,8 +40,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_common import (  # noqa: E402
+    copy_limit,
     format_table,
     machine_info,
+    parallel_copy,
     peak_extra_bytes,
     time_interleaved,
     write_json,
@@ -153,13 +158,12 @@ def bench_case(shape, layout, repeat, numpy_repeat):
             "torch": torch_ops[op],
             "bnlab": bn_ops[op],
             "bnlab+out": bn_out_ops[op],
-            "copy": lambda: np.copyto(copy_dst, case.x),  # the limit, under the same load
+            # the limit, under the same load: one-thread NumPy copy and an all-threads copy
+            "copy": lambda: np.copyto(copy_dst, case.x),
+            "copy_parallel": lambda: parallel_copy(copy_dst, case.x),
         }
         t = time_interleaved(peers, repeat=repeat, warmup=2)
-        limit = {
-            "median_gbs": 2 * case.x.nbytes / t["copy"]["median_ms"] / 1e6,
-            "best_gbs": 2 * case.x.nbytes / t["copy"]["min_ms"] / 1e6,
-        }
+        limit = copy_limit(t, case.x.nbytes)
         t["numpy"] = time_interleaved({"numpy": np_ops[op]}, repeat=numpy_repeat)["numpy"]
         moved = BYTES_MOVED[op] * case.x.nbytes
         best = t["bnlab+out"]["median_ms"]
@@ -252,9 +256,10 @@ def bench_family(cases, repeat):
         x, ops = family_ops(kind, shape, groups)
         dst = np.empty_like(x)
         ops["copy"] = lambda x=x, dst=dst: np.copyto(dst, x)
+        ops["copy_parallel"] = lambda x=x, dst=dst: parallel_copy(dst, x)
         t = time_interleaved(ops, repeat=repeat, warmup=2)
         moved = BYTES_MOVED["fwd_bwd"] * x.nbytes
-        limit = {"median_gbs": 2 * x.nbytes / t["copy"]["median_ms"] / 1e6}
+        limit = copy_limit(t, x.nbytes)
         rows.append(
             {
                 "norm": kind,
@@ -401,7 +406,7 @@ def main(argv=None) -> int:
     print(format_table(rows, TABLE))
     print("\nLayer norm and group norm, forward+backward (same reduction core):\n")
     print(format_table(family, FAMILY_TABLE))
-    print("\nbandwidth limit (NumPy copy, read+write, median): "
+    print("\nbandwidth limit (fastest copy, read+write, median): "
           + ", ".join(f"{r['shape']} {r['limit_gbs']:.1f} GB/s" for r in rows[::3]))  # fmt: skip
     print(
         f"first call of the kernels (compile or cache load, not in the medians): {compile_s:.2f} s"
