@@ -3,49 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 HELP = "train LeNet / LeNet-BN on Fashion-MNIST (metrics.json, checkpoints, report.md)"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
+def _number(kind: type, strict: bool):
+    """An argparse type: an int or a finite float that is > 0 (``strict``) or >= 0."""
+    noun = "an integer" if kind is int else "a number"
+    bound = "> 0" if strict else ">= 0"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if kind is int:
+            if not (v > 0 if strict else v >= 0):
+                raise argparse.ArgumentTypeError(f"must be {bound}, got {v}")
+        elif not ((v > 0 if strict else v >= 0) and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+_positive_int = _number(int, strict=True)
+_nonneg_int = _number(int, strict=False)
+_positive_float = _number(float, strict=True)
+_nonneg_float = _number(float, strict=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
