@@ -19,7 +19,7 @@ from bnlab.functional.ghost import (
     ghost_batch_norm_forward,
 )
 from bnlab.nn._util import check_x
-from bnlab.nn.norm import BatchNorm1d, BatchNorm2d
+from bnlab.nn.norm import BatchNorm1d, BatchNorm2d, _accumulate_affine
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 
@@ -84,9 +84,7 @@ class _GhostMixin:
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         dx, dgamma, dbeta = ghost_batch_norm_backward(dout, self._cached())
-        if self.affine:
-            self.weight.accumulate(dgamma)
-            self.bias.accumulate(dbeta)
+        _accumulate_affine(self, dgamma, dbeta)
         return dx
 
 

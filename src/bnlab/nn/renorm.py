@@ -22,7 +22,7 @@ from bnlab.functional.renorm import (
     check_renorm_limits,
 )
 from bnlab.nn._util import check_x
-from bnlab.nn.norm import BatchNorm1d, BatchNorm2d
+from bnlab.nn.norm import BatchNorm1d, BatchNorm2d, _accumulate_affine
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -98,9 +98,7 @@ class _RenormMixin:
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         dx, dgamma, dbeta = batch_renorm_backward(dout, self._cached())
-        if self.affine:
-            self.weight.accumulate(dgamma)
-            self.bias.accumulate(dbeta)
+        _accumulate_affine(self, dgamma, dbeta)
         return dx
 
 
