@@ -84,6 +84,13 @@ def check_virtual_batch_size(virtual_batch_size) -> int:
     return int(virtual_batch_size)
 
 
+def check_running_update(running_update) -> str:
+    """One of RUNNING_UPDATES ("mean": one update per call, "sequential": one per virtual batch)."""
+    if running_update not in RUNNING_UPDATES:
+        raise ValueError(f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}")
+    return running_update
+
+
 def virtual_batches(n: int, virtual_batch_size: int) -> list[slice]:
     """The contiguous slices along N: [0:v], [v:2v], ..., the last one holding the remainder."""
     vbs = check_virtual_batch_size(virtual_batch_size)
@@ -187,8 +194,7 @@ def ghost_batch_norm_forward(
     lay = check_input(x, layout)
     training = v.check_training(training)
     vbs = check_virtual_batch_size(virtual_batch_size)
-    if running_update not in RUNNING_UPDATES:
-        raise ValueError(f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}")
+    check_running_update(running_update)
     conv = get_convention(convention)
     momentum = conv.momentum if isinstance(momentum, str) and momentum == PRESET else momentum
     momentum = v.check_momentum(momentum)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnlab.functional.ghost import (
-    RUNNING_UPDATES,
+    check_running_update,
     check_virtual_batch_size,
     ghost_batch_norm_backward,
     ghost_batch_norm_forward,
@@ -42,10 +42,7 @@ class _GhostMixin:
         backend: str | None = None,
     ):
         vbs = check_virtual_batch_size(virtual_batch_size)
-        if running_update not in RUNNING_UPDATES:
-            raise ValueError(
-                f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}"
-            )
+        check_running_update(running_update)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats,
             layout=layout, dtype=dtype, backend=backend,

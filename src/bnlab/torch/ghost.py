@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bnlab.functional.ghost import (
-    RUNNING_UPDATES,
+    check_running_update,
     check_virtual_batch_size,
     training_slices,
     update_ghost_running_stats,
@@ -46,10 +46,7 @@ class _GhostMixin:
         running_update: str = "mean",
     ):
         vbs = check_virtual_batch_size(virtual_batch_size)
-        if running_update not in RUNNING_UPDATES:
-            raise ValueError(
-                f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}"
-            )
+        check_running_update(running_update)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = vbs
         self.running_update = running_update
