@@ -59,7 +59,33 @@ def _per_channel_count(x: np.ndarray, lay: Layout) -> int:
     return reduction_size(x.shape, lay.reduce_axes)
 
 
-def _check_training_batch(x: np.ndarray, lay: Layout) -> int:
+def resolve_momentum(momentum, conv) -> float | None:
+    """``momentum="preset"`` becomes the convention's default; then a float in [0, 1] or None."""
+    if isinstance(momentum, str) and momentum == PRESET:
+        momentum = conv.momentum
+    return v.check_momentum(momentum)
+
+
+def check_running_buffers(running_mean, running_var, num_batches_tracked, c: int, training: bool):
+    """The running-statistics arguments shared by batch norm, Ghost BN and Batch Renorm: (C,)
+    float buffers, given together, writable when training; an optional 0-d integer counter."""
+    v.check_vector(running_mean, "running_mean", c, writable=training)
+    v.check_vector(running_var, "running_var", c, writable=training)
+    v.check_counter(num_batches_tracked)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+
+
+def check_cumulative_counter(momentum, num_batches_tracked, tracking: bool) -> None:
+    """momentum=None (cumulative average) weighs the k-th batch 1/k: it needs the counter."""
+    if tracking and momentum is None and num_batches_tracked is None:
+        raise ValueError(
+            "momentum=None (cumulative moving average) needs num_batches_tracked, "
+            "a 0-d integer array counting the batches"
+        )
+
+
+def check_training_batch(x: np.ndarray, lay: Layout) -> int:
     m = _per_channel_count(x, lay)
     if m == 0:
         raise ShapeError(f"x must not be empty when training, got shape {x.shape}")
@@ -197,20 +223,15 @@ def batch_norm_forward(
     lay = check_input(x, layout)
     training = v.check_training(training)
     conv = get_convention(convention)
-    momentum = conv.momentum if isinstance(momentum, str) and momentum == PRESET else momentum
-    momentum = v.check_momentum(momentum)
+    momentum = resolve_momentum(momentum, conv)
     eps = v.check_eps(eps)
     v.check_policy(on_nonfinite)
     backend = resolve_backend(backend)
     c = x.shape[lay.channel_axis]
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
-    v.check_vector(running_mean, "running_mean", c, writable=training)
-    v.check_vector(running_var, "running_var", c, writable=training)
-    v.check_counter(num_batches_tracked)
+    check_running_buffers(running_mean, running_var, num_batches_tracked, c, training)
     v.check_out(out, x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
     acc = accumulation_dtype(x.dtype)
     g, b = _affine_vectors(gamma, beta, c, acc)
 
@@ -225,13 +246,9 @@ def batch_norm_forward(
         y = _eval_forward(x, lay, scale, shift, backend, out)
         return y, BatchNormCache(backend, lay, False, x, mean, var, rstd, g, eps)
 
-    count = _check_training_batch(x, lay)
+    count = check_training_batch(x, lay)
     tracking = running_mean is not None
-    if tracking and momentum is None and num_batches_tracked is None:
-        raise ValueError(
-            "momentum=None (cumulative moving average) needs num_batches_tracked, "
-            "a 0-d integer array counting the batches"
-        )
+    check_cumulative_counter(momentum, num_batches_tracked, tracking)
     y, mean, var, xhat = _train_forward(x, lay, g, b, eps, backend, out)
     if not batch_is_finite(mean, var):
         report_nonfinite(on_nonfinite)

@@ -53,6 +53,9 @@ from bnlab.functional.batch_norm import (
     BatchNormCache,
     batch_norm_backward,
     batch_norm_forward,
+    check_cumulative_counter,
+    check_running_buffers,
+    resolve_momentum,
 )
 from bnlab.functional.running import batch_is_finite, update_running_stats
 from bnlab.functional.stats import reduction_size
@@ -196,14 +199,9 @@ def ghost_batch_norm_forward(
     vbs = check_virtual_batch_size(virtual_batch_size)
     check_running_update(running_update)
     conv = get_convention(convention)
-    momentum = conv.momentum if isinstance(momentum, str) and momentum == PRESET else momentum
-    momentum = v.check_momentum(momentum)
+    momentum = resolve_momentum(momentum, conv)
     c = x.shape[lay.channel_axis]
-    v.check_vector(running_mean, "running_mean", c, writable=training)
-    v.check_vector(running_var, "running_var", c, writable=training)
-    v.check_counter(num_batches_tracked)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+    check_running_buffers(running_mean, running_var, num_batches_tracked, c, training)
     common = dict(eps=eps, layout=lay.name, on_nonfinite=on_nonfinite, backend=backend)
 
     if not training:
@@ -214,11 +212,7 @@ def ghost_batch_norm_forward(
         return y, GhostCache([bn], [slice(0, x.shape[0])], x.shape, x.dtype, lay)
 
     tracking = running_mean is not None
-    if tracking and momentum is None and num_batches_tracked is None:
-        raise ValueError(
-            "momentum=None (cumulative moving average) needs num_batches_tracked, "
-            "a 0-d integer array counting the batches"
-        )
+    check_cumulative_counter(momentum, num_batches_tracked, tracking)
     slices = training_slices(x.shape, reduction_size(x.shape, lay.spatial_axes), vbs, lay.name)
     y = np.empty(x.shape, x.dtype)  # C-contiguous: every y[s] is a contiguous view
     caches = []

@@ -50,9 +50,13 @@ from bnlab.functional.batch_norm import (
     BatchNormCache,
     batch_norm_backward,
     batch_norm_forward,
+    check_cumulative_counter,
+    check_running_buffers,
+    check_training_batch,
+    resolve_momentum,
 )
 from bnlab.functional.running import batch_is_finite, report_nonfinite, update_running_stats
-from bnlab.functional.stats import moments, reduction_size
+from bnlab.functional.stats import moments
 
 __all__ = [
     "RenormCache",
@@ -200,8 +204,7 @@ def _check_buffers(running_mean, running_var, c: int, training: bool):
             "batch renorm needs running_mean and running_var: in training r and d compare the "
             "batch statistics with them, in inference they normalize"
         )
-    v.check_vector(running_mean, "running_mean", c, writable=training)
-    v.check_vector(running_var, "running_var", c, writable=training)
+    check_running_buffers(running_mean, running_var, None, c, training)
 
 
 def batch_renorm_forward(
@@ -234,8 +237,7 @@ def batch_renorm_forward(
     training = v.check_training(training)
     rmax, dmax = check_renorm_limits(rmax, dmax)
     conv = get_convention(convention)
-    momentum = conv.momentum if isinstance(momentum, str) and momentum == PRESET else momentum
-    momentum = v.check_momentum(momentum)
+    momentum = resolve_momentum(momentum, conv)
     eps = v.check_eps(eps)
     v.check_policy(on_nonfinite)
     c = x.shape[lay.channel_axis]
@@ -253,17 +255,8 @@ def batch_renorm_forward(
         ones = np.ones(c, bn.mean.dtype)
         return y, RenormCache(bn, ones, np.zeros_like(ones))
 
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError(
-            "momentum=None (cumulative moving average) needs num_batches_tracked, "
-            "a 0-d integer array counting the batches"
-        )
-    count = reduction_size(x.shape, lay.reduce_axes)
-    if count < 2:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input of shape {x.shape} "
-            f"(layout {lay.name!r}): batch statistics of a single value are undefined"
-        )
+    check_cumulative_counter(momentum, num_batches_tracked, tracking=True)
+    count = check_training_batch(x, lay)
     mean, var = batch_moments(x, lay, backend)
     r, d = renorm_corrections(mean, var, running_mean, running_var, eps, rmax, dmax)
     g = np.ones(c, mean.dtype) if gamma is None else gamma.astype(mean.dtype)
