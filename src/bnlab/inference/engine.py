@@ -36,6 +36,7 @@ from bnlab.errors import DTypeError, ShapeError
 from bnlab.fold.weights import bn_scale_shift, fold_conv_bn
 from bnlab.inference import _gemm as G
 from bnlab.inference import _kernels as K
+from bnlab.inference import _winograd as WG
 from bnlab.inference.spec import (
     ConvSpec,
     ResNetSpec,
@@ -60,10 +61,19 @@ class PackedConv:
     stride: int
     pad: int
     panels: np.ndarray | None = None  # w as (C_out/32, k·k·C_in, 32) for the packed GEMM
+    wino: np.ndarray | None = None  # Winograd U panels (36, C_out/32, C_in, 32), made on demand
 
     @property
     def c_out(self) -> int:
         return self.w.shape[1]
+
+    def winograd_panels(self) -> np.ndarray:
+        """The F(4x4, 3x3) filter transform of the (folded, float32) weight, packed once."""
+        if self.wino is None:
+            c_in = self.w.shape[0] // 9
+            w4 = self.w.reshape(3, 3, c_in, self.c_out).transpose(3, 2, 0, 1)  # (C_out, C_in, 3, 3)
+            self.wino = WG.pack_filter(w4)
+        return self.wino
 
     def out_hw(self, h: int, w: int) -> tuple[int, int]:
         return (h + 2 * self.pad - self.k) // self.stride + 1, (w + 2 * self.pad - self.k) // (
@@ -137,7 +147,7 @@ class CompiledResNet:
 
     def __init__(self, spec: ResNetSpec, stem, blocks, fc_w, fc_b, fold_bn: bool,
                  batch_chunk: int | None = None, gemm: str = "packed",
-                 threads: int | None = None):  # fmt: skip
+                 threads: int | None = None, winograd: bool = True):  # fmt: skip
         self.spec = spec
         self.stem: PackedConv = stem
         self.blocks: list[PackedBlock] = blocks
@@ -147,6 +157,7 @@ class CompiledResNet:
         self.batch_chunk = batch_chunk  # run big batches this many images at a time (cache reuse)
         self.gemm = gemm  # "packed": the AVX-512 GEMM of _gemm.py; "blas": np.matmul + epilogue
         self.pool = G.shared_pool(threads or G.default_threads())
+        self.winograd = winograd  # 3x3 stride-1 convs through Winograd F(4x4, 3x3) (packed only)
         n_pad = -(-fc_w.shape[1] // G.NR) * G.NR  # the fc on the packed GEMM: pad the classes
         self.fc = PackedConv(
             "fc",
@@ -215,6 +226,9 @@ class CompiledResNet:
             sub = arena.request("sub", (n, ho, wo, c_in))
             steps.append((_subsample, src, (n, h, w, c_in), conv.stride, sub))
             a = sub
+        elif self._use_winograd(conv, n, h, w, residual):
+            steps.append((_winograd_conv, self.pool, src, (n, h, w, c_in), conv, out, relu))
+            return out, (ho, wo)
         elif self.gemm == "packed" and conv.panels is not None:  # implicit GEMM: no im2col
             steps.append((_packed_conv, self.pool, src, (n, h, w, c_in), conv, (ho, wo), out,
                           residual, relu))  # fmt: skip
@@ -226,6 +240,16 @@ class CompiledResNet:
             a = col
         self._plan_gemm(steps, a, conv, conv.shift, out, residual, relu)
         return out, (ho, wo)
+
+    def _use_winograd(self, conv: PackedConv, n, h, w, residual) -> bool:
+        """Winograd for 3x3 stride-1 convs with enough tiles to reuse the 4x larger transformed
+        weights (measured: ResNet's 7x7 maps at batch 1, 4 tiles, are faster direct)."""
+        if not (self.winograd and self.gemm == "packed" and conv.panels is not None):
+            return False
+        if (conv.k, conv.stride, conv.pad) != (3, 1, 1) or residual is not None:
+            return False
+        th, tw = WG.tile_grid(h, w)
+        return n * th * tw >= WG.MIN_TILES
 
     def _plan_gemm(self, steps, a, conv: PackedConv, shift, out, residual, relu) -> None:
         """out = epilogue(a @ W): one fused parallel step (packed), or np.matmul + a pass."""
@@ -336,6 +360,18 @@ def _packed_conv(pool, src, shape4, conv, out_hw, out, residual, relu):
     pool.run(tile, items)
 
 
+def _winograd_conv(pool, src, shape4, conv, out, relu):
+    x = _as4(src, shape4)
+    up = conv.winograd_panels()
+    th, tw = WG.tile_grid(shape4[1], shape4[2])
+    items = WG.work_items(shape4[0] * th * tw, shape4[3], conv.c_out, pool.n_threads)
+
+    def tile(t0, t1, p0, p1):
+        WG.winograd_tile_range(x, up, out, t0, t1, p0, p1, conv.scale, conv.shift, relu)
+
+    pool.run(tile, items)
+
+
 def _avgpool(feat, shape3, pooled):
     np.mean(feat.reshape(shape3), axis=1, out=pooled)
 
@@ -363,7 +399,7 @@ def _check_images(x, layout: str) -> np.ndarray:
 
 def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAULT_EPS,
                    batch_chunk: int | None = None, gemm: str = "packed",
-                   threads: int | None = None):  # fmt: skip
+                   threads: int | None = None, winograd: bool = True):  # fmt: skip
     """Validate a bottleneck-ResNet state dict (or model) and pack it into a CompiledResNet."""
     sd = to_numpy_state_dict(model_or_state_dict)
     spec = spec_for(sd)
@@ -385,7 +421,7 @@ def compile_resnet(model_or_state_dict, fold_bn: bool = True, eps: float = DEFAU
     fc_w = np.ascontiguousarray(sd["fc.weight"].T, dtype=np.float32)
     fc_b = np.asarray(sd["fc.bias"], np.float32).copy()
     return CompiledResNet(spec, pack(spec.stem), blocks, fc_w, fc_b, fold_bn, batch_chunk, gemm,
-                          threads)  # fmt: skip
+                          threads, winograd)  # fmt: skip
 
 
 def _model_eps(model, default: float) -> float:

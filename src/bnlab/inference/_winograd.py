@@ -1,0 +1,261 @@
+"""Winograd F(4x4, 3x3) convolution for the engine's 3x3 stride-1 convs (NHWC, float32).
+
+A 3x3 conv (padding 1, stride 1) computes each 4x4 output tile from a 6x6 input tile d (per input
+channel c) as (Lavin & Gray 2016)
+
+    Y[tile, o] = A^T ( Σ_c  U[c, o] ⊙ V[tile, c] ) A          (4x4)
+    U[c, o]    = G g[o, c] G^T                                (6x6, the filter, once at compile)
+    V[tile, c] = B^T d[tile, c] B                             (6x6, the input transform)
+
+so, per transform point p = (a, b) of the 6x6 grid, the channel sum is one GEMM
+
+    M[p] = V[p] @ U[p]         (T, C_in) @ (C_in, C_out) -> (T, C_out),   T = tiles
+
+36 GEMMs of 2·T·C_in·C_out FLOPs each instead of the direct conv's 16·9 = 144 multiply-adds per
+tile: 4x fewer multiplies (less on maps whose side is not a multiple of 4: 14x14 is covered by
+16x16). The GEMMs run on bnlab's AVX-512 micro-kernel (:mod:`bnlab.inference._gemm`), U packed
+once into its 32-column panels; the output transform is fused with bias (or BN scale + shift)
+and ReLU.
+
+Work is split in chunks of tiles (input transform -> 36 GEMMs -> output transform, all in one
+chunk-sized scratch that stays in L2) and, for maps with few tiles, in ranges of output panels.
+
+Accuracy: the transforms have entries up to 8 (A^T) and 5 (B^T), so rounding is larger than the
+direct conv's; measured errors are in docs/inference.md and the tests bound them.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from bnlab.inference._gemm import MR, NR, _microkernel
+
+TILE = 4  # output tile side (m)
+ALPHA = 6  # input tile side m + r - 1
+POINTS = ALPHA * ALPHA
+MIN_TILES = 12  # fewer tiles (ResNet's 7x7 maps at batch 1): the direct conv is faster (measured)
+# float32 constants: a Python float would turn the transforms into float64 arithmetic
+F2, F4, F5, F8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
+
+BT = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=np.float64,
+)
+G_MAT = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=np.float64,
+)
+AT = np.array(
+    [
+        [1, 1, 1, 1, 1, 0],
+        [0, 1, -1, 2, -2, 0],
+        [0, 1, 1, 4, 4, 0],
+        [0, 1, -1, 8, -8, 1],
+    ],
+    dtype=np.float64,
+)
+
+
+# --------------------------------------------------------------------------- compile time
+
+
+def transform_filter(w: np.ndarray) -> np.ndarray:
+    """U[p, c, o] = (G w[o, c] G^T)[a, b], p = 6a + b: (C_out, C_in, 3, 3) -> (36, C_in, C_out).
+
+    Computed in float64 (the filter is transformed once), returned as float32.
+    """
+    if w.ndim != 4 or w.shape[2:] != (3, 3):
+        raise ValueError(f"w must be a 3x3 conv weight (C_out, C_in, 3, 3), got shape {w.shape}")
+    u = np.einsum("ai,ocij,bj->abco", G_MAT, w.astype(np.float64), G_MAT)  # (6, 6, C_in, C_out)
+    return np.ascontiguousarray(u.reshape(POINTS, w.shape[1], w.shape[0]), dtype=np.float32)
+
+
+def pack_filter(w: np.ndarray) -> np.ndarray:
+    """(C_out, C_in, 3, 3) -> U panels (36, C_out/32, C_in, 32): what the micro-kernel streams."""
+    u = transform_filter(w)
+    p, c_in, c_out = u.shape
+    if c_out % NR:
+        raise ValueError(f"Winograd needs C_out to be a multiple of {NR}, got {c_out}")
+    return np.ascontiguousarray(u.reshape(p, c_in, c_out // NR, NR).transpose(0, 2, 1, 3))
+
+
+def tile_grid(h: int, w: int) -> tuple[int, int]:
+    """Tiles per image along H and W: ceil(H/4), ceil(W/4)."""
+    return -(-h // TILE), -(-w // TILE)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _input_tile(x, nn, ih0, iw0, patch, tmp, v, row):  # pragma: no cover - compiled
+    """v[6a + b, row, :] = (B^T d B)[a, b] for the 6x6 patch d of x[nn] at (ih0, iw0), zero
+    outside the image. patch (6, 6, C) and tmp (6, 6, C) are scratch; loops over C innermost."""
+    h, w, ch = x.shape[1], x.shape[2], x.shape[3]
+    for i in range(ALPHA):
+        ih = ih0 + i
+        for j in range(ALPHA):
+            iw = iw0 + j
+            if 0 <= ih < h and 0 <= iw < w:
+                for q in range(ch):
+                    patch[i, j, q] = x[nn, ih, iw, q]
+            else:
+                for q in range(ch):
+                    patch[i, j, q] = 0.0
+    for j in range(ALPHA):  # tmp[:, j] = B^T patch[:, j]
+        for q in range(ch):
+            d0, d1, d2 = patch[0, j, q], patch[1, j, q], patch[2, j, q]
+            d3, d4, d5 = patch[3, j, q], patch[4, j, q], patch[5, j, q]
+            tmp[0, j, q] = F4 * d0 - F5 * d2 + d4
+            tmp[1, j, q] = -F4 * (d1 + d2) + d3 + d4
+            tmp[2, j, q] = F4 * (d1 - d2) - d3 + d4
+            tmp[3, j, q] = F2 * (d3 - d1) - d2 + d4
+            tmp[4, j, q] = F2 * (d1 - d3) - d2 + d4
+            tmp[5, j, q] = F4 * d1 - F5 * d3 + d5
+    for a in range(ALPHA):  # v[a, :] = tmp[a, :] B
+        p = a * ALPHA
+        for q in range(ch):
+            e0, e1, e2 = tmp[a, 0, q], tmp[a, 1, q], tmp[a, 2, q]
+            e3, e4, e5 = tmp[a, 3, q], tmp[a, 4, q], tmp[a, 5, q]
+            v[p, row, q] = F4 * e0 - F5 * e2 + e4
+            v[p + 1, row, q] = -F4 * (e1 + e2) + e3 + e4
+            v[p + 2, row, q] = F4 * (e1 - e2) - e3 + e4
+            v[p + 3, row, q] = F2 * (e3 - e1) - e2 + e4
+            v[p + 4, row, q] = F2 * (e1 - e3) - e2 + e4
+            v[p + 5, row, q] = F4 * e1 - F5 * e3 + e5
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _output_tile(m, row, j0, j1, tmp, out, nn, oh0, ow0, ho, wo, scale, shift,
+                 relu):  # fmt: skip  # pragma: no cover - compiled
+    """out[(nn, oh0 + y, ow0 + x), j] = act((A^T m[:, row, j] A)[y, x]·scale + shift) for the
+    columns j0 <= j < j1 and the output pixels inside the map. tmp (4, 6, C_out) is scratch."""
+    lo = np.float32(0.0) if relu else np.float32(-np.inf)
+    for b in range(ALPHA):  # tmp[:, b] = A^T m[:, b]
+        for j in range(j0, j1):
+            s0, s1, s2 = m[b, row, j], m[6 + b, row, j], m[12 + b, row, j]
+            s3, s4, s5 = m[18 + b, row, j], m[24 + b, row, j], m[30 + b, row, j]
+            tmp[0, b, j] = s0 + s1 + s2 + s3 + s4
+            tmp[1, b, j] = s1 - s2 + F2 * (s3 - s4)
+            tmp[2, b, j] = s1 + s2 + F4 * (s3 + s4)
+            tmp[3, b, j] = s1 - s2 + F8 * (s3 - s4) + s5
+    has_scale = scale.shape[0] > 0
+    for y in range(min(TILE, ho - oh0)):
+        base = (nn * ho + oh0 + y) * wo + ow0
+        nx = min(TILE, wo - ow0)
+        for j in range(j0, j1):
+            e0, e1, e2 = tmp[y, 0, j], tmp[y, 1, j], tmp[y, 2, j]
+            e3, e4, e5 = tmp[y, 3, j], tmp[y, 4, j], tmp[y, 5, j]
+            z0 = e0 + e1 + e2 + e3 + e4
+            z1 = e1 - e2 + F2 * (e3 - e4)
+            z2 = e1 + e2 + F4 * (e3 + e4)
+            z3 = e1 - e2 + F8 * (e3 - e4) + e5
+            sc = scale[j] if has_scale else np.float32(1.0)
+            t = shift[j]
+            out[base, j] = max(z0 * sc + t, lo)
+            if nx > 1:
+                out[base + 1, j] = max(z1 * sc + t, lo)
+            if nx > 2:
+                out[base + 2, j] = max(z2 * sc + t, lo)
+            if nx > 3:
+                out[base + 3, j] = max(z3 * sc + t, lo)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # pragma: no cover
+    """Tiles [t0, t1) and output panels [pan0, pan1) of out = act(conv3x3(x)·scale + shift).
+
+    x (N, H, W, C_in) float32; up (36, C_out/32, C_in, 32) from :func:`pack_filter`;
+    out (N·H·W, C_out); tiles are numbered (n, tile row, tile column) over a ceil(H/4) x
+    ceil(W/4) grid per image; ``scale`` (C_out,) or empty.
+    """
+    n_img, h, w, ch = x.shape
+    k_out = out.shape[1]
+    n_pan = k_out // NR
+    th, tw = -(-h // TILE), -(-w // TILE)
+    nt = t1 - t0
+    ntp = -(-nt // MR) * MR
+    v = np.zeros((POINTS, ntp, ch), np.float32)  # rows nt..ntp stay 0: padding of the last block
+    m = np.empty((POINTS, ntp, k_out), np.float32)
+    patch = np.empty((ALPHA, ALPHA, ch), np.float32)
+    tmp_in = np.empty((ALPHA, ALPHA, ch), np.float32)
+    tmp_out = np.empty((TILE, ALPHA, k_out), np.float32)
+    for t in range(t0, t1):
+        nn, r = t // (th * tw), t % (th * tw)
+        _input_tile(x, nn, (r // tw) * TILE - 1, (r % tw) * TILE - 1, patch, tmp_in, v, t - t0)
+    vf, uf, mf = v.reshape(-1), up.reshape(-1), m.reshape(-1)
+    for p in range(POINTS):  # M[p] = V[p] @ U[p], one L1-resident weight panel at a time
+        for pan in range(pan0, pan1):
+            b_off = (p * n_pan + pan) * ch * NR
+            for blk in range(ntp // MR):
+                i = blk * MR
+                _microkernel(vf, (p * ntp + i) * ch, ch, uf, b_off, mf,
+                             (p * ntp + i) * k_out + pan * NR, k_out, ch)  # fmt: skip
+    for t in range(t0, t1):
+        nn, r = t // (th * tw), t % (th * tw)
+        _output_tile(m, t - t0, pan0 * NR, pan1 * NR, tmp_out, out, nn, (r // tw) * TILE,
+                     (r % tw) * TILE, h, w, scale, shift, relu)  # fmt: skip
+
+
+def work_items(n_tiles: int, c_in: int, c_out: int, n_threads: int, chunk: int | None = None):
+    """(t0, t1, pan0, pan1) items covering every (tile, panel) once.
+
+    Tiles go in chunks of ``chunk`` (default :func:`chunk_tiles`); when there are fewer chunks
+    than threads, each chunk is also split by output panels (the input transform is then done
+    by each of its items: cheap next to the GEMMs).
+    """
+    chunk = chunk or chunk_tiles(c_in, c_out)
+    chunks = [(t, min(t + chunk, n_tiles)) for t in range(0, n_tiles, chunk)]
+    panels = c_out // NR
+    split = 1
+    if len(chunks) < 2 * n_threads and n_threads > 1:
+        split = min(panels, -(-2 * n_threads // len(chunks)))
+    step = -(-panels // split)
+    return [(t0, t1, p, min(p + step, panels)) for t0, t1 in chunks for p in range(0, panels, step)]
+
+
+def chunk_tiles(c_in: int, c_out: int) -> int:
+    """Tiles per chunk: the scratch V + M (36·T·(C_in + C_out) floats) near 1 MiB of L2, but at
+    least 24 rows so each weight panel is reused (a multiple of the micro-kernel's 6 rows)."""
+    t = (1 << 20) // (4 * POINTS * (c_in + c_out))
+    return max(24, t // MR * MR)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def conv3x3_reference(x: np.ndarray, w: np.ndarray, scale, shift, relu: bool) -> np.ndarray:
+    """The slow obvious conv (padding 1, stride 1) in float64: x (N, H, W, C_in), w (C_out, C_in,
+    3, 3) -> act(conv·scale + shift) as (N·H·W, C_out); ``scale`` empty means 1."""
+    n, h, wd, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((n, h, wd, w.shape[0]))
+    for i in range(3):
+        for j in range(3):
+            y += xp[:, i : i + h, j : j + wd, :] @ w[:, :, i, j].T.astype(np.float64)
+    y = y.reshape(n * h * wd, -1)
+    if len(scale):
+        y = y * scale
+    y = y + shift
+    return np.maximum(y, 0) if relu else y
+
+
+def winograd_1d_reference(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """F(4, 3) in one dimension, float64: A^T ((G g) ⊙ (B^T d)), the 4 outputs of the valid
+    correlation of a length-6 d with a length-3 g (the algebra the kernels implement)."""
+    return AT @ ((G_MAT @ g) * (BT @ d))
