@@ -137,3 +137,40 @@ def test_kernels_write_into_given_buffers(dtype):
     out2 = np.full_like(x, np.nan)
     assert bn_eval_forward(x, w, b, False, out=out2) is out2
     np.testing.assert_array_equal(out2, (x.astype(acc) * 2.0 + 0.5).astype(dtype))
+
+
+@pytest.mark.parametrize(
+    ("shape", "itemsize", "tiles"),
+    [
+        ((256, 1, 4096), 4, 8),  # (256, 4096) NC: columns of 512 channels fit the L2 budget
+        ((256, 1, 120), 4, 2),  # few channels: still split for the threads (64 channels each)
+        ((8, 49, 2048), 4, 7),  # NHWC (8, 7, 7, 2048): 392 rows, 320 channels a tile
+        ((64, 3136, 64), 4, 0),  # NHWC (64, 56, 56, 64): 200704 rows stream instead
+    ],
+)
+def test_kernels_single_launch_path_is_chosen_by_shape(shape, itemsize, tiles):
+    from bnlab.kernels import core
+
+    dtype = {4: np.float32, 8: np.float64}[itemsize]
+    assert core.fused_tiles(np.empty(shape, dtype), True) == tiles
+    assert core.fused_tiles(np.empty(shape, dtype), False) == 0  # channels-first never
+
+
+def test_kernels_single_launch_and_streaming_paths_agree(monkeypatch):
+    """(256, 4096) with a large mean, at the real tile sizes: the single-launch kernels and the
+    streaming passes give the same statistics, outputs and gradients to float64 rounding."""
+    rng = np.random.default_rng(4)
+    x = 1e3 + rng.standard_normal((256, 1, 4096))
+    dy = rng.standard_normal(x.shape)
+    w, b = rng.standard_normal(4096), rng.standard_normal(4096)
+
+    def run():
+        y, mean, var = bn_train_forward(x, w, b, 1e-5, True)
+        rstd = 1.0 / np.sqrt(var + 1e-5)
+        return (y, mean, var, *bn_backward(dy, x, mean, rstd, w, True))
+
+    fused = run()
+    monkeypatch.setattr(_chunks, "FUSED_TILE_BYTES", 0)
+    streaming = run()
+    for name, a, s in zip(("y", "mean", "var", "dx", "dw", "db"), fused, streaming, strict=True):
+        np.testing.assert_allclose(a, s, rtol=1e-9, atol=1e-9, err_msg=name)

@@ -106,9 +106,10 @@ def test_kernels_inference_forward_backward_match_reference(case):
 
 
 @contextmanager
-def _small_chunks(segment, short_row, block_rows, tile):
+def _small_chunks(segment, short_row, block_rows, tile, fused):
     """Shrink the chunk sizes so that tiny tensors take every code path (long and short rows,
-    several segments, groups, row blocks, channel tiles, widened rows with leftover rows).
+    several segments, groups, row blocks, channel tiles, widened rows with leftover rows; for
+    channels-last, the single-launch column tiles when ``fused``, else the streaming passes).
     They still run on one thread (tiny passes do); test_kernels_determinism runs the same paths
     on two threads."""
     names = {
@@ -120,6 +121,9 @@ def _small_chunks(segment, short_row, block_rows, tile):
         (_chunks, "CHANNEL_TILE"): tile,
         (_chunks, "WIDE_ROW"): 3 * tile + 7,
         (_chunks, "MAX_SHORT_TASKS"): tile + 1,
+        (_chunks, "FUSED_TILE_BYTES"): (1 << 30) if fused else 0,
+        (_chunks, "FUSED_MIN_WIDTH"): 1,
+        (_chunks, "FUSED_MIN_TILES"): tile + 1,
     }
     saved = {key: getattr(*key) for key in names}
     try:
@@ -142,10 +146,11 @@ def _small_chunks(segment, short_row, block_rows, tile):
     short_row=st.integers(1, 40),
     block_rows=st.integers(1, 4),
     tile=st.integers(1, 4),
+    fused=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_kernels_every_chunking_path_matches_float64_math(
-    n, c, s, channels_last, dtype, segment, short_row, block_rows, tile, seed
+    n, c, s, channels_last, dtype, segment, short_row, block_rows, tile, fused, seed
 ):
     """Kernel API with shrunken chunks vs plain float64 NumPy math (statistics, y, dx, dγ, dβ)."""
     rng = np.random.default_rng(seed)
@@ -154,7 +159,7 @@ def test_kernels_every_chunking_path_matches_float64_math(
     x = (rng.uniform(-5, 5) + rng.uniform(0.1, 3) * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     w, b = rng.standard_normal(c), rng.standard_normal(c)
-    with _small_chunks(segment, short_row, block_rows, tile):
+    with _small_chunks(segment, short_row, block_rows, tile, fused):
         y, mean, var = bn_train_forward(x, w, b, 1e-3, channels_last)
         rstd = 1.0 / np.sqrt(var.astype(np.float64) + 1e-3)
         dx, dw, db = bn_backward(dy, x, mean, rstd.astype(mean.dtype), w, channels_last)

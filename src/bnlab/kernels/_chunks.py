@@ -24,6 +24,10 @@ MIN_BLOCK_ROWS = 64  # partials are at most 3·8/(64·itemsize) of x: 9% for flo
 MIN_BLOCK_VALUES = 8192  # a channels-last block is at least this many values (overhead)
 CHANNEL_TILE = 512  # channels per channels-last task: its float64 accumulators stay in L1
 WIDE_ROW = 1024  # channels-last elementwise passes view k rows as one row of >= this many values
+FUSED_TILE_BYTES = 512 * 1024  # a single-launch task's column tile of one array stays in L2
+FUSED_MIN_WIDTH = 64  # narrower column tiles stride through memory too much to pay
+FUSED_MIN_TILES = 4  # enough tiles to keep a few threads busy when C allows it
+FUSED_ALIGN = 16  # tile widths are whole 64-byte lines of float32
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -56,3 +60,20 @@ def row_blocks(rows: int, c: int) -> int:
 def channel_tiles(c: int) -> int:
     """How many tiles of at most CHANNEL_TILE channels a channels-last row is split into."""
     return max(1, _ceil_div(c, CHANNEL_TILE))
+
+
+def fused_tiles(rows: int, c: int, itemsize: int) -> int:
+    """Column tiles of the single-launch channels-last kernels (:mod:`._fused`), or 0 when a tile
+    of FUSED_MIN_WIDTH channels over all rows would not fit FUSED_TILE_BYTES (too many rows: the
+    two-pass kernels stream instead).
+
+    Width = the most channels whose column over all rows fits the budget, but at most
+    C / FUSED_MIN_TILES (rounded up) so small C still splits into several tasks; rounded down to
+    whole cache lines (FUSED_ALIGN channels) so tasks do not share a line."""
+    width = FUSED_TILE_BYTES // max(1, rows * itemsize)
+    if width < FUSED_MIN_WIDTH:
+        return 0
+    width = min(width, max(FUSED_MIN_WIDTH, _ceil_div(c, FUSED_MIN_TILES)))
+    if width >= FUSED_ALIGN:
+        width -= width % FUSED_ALIGN
+    return _ceil_div(c, width)

@@ -13,6 +13,9 @@ otherwise); outputs have x's dtype. m = N·S values per channel.
                        dx = γ·rstd·(dy − Σdy/m − x̂·dγ/m)            pass 2: read dy, x, write dx
     inference backward dx = dy·γ·rstd  (dγ, dβ as above)
 
+Channels-last tensors with few rows (one column tile of every row fits in L2) run each training
+pass as a single launch instead (:mod:`._fused`): same formulas, the second read from cache.
+
 float16 input is staged through a float32 copy (numba has no float16 arithmetic on the CPU).
 """
 
@@ -127,9 +130,13 @@ def bn_train_forward(x3, weight, bias, eps, channels_last, out=None):
     eps = _check_eps(eps)
     xw = _compute_dtype(x)
     buf = _check_out(_work_out(x, xw, out), xw)
-    mean, var = core.channel_moments(xw, channels_last)
-    rstd = 1.0 / np.sqrt(var + eps)
-    core.affine(xw, mean, g * rstd, b, channels_last, buf)
+    tiles = core.fused_tiles(xw, channels_last)
+    if tiles:
+        mean, var = core.fused_train_forward(xw, g, b, eps, channels_last, tiles, buf)
+    else:
+        mean, var = core.channel_moments(xw, channels_last)
+        rstd = 1.0 / np.sqrt(var + eps)
+        core.affine(xw, mean, g * rstd, b, channels_last, buf)
     acc = acc_dtype(x.dtype)
     return _result(buf, out, x.dtype), mean.astype(acc), var.astype(acc)
 
@@ -175,13 +182,17 @@ def bn_backward(dy3, x3, mean, rstd, weight, channels_last, dx=None):
     With A = γ·rstd: dx = A·dy + B·(x − μ) + D, B = −A·rstd·dγ/m, D = −A·Σdy/m."""
     dyw, xw, dtype, mean, rstd, g = _backward_inputs(dy3, x3, mean, rstd, weight, channels_last)
     buf = _check_out(_work_out(x3, xw, dx, "dx"), xw, "dx")
+    acc = acc_dtype(dtype)
+    tiles = core.fused_tiles(xw, channels_last)
+    if tiles:
+        dgamma, sum_dy = core.fused_backward(dyw, xw, mean, rstd, g, channels_last, tiles, buf)
+        return _result(buf, dx, dtype), dgamma.astype(acc), sum_dy.astype(acc)
     m = xw.size // _channels(xw, channels_last)
     sum_dy, dgamma = _param_grads(dyw, xw, mean, rstd, channels_last)
     a = g * rstd
     core.backward_elementwise(
         dyw, xw, mean, a, -a * rstd * dgamma / m, -a * sum_dy / m, channels_last, buf
     )
-    acc = acc_dtype(dtype)
     return _result(buf, dx, dtype), dgamma.astype(acc), sum_dy.astype(acc)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from bnlab.errors import ShapeError
 
-from . import _chunks, _elementwise, _reduce
+from . import _chunks, _elementwise, _fused, _reduce
 
 PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
 
@@ -52,6 +52,38 @@ def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:
     if s == 1 and c > 1:
         return a.reshape(n, c), True
     return a, False
+
+
+def fused_tiles(x3: np.ndarray, channels_last: bool) -> int:
+    """Column tiles of the single-launch path (:mod:`._fused`) for this tensor, 0 if it streams
+    (channels-first views, or too many rows for a column tile to stay in cache)."""
+    x, cl = kernel_view(x3, channels_last)
+    if not cl:
+        return 0
+    return _chunks.fused_tiles(x.shape[0], x.shape[1], x.itemsize)
+
+
+def fused_train_forward(x3, g, b, eps: float, channels_last: bool, tiles: int, out):
+    """Training forward in one launch (see :mod:`._fused`); returns (mean, var) float64 (C,)."""
+    x, _ = kernel_view(x3, channels_last)
+    o, _ = kernel_view(out, channels_last)
+    c = x.shape[1]
+    mean, var = np.empty(c), np.empty(c)
+    with threads_for(2 * x.size):
+        _fused.train_forward_cl(x, g, b, eps, tiles, mean, var, o)
+    return mean, var
+
+
+def fused_backward(dy3, x3, mean, rstd, g, channels_last: bool, tiles: int, dx3):
+    """Training backward in one launch (see :mod:`._fused`); returns (dgamma, dbeta) float64."""
+    dy, _ = kernel_view(dy3, channels_last)
+    x, _ = kernel_view(x3, channels_last)
+    dx, _ = kernel_view(dx3, channels_last)
+    c = x.shape[1]
+    dgamma, dbeta = np.empty(c), np.empty(c)
+    with threads_for(3 * x.size):
+        _fused.backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta)
+    return dgamma, dbeta
 
 
 def _row_split(s: int) -> tuple[bool, int]:

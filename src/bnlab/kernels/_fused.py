@@ -1,0 +1,111 @@
+"""Single-launch batch-norm kernels for short channels-last tensors (few rows, any channels).
+
+When a channels-last (R, C) view has few rows (a (256, 4096) activation of an MLP, NHWC maps of a
+small batch), one column tile of every row fits in the core's L2 cache. A task then owns a tile of
+channels end to end: it reduces the tile's statistics over all R rows (one read from memory) and
+immediately writes the normalized tile (the second read comes from cache). One kernel launch for
+the whole training forward, one for the whole backward, no partials to merge:
+
+    forward   per channel j of the tile, shift k_j = x[0, j]:
+                  s1 = Σ_r (x − k),  s2 = Σ_r (x − k)²           (float64)
+                  μ = k + s1/R,  σ² = max(s2 − s1²/R, 0)/R,  a = γ·(1/√(σ² + ε))
+                  y = (x − μ)·a + β                              (in x's dtype)
+    backward  Σdy, Σdy·(x − μ) over the rows (float64); dβ = Σdy, dγ = rstd·Σdy·(x − μ)
+              dx = A·dy + B·(x − μ) + D, A = γ·rstd, B = −A·rstd·dγ/R, D = −A·Σdy/R
+
+Each channel is summed by one task in row order, so results do not depend on the thread count.
+Shapes: x, dy, out, dx (R, C) C-contiguous; vectors (C,) float64; ``tiles`` from
+:func:`bnlab.kernels._chunks.fused_tiles` (a function of the shape only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def _tile_range(t, tiles, c):
+    """Channel range [c0, c1) of tile t (equal widths, the last one shorter)."""
+    width = (c + tiles - 1) // tiles
+    c0 = t * width
+    return c0, min(c, c0 + width)
+
+
+@njit(parallel=True, cache=True)
+def train_forward_cl(x, g, b, eps, tiles, mean, var, out):
+    """Training forward of (R, C) in one launch: fills mean, var (C,) (biased) and out."""
+    rows, c = x.shape
+    m = np.float64(rows)
+    for t in prange(tiles):
+        c0, c1 = _tile_range(t, tiles, c)
+        w = c1 - c0
+        k = np.empty(w)
+        for j in range(w):
+            k[j] = np.float64(x[0, c0 + j])
+        acc1 = np.zeros(w)
+        acc2 = np.zeros(w)
+        for r in range(rows):
+            xr = x[r, c0:c1]
+            for j in range(w):
+                d = np.float64(xr[j]) - k[j]
+                acc1[j] += d
+                acc2[j] += d * d
+        mc = np.empty(w, x.dtype)
+        ac = np.empty(w, x.dtype)
+        bc = np.empty(w, x.dtype)
+        for j in range(w):
+            mu = k[j] + acc1[j] / m
+            v = (acc2[j] - acc1[j] * acc1[j] / m) / m
+            if v < 0.0:
+                v = 0.0
+            mean[c0 + j] = mu
+            var[c0 + j] = v
+            mc[j] = mu
+            ac[j] = g[c0 + j] * (1.0 / np.sqrt(v + eps))
+            bc[j] = b[c0 + j]
+        for r in range(rows):
+            xr = x[r, c0:c1]
+            yr = out[r, c0:c1]
+            for j in range(w):
+                yr[j] = (xr[j] - mc[j]) * ac[j] + bc[j]
+
+
+@njit(parallel=True, cache=True)
+def backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta):
+    """Training backward of (R, C) in one launch: fills dx and dgamma, dbeta (C,) float64."""
+    rows, c = x.shape
+    m = np.float64(rows)
+    for t in prange(tiles):
+        c0, c1 = _tile_range(t, tiles, c)
+        w = c1 - c0
+        mu = mean[c0:c1]
+        acc1 = np.zeros(w)
+        acc2 = np.zeros(w)
+        for r in range(rows):
+            dyr = dy[r, c0:c1]
+            xr = x[r, c0:c1]
+            for j in range(w):
+                gv = np.float64(dyr[j])
+                acc1[j] += gv
+                acc2[j] += gv * (np.float64(xr[j]) - mu[j])
+        ca = np.empty(w, x.dtype)
+        cb = np.empty(w, x.dtype)
+        cd = np.empty(w, x.dtype)
+        mc = np.empty(w, x.dtype)
+        for j in range(w):
+            r_ = rstd[c0 + j]
+            dg = r_ * acc2[j]
+            dgamma[c0 + j] = dg
+            dbeta[c0 + j] = acc1[j]
+            a = g[c0 + j] * r_
+            ca[j] = a
+            cb[j] = -a * r_ * dg / m
+            cd[j] = -a * acc1[j] / m
+            mc[j] = mu[j]
+        for r in range(rows):
+            dyr = dy[r, c0:c1]
+            xr = x[r, c0:c1]
+            dxr = dx[r, c0:c1]
+            for j in range(w):
+                dxr[j] = ca[j] * dyr[j] + cb[j] * (xr[j] - mc[j]) + cd[j]
