@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=15, help="timed calls per peer and batch size")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print bnlab's ms per layer type (each step timed alone)")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_resnet50.json"))
     return p.parse_args(argv)
 
@@ -210,6 +212,8 @@ def main(args) -> int:
         for batch in args.batch:
             x = rng.standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
             errs = check_peers(peers, x)
+            if args.profile:
+                print_profile(peers["bnlab compiled"], x, batch)
             times = time_interleaved(peers, x, args.repeats, args.warmup)
             med = {n: float(np.median([w for w, _ in t])) for n, t in times.items()}
             cpu = {n: float(np.median([c for _, c in t])) for n, t in times.items()}
@@ -248,6 +252,15 @@ def main(args) -> int:
     atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def print_profile(predict, x, batch: int) -> None:
+    """bnlab's time per step kind (median of 5 calls, each step timed alone)."""
+    prof = predict.profile(x)
+    total = sum(prof.values())
+    print(f"bnlab profile, batch {batch}: {total:.1f} ms in steps")
+    for label, ms in sorted(prof.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<24} {ms:7.2f} ms  {100 * ms / total:4.1f}%")
 
 
 def print_table(rows, peak, flops_per_image, args) -> None:

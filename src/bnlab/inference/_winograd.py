@@ -239,19 +239,20 @@ def chunk_tiles(c_in: int, c_out: int) -> int:
 # --------------------------------------------------------------------------- references
 
 
-def conv3x3_reference(x: np.ndarray, w: np.ndarray, scale, shift, relu: bool) -> np.ndarray:
-    """The slow obvious conv (padding 1, stride 1) in float64: x (N, H, W, C_in), w (C_out, C_in,
-    3, 3) -> act(conv·scale + shift) as (N·H·W, C_out); ``scale`` empty means 1."""
+def conv3x3_reference(x, w, scale, shift, relu: bool, dtype=np.float64) -> np.ndarray:
+    """The slow obvious conv (padding 1, stride 1), by default in float64: x (N, H, W, C_in),
+    w (C_out, C_in, 3, 3) -> act(conv·scale + shift) as (N·H·W, C_out); ``scale`` empty means 1.
+    ``dtype=np.float32`` gives the direct conv's own float32 rounding, for comparison."""
     n, h, wd, _ = x.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = np.zeros((n, h, wd, w.shape[0]))
+    xp = np.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((n, h, wd, w.shape[0]), dtype)
     for i in range(3):
         for j in range(3):
-            y += xp[:, i : i + h, j : j + wd, :] @ w[:, :, i, j].T.astype(np.float64)
+            y += xp[:, i : i + h, j : j + wd, :] @ w[:, :, i, j].T.astype(dtype)
     y = y.reshape(n * h * wd, -1)
     if len(scale):
-        y = y * scale
-    y = y + shift
+        y = y * scale.astype(dtype)
+    y = y + shift.astype(dtype)
     return np.maximum(y, 0) if relu else y
 
 

@@ -121,6 +121,7 @@ class _Plan:
     x_nhwc: np.ndarray
     steps: list = field(default_factory=list)
     logits: np.ndarray | None = None
+    labels: list = field(default_factory=list)  # one per step: kind and kernel size, for profiles
 
 
 class _Arena:
@@ -199,6 +200,28 @@ class CompiledResNet:
                 step()
             return plan.logits[0][:, : self.fc_w.shape[1]].copy()
 
+    def profile(self, x: np.ndarray, repeats: int = 5, layout: str = "NCHW") -> dict[str, float]:
+        """Milliseconds per step kind ('packed_gemm 1x1', 'winograd_conv 3x3', ...), each step
+        timed alone, summed over the network, median over ``repeats`` calls (for the benchmark)."""
+        import time  # noqa: PLC0415
+
+        x = _check_images(x, layout)
+        self._predict(x, layout)  # build the plan, fill the input buffer
+        n, h, w = (x.shape[0], x.shape[2], x.shape[3]) if layout == "NCHW" else x.shape[:3]
+        plan = self._plans[(n, h, w)]
+        times = np.zeros((repeats, len(plan.steps)))
+        with self._lock:
+            for r in range(repeats):
+                for i, step in enumerate(plan.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times[r, i] = time.perf_counter() - t0
+        med = np.median(times, axis=0) * 1e3
+        out: dict[str, float] = {}
+        for label, ms in zip(plan.labels, med, strict=True):
+            out[label] = out.get(label, 0.0) + float(ms)
+        return out
+
     # ------------------------------------------------------------------ planning
 
     def _build_plan(self, n: int, h0: int, w0: int) -> _Plan:
@@ -210,7 +233,7 @@ class CompiledResNet:
             cur, (h, w) = self._plan_block(arena, steps, blk, cur, n, h, w, "a" if i % 2 else "b")
         logits = self._plan_head(arena, steps, cur, n, h, w)
         arena.materialize()
-        plan = _Plan(x_slot[0], [_bind(s) for s in steps], logits)
+        plan = _Plan(x_slot[0], [_bind(s) for s in steps], logits, [_label(s) for s in steps])
         self._plans[(n, h0, w0)] = plan
         return plan
 
@@ -300,6 +323,15 @@ def _bind(step):
     fn, *args = step
     resolved = [a[0] if isinstance(a, list) else a for a in args]
     return lambda: fn(*resolved)
+
+
+def _label(step) -> str:
+    """'packed_conv 3x3', 'winograd_conv 3x3', 'packed_gemm 1x1', 'maxpool'...: what a step is."""
+    fn, *args = step
+    conv = next((a for a in args if isinstance(a, PackedConv)), None)
+    kind = fn.__name__.lstrip("_")
+    return kind if conv is None else f"{kind} {conv.k}x{conv.k}" + (
+        f"/{conv.stride}" if conv.stride > 1 else "")  # fmt: skip
 
 
 def _as4(a, shape):
