@@ -24,11 +24,14 @@ MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 def tiny_chunks(request, monkeypatch):
     """Many small chunks and no single-thread shortcut, so the chunk merging is exercised;
     channels-last cases run once through the streaming passes and once through the single-launch
-    column tiles (several tiles of 2 channels)."""
+    column tiles (tiles of one channel), channels-first long rows through the per-channel
+    single-launch kernels."""
     fused = request.param == "fused"
     monkeypatch.setattr(_chunks, "FUSED_TILE_BYTES", (1 << 30) if fused else 0)
     monkeypatch.setattr(_chunks, "FUSED_MIN_WIDTH", 1)
     monkeypatch.setattr(_chunks, "FUSED_MIN_TILES", 20)
+    monkeypatch.setattr(_chunks, "FUSED_CHANNEL_BYTES", (1 << 30) if fused else 0)
+    monkeypatch.setattr(_chunks, "FUSED_MIN_CHANNELS", 1)
     monkeypatch.setattr(_chunks, "SEGMENT", 40)
     monkeypatch.setattr(_chunks, "SHORT_ROW", 100)
     monkeypatch.setattr(_chunks, "MIN_TASKS", 7)

@@ -140,37 +140,49 @@ def test_kernels_write_into_given_buffers(dtype):
 
 
 @pytest.mark.parametrize(
-    ("shape", "itemsize", "tiles"),
+    ("shape", "channels_last", "tiles"),
     [
-        ((256, 1, 4096), 4, 8),  # (256, 4096) NC: columns of 512 channels fit the L2 budget
-        ((256, 1, 120), 4, 2),  # few channels: still split for the threads (64 channels each)
-        ((8, 49, 2048), 4, 7),  # NHWC (8, 7, 7, 2048): 392 rows, 320 channels a tile
-        ((64, 3136, 64), 4, 0),  # NHWC (64, 56, 56, 64): 200704 rows stream instead
+        ((256, 1, 4096), True, 8),  # (256, 4096) NC: columns of 512 channels fit the L2 budget
+        ((256, 1, 120), True, 2),  # few channels: still split for the threads (64 channels each)
+        ((8, 49, 2048), True, 7),  # NHWC (8, 7, 7, 2048): 392 rows, 320 channels a tile
+        ((64, 3136, 64), True, 0),  # NHWC (64, 56, 56, 64): 200704 rows stream instead
+        ((64, 64, 3136), False, -1),  # NCHW (64, 64, 56, 56): one task per 784 KiB channel
+        ((256, 6, 784), False, -1),  # LeNet's first BN
+        ((32, 256, 196), False, 0),  # short rows: column-wise streaming sums
+        ((512, 64, 3136), False, 0),  # 6 MiB channels do not stay cached
+        ((64, 3, 3136), False, 0),  # too few channels to share between threads
     ],
 )
-def test_kernels_single_launch_path_is_chosen_by_shape(shape, itemsize, tiles):
+def test_kernels_single_launch_path_is_chosen_by_shape(shape, channels_last, tiles):
     from bnlab.kernels import core
 
-    dtype = {4: np.float32, 8: np.float64}[itemsize]
-    assert core.fused_tiles(np.empty(shape, dtype), True) == tiles
-    assert core.fused_tiles(np.empty(shape, dtype), False) == 0  # channels-first never
+    assert core.fused_tiles(np.empty(shape, np.float32), channels_last) == tiles
 
 
-def test_kernels_single_launch_and_streaming_paths_agree(monkeypatch):
-    """(256, 4096) with a large mean, at the real tile sizes: the single-launch kernels and the
-    streaming passes give the same statistics, outputs and gradients to float64 rounding."""
+@pytest.mark.parametrize(
+    ("shape", "channels_last"), [((256, 1, 4096), True), ((16, 8, 1000), False)]
+)
+def test_kernels_single_launch_and_streaming_paths_agree(monkeypatch, shape, channels_last):
+    """A large mean, at the real tile sizes: the single-launch kernels and the streaming passes
+    give the same statistics, outputs and gradients to float64 rounding."""
     rng = np.random.default_rng(4)
-    x = 1e3 + rng.standard_normal((256, 1, 4096))
+    x = 1e3 + rng.standard_normal(shape)
     dy = rng.standard_normal(x.shape)
-    w, b = rng.standard_normal(4096), rng.standard_normal(4096)
+    c = shape[2] if channels_last else shape[1]
+    w, b = rng.standard_normal(c), rng.standard_normal(c)
 
     def run():
-        y, mean, var = bn_train_forward(x, w, b, 1e-5, True)
+        y, mean, var = bn_train_forward(x, w, b, 1e-5, channels_last)
         rstd = 1.0 / np.sqrt(var + 1e-5)
-        return (y, mean, var, *bn_backward(dy, x, mean, rstd, w, True))
+        return (y, mean, var, *bn_backward(dy, x, mean, rstd, w, channels_last))
 
+    from bnlab.kernels import core
+
+    assert core.fused_tiles(x, channels_last) != 0
     fused = run()
     monkeypatch.setattr(_chunks, "FUSED_TILE_BYTES", 0)
+    monkeypatch.setattr(_chunks, "FUSED_CHANNEL_BYTES", 0)
+    assert core.fused_tiles(x, channels_last) == 0
     streaming = run()
     for name, a, s in zip(("y", "mean", "var", "dx", "dw", "db"), fused, streaming, strict=True):
         np.testing.assert_allclose(a, s, rtol=1e-9, atol=1e-9, err_msg=name)

@@ -124,6 +124,8 @@ def _small_chunks(segment, short_row, block_rows, tile, fused):
         (_chunks, "FUSED_TILE_BYTES"): (1 << 30) if fused else 0,
         (_chunks, "FUSED_MIN_WIDTH"): 1,
         (_chunks, "FUSED_MIN_TILES"): tile + 1,
+        (_chunks, "FUSED_CHANNEL_BYTES"): (1 << 30) if fused else 0,
+        (_chunks, "FUSED_MIN_CHANNELS"): 1,
     }
     saved = {key: getattr(*key) for key in names}
     try:

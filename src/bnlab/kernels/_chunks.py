@@ -28,6 +28,8 @@ FUSED_TILE_BYTES = 512 * 1024  # a single-launch task's column tile of one array
 FUSED_MIN_WIDTH = 64  # narrower column tiles stride through memory too much to pay
 FUSED_MIN_TILES = 4  # enough tiles to keep a few threads busy when C allows it
 FUSED_ALIGN = 16  # tile widths are whole 64-byte lines of float32
+FUSED_CHANNEL_BYTES = 2 * 1024 * 1024  # channels-first: one channel of one array, cache-resident
+FUSED_MIN_CHANNELS = 4  # channels-first single launch needs this many tasks (one per channel)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -77,3 +79,10 @@ def fused_tiles(rows: int, c: int, itemsize: int) -> int:
     if width >= FUSED_ALIGN:
         width -= width % FUSED_ALIGN
     return _ceil_div(c, width)
+
+
+def fused_channels(n: int, c: int, s: int, itemsize: int) -> bool:
+    """Whether a channels-first (N, C, S) tensor runs the single-launch per-channel kernels: long
+    rows (short ones are summed column-wise by the streaming kernels), enough channels to share
+    between threads, and a channel small enough to stay cached between its two reads."""
+    return s >= SHORT_ROW and c >= FUSED_MIN_CHANNELS and n * s * itemsize <= FUSED_CHANNEL_BYTES

@@ -1,4 +1,4 @@
-"""Single-launch batch-norm kernels for short channels-last tensors (few rows, any channels).
+"""Single-launch batch-norm kernels: a task owns whole channels, reduces them and writes them.
 
 When a channels-last (R, C) view has few rows (a (256, 4096) activation of an MLP, NHWC maps of a
 small batch), one column tile of every row fits in the core's L2 cache. A task then owns a tile of
@@ -13,8 +13,13 @@ the whole training forward, one for the whole backward, no partials to merge:
     backward  Σdy, Σdy·(x − μ) over the rows (float64); dβ = Σdy, dγ = rstd·Σdy·(x − μ)
               dx = A·dy + B·(x − μ) + D, A = γ·rstd, B = −A·rstd·dγ/R, D = −A·Σdy/R
 
-Each channel is summed by one task in row order, so results do not depend on the thread count.
-Shapes: x, dy, out, dx (R, C) C-contiguous; vectors (C,) float64; ``tiles`` from
+Channels-first (N, C, S) with long rows: a task owns one channel (N rows of S values, strided by
+C·S); it sums the rows in order (shifted LANES-way sums of :mod:`._reduce`, merged row by row with
+the parallel update), then writes the channel. A channel that fits in the last-level cache is read
+from memory once per pass.
+
+Each channel is summed by one task in a fixed order, so results do not depend on the thread count.
+Shapes: x, dy, out, dx (R, C) or (N, C, S) C-contiguous; vectors (C,) float64; ``tiles`` from
 :func:`bnlab.kernels._chunks.fused_tiles` (a function of the shape only).
 """
 
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from ._reduce import _grad_sums, _merge, _shifted_sums
 
 
 @njit(cache=True)
@@ -109,3 +116,57 @@ def backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta):
             dxr = dx[r, c0:c1]
             for j in range(w):
                 dxr[j] = ca[j] * dyr[j] + cb[j] * (xr[j] - mc[j]) + cd[j]
+
+
+@njit(parallel=True, cache=True)
+def train_forward_cf(x, g, b, eps, mean, var, out):
+    """Training forward of (N, C, S), one task per channel: fills mean, var (C,) and out."""
+    n, c, s = x.shape
+    for ch in prange(c):
+        cnt, mu, m2 = 0.0, 0.0, 0.0
+        for i in range(n):
+            row = x[i, ch]
+            k = np.float64(row[0])
+            s1, s2 = _shifted_sums(row, k)
+            m = np.float64(s)
+            cnt, mu, m2 = _merge(cnt, mu, m2, m, k + s1 / m, s2 - s1 * s1 / m)
+        v = m2 / cnt
+        if v < 0.0:
+            v = 0.0
+        mean[ch] = mu
+        var[ch] = v
+        mc = x.dtype.type(mu)
+        ac = x.dtype.type(g[ch] * (1.0 / np.sqrt(v + eps)))
+        bc = x.dtype.type(b[ch])
+        for i in range(n):
+            xr = x[i, ch]
+            yr = out[i, ch]
+            for j in range(s):
+                yr[j] = (xr[j] - mc) * ac + bc
+
+
+@njit(parallel=True, cache=True)
+def backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta):
+    """Training backward of (N, C, S), one task per channel: fills dx and dgamma, dbeta (C,)."""
+    n, c, s = x.shape
+    m = np.float64(n * s)
+    for ch in prange(c):
+        mu = mean[ch]
+        sum_dy, sum_dyxmu = 0.0, 0.0
+        for i in range(n):
+            s1, s2 = _grad_sums(dy[i, ch], x[i, ch], mu)
+            sum_dy += s1
+            sum_dyxmu += s2
+        r_ = rstd[ch]
+        dg = r_ * sum_dyxmu
+        dgamma[ch] = dg
+        dbeta[ch] = sum_dy
+        a = g[ch] * r_
+        t = x.dtype.type
+        ca, cb, cd, mc = t(a), t(-a * r_ * dg / m), t(-a * sum_dy / m), t(mu)
+        for i in range(n):
+            dyr = dy[i, ch]
+            xr = x[i, ch]
+            dxr = dx[i, ch]
+            for j in range(s):
+                dxr[j] = ca * dyr[j] + cb * (xr[j] - mc) + cd

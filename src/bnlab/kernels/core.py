@@ -55,34 +55,42 @@ def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:
 
 
 def fused_tiles(x3: np.ndarray, channels_last: bool) -> int:
-    """Column tiles of the single-launch path (:mod:`._fused`) for this tensor, 0 if it streams
-    (channels-first views, or too many rows for a column tile to stay in cache)."""
+    """How the single-launch kernels (:mod:`._fused`) split this tensor: the number of column
+    tiles of a channels-last view, -1 for per-channel tasks of a channels-first view, 0 when it
+    streams instead (too many rows or too big channels to stay in cache, short rows, few
+    channels). A function of the shape only."""
     x, cl = kernel_view(x3, channels_last)
-    if not cl:
-        return 0
-    return _chunks.fused_tiles(x.shape[0], x.shape[1], x.itemsize)
+    if cl:
+        return _chunks.fused_tiles(x.shape[0], x.shape[1], x.itemsize)
+    return -1 if _chunks.fused_channels(*x.shape, x.itemsize) else 0
 
 
 def fused_train_forward(x3, g, b, eps: float, channels_last: bool, tiles: int, out):
     """Training forward in one launch (see :mod:`._fused`); returns (mean, var) float64 (C,)."""
-    x, _ = kernel_view(x3, channels_last)
+    x, cl = kernel_view(x3, channels_last)
     o, _ = kernel_view(out, channels_last)
-    c = x.shape[1]
+    c = x.shape[-1] if cl else x.shape[1]
     mean, var = np.empty(c), np.empty(c)
     with threads_for(2 * x.size):
-        _fused.train_forward_cl(x, g, b, eps, tiles, mean, var, o)
+        if cl:
+            _fused.train_forward_cl(x, g, b, eps, tiles, mean, var, o)
+        else:
+            _fused.train_forward_cf(x, g, b, eps, mean, var, o)
     return mean, var
 
 
 def fused_backward(dy3, x3, mean, rstd, g, channels_last: bool, tiles: int, dx3):
     """Training backward in one launch (see :mod:`._fused`); returns (dgamma, dbeta) float64."""
-    dy, _ = kernel_view(dy3, channels_last)
+    dy, cl = kernel_view(dy3, channels_last)
     x, _ = kernel_view(x3, channels_last)
     dx, _ = kernel_view(dx3, channels_last)
-    c = x.shape[1]
+    c = x.shape[-1] if cl else x.shape[1]
     dgamma, dbeta = np.empty(c), np.empty(c)
     with threads_for(3 * x.size):
-        _fused.backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta)
+        if cl:
+            _fused.backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta)
+        else:
+            _fused.backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta)
     return dgamma, dbeta
 
 
