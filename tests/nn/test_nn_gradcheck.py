@@ -75,6 +75,11 @@ def _lenet_like():
 
 CASES = {
     "conv": (lambda: nn.Conv2d(3, 4, 3), lambda: tnn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+    "conv_one_channel_pad": (  # with kernels: the direct kernels (forward, dW) of _conv_direct
+        lambda: nn.Conv2d(1, 3, (3, 5), padding=(1, 2)),
+        lambda: tnn.Conv2d(1, 3, (3, 5), padding=(1, 2)),
+        (2, 1, 5, 6),
+    ),
     "conv_stride_pad": (
         lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),
         lambda: tnn.Conv2d(3, 4, 3, stride=2, padding=1),
@@ -143,8 +148,14 @@ def _run(module, x, dout):
     return y, dx, {k: p.grad.copy() for k, p in module.named_parameters()}
 
 
-# the engine's numba kernels only change conv (col2im) and tiled average pooling
-KERNEL_CASES = ["conv", "conv_stride_pad", "conv_dilation_groups_nobias", "avgpool_tile"]
+# the engine's numba kernels only change conv (col2im, direct kernels) and tiled average pooling
+KERNEL_CASES = [
+    "conv",
+    "conv_one_channel_pad",
+    "conv_stride_pad",
+    "conv_dilation_groups_nobias",
+    "avgpool_tile",
+]
 PARAMS = [(n, False) for n in sorted(CASES)] + [(n, True) for n in KERNEL_CASES]
 
 

@@ -119,6 +119,10 @@ def conv2d_reference(x, weight, bias=None, stride=1, padding=0, dilation=1, grou
     return y
 
 
+# Layers with at most this many input channels use the direct kernels (when they apply).
+DIRECT_MAX_IN_CHANNELS = 1
+
+
 class Conv2d(Module):
     """2-D convolution (``torch.nn.Conv2d``): NCHW input, weight (O, C/groups, kh, kw), bias (O,).
 
@@ -211,14 +215,45 @@ class Conv2d(Module):
             buf = self._cols_buf = np.empty(shape, dtype)
         return buf
 
+    def uses_direct_kernel(self) -> bool:
+        """True when this layer computes with the direct kernels of :mod:`bnlab.nn._conv_direct`.
+
+        They apply to stride 1, no dilation, one group, the numba backend, and pay off when the
+        input has few channels (im2col then copies far more than the GEMM computes: measured
+        ~2x faster forward and weight gradient for LeNet's Conv(1, 6, 5); for Conv(6, 16, 5) on
+        12x12 the im2col GEMM is faster).
+        """
+        return (
+            self.in_channels <= DIRECT_MAX_IN_CHANNELS
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and use_numba()
+        )
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         oh, ow = self._check_input(x)
         x = x.astype(self.weight.data.dtype, copy=False)
-        n, g = x.shape[0], self.groups
         xp = pad_input(x, self.padding)
+        if self.uses_direct_kernel():
+            from bnlab.nn import _conv_direct
+
+            bias = None if self.bias is None else self.bias.data
+            y = _conv_direct.conv_forward(xp, self.weight.data, bias)
+            if self._need_cache():
+                self._cache = ("direct", xp, x.shape, (oh, ow))
+            return y
+        y, cols = self._forward_im2col(xp, (oh, ow))
+        if self._need_cache():
+            self._cache = ("im2col", cols, x.shape, (oh, ow))
+        return y
+
+    def _forward_im2col(self, xp, out_hw) -> tuple[np.ndarray, np.ndarray]:
+        """y (N, O, OH, OW) = W₂ · cols, and cols (N, C·kh·kw, OH·OW)."""
+        (oh, ow), n, g = out_hw, xp.shape[0], self.groups
         k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         cols_shape = (n, k, oh * ow)
-        cols = self._cols_buffer(cols_shape, x.dtype) if self._need_cache() else None
+        cols = self._cols_buffer(cols_shape, xp.dtype) if self._need_cache() else None
         cols = im2col(xp, self.kernel_size, self.stride, self.dilation, (oh, ow), out=cols)
         w2 = self.weight.data.reshape(g, self.out_channels // g, k // g)
         if g == 1:
@@ -228,32 +263,46 @@ class Conv2d(Module):
             y = np.matmul(w2, colsg).reshape(n, self.out_channels, oh * ow)
         if self.bias is not None:
             y += self.bias.data[:, None]
-        if self._need_cache():
-            self._cache = (cols, xp.shape, x.shape, (oh, ow))
-        return y.reshape(n, self.out_channels, oh, ow)
+        return y.reshape(n, self.out_channels, oh, ow), cols
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
-        cols, padded_shape, xshape, (oh, ow) = self._cached()
-        n, g, o = xshape[0], self.groups, self.out_channels
+        path, saved, xshape, (oh, ow) = self._cached()
+        n, o = xshape[0], self.out_channels
         check_dout(dout, (n, o, oh, ow), "Conv2d")
-        d = dout.astype(cols.dtype, copy=False).reshape(n, o, oh * ow)
-        k = cols.shape[1]
+        dout = dout.astype(self.weight.data.dtype, copy=False)
         if self.bias is not None:
-            self.bias.accumulate(d.sum(axis=(0, 2)))
-        if g == 1:
-            dw = np.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
+            self.bias.accumulate(dout.reshape(n, o, oh * ow).sum(axis=(0, 2)))
+        if path == "direct":
+            from bnlab.nn import _conv_direct
+
+            self.weight.accumulate(_conv_direct.conv_weight_grad(saved, dout, self.kernel_size))
         else:
-            dg = d.reshape(n, g, o // g, oh * ow)
-            colsg = cols.reshape(n, g, k // g, oh * ow)
-            dw = np.matmul(dg, colsg.transpose(0, 1, 3, 2)).sum(axis=0)
-        self.weight.accumulate(dw)
+            self.weight.accumulate(self._weight_grad_im2col(saved, dout))
         if not self.input_grad:
             return None
+        return self._input_grad(dout, xshape)
+
+    def _weight_grad_im2col(self, cols, dout) -> np.ndarray:
+        """dW₂ = Σₙ dyₙ colsₙᵀ, per group: (O, C/g·kh·kw)."""
+        n, o, g, k = dout.shape[0], self.out_channels, self.groups, cols.shape[1]
+        d = dout.reshape(n, o, -1)
+        if g == 1:
+            return np.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
+        dg = d.reshape(n, g, o // g, -1)
+        colsg = cols.reshape(n, g, k // g, -1)
+        return np.matmul(dg, colsg.transpose(0, 1, 3, 2)).sum(axis=0)
+
+    def _input_grad(self, dout, xshape) -> np.ndarray:
+        """dx: dcols = W₂ᵀ dy, scattered back by col2im, padding cropped."""
+        n, o, oh, ow = dout.shape
+        (ph, pw), g = self.padding, self.groups
+        padded_shape = (n, self.in_channels, xshape[2] + 2 * ph, xshape[3] + 2 * pw)
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        d = dout.reshape(n, o, oh * ow)
         w2 = self.weight.data.reshape(g, o // g, k // g)
         if g == 1:
             dcols = np.matmul(w2[0].T, d)
         else:
             dcols = np.matmul(w2.transpose(0, 2, 1), d.reshape(n, g, o // g, oh * ow))
         dxp = col2im(dcols, padded_shape, self.kernel_size, self.stride, self.dilation, (oh, ow))
-        ph, pw = self.padding
         return dxp[:, :, ph : ph + xshape[2], pw : pw + xshape[3]]
