@@ -1,4 +1,7 @@
-"""``bnlab train``: train LeNet or LeNet-BN on Fashion-MNIST with bnlab's own engine."""
+"""``bnlab train``: train LeNet or LeNet-BN on Fashion-MNIST with bnlab's own engine, or with
+PyTorch (``--engine torch``: :mod:`bnlab.torch.train`, DDP + SyncBatchNorm over ``--nproc`` local
+CPU processes started by torchrun's machinery). Both engines write the same run folder:
+``metrics.json``, ``checkpoint.safetensors`` + ``.json`` and ``report.md``."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import math
 import sys
 
 HELP = "train LeNet / LeNet-BN on Fashion-MNIST (metrics.json, checkpoints, report.md)"
+TORCH_MODELS = ("lenet-bn",)  # what bnlab.torch.train builds
 
 
 def _number(kind: type, strict: bool):
@@ -78,9 +82,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "oversubscribed thread pools were ~10x slower than one thread)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--engine",
+        choices=["numpy", "torch"],
+        default="numpy",
+        help="numpy: bnlab's own layers (default); torch: PyTorch with bnlab's BatchNorm "
+        "(needs pip install bnlab[torch])",
+    )
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help="data-parallel CPU processes (torch engine: DDP + SyncBatchNorm, --batch-size is the "
+        "global batch; --threads is per process)",
+    )
+
+
+def _error(message: str) -> int:
+    print(f"bnlab train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def engine_problem(args) -> str | None:
+    """Why these arguments cannot run on the chosen engine, or None."""
+    if args.engine == "numpy":
+        if args.nproc > 1:
+            return f"--nproc {args.nproc} needs --engine torch (the NumPy engine is one process)"
+        return None
+    if args.model not in TORCH_MODELS:
+        return f"--engine torch trains {' or '.join(TORCH_MODELS)}, got --model {args.model}"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "--engine torch needs PyTorch, which is not installed: pip install bnlab[torch]"
+    return None
+
+
+def torch_argv(args) -> list[str]:
+    """The ``python -m bnlab.torch.train`` arguments of the same run (every flag passes through;
+    --no-progress has no counterpart: the torch engine prints one line per epoch)."""
+    argv = ["--model", args.model, "--epochs", str(args.epochs)]
+    argv += ["--batch-size", str(args.batch_size), "--lr", repr(args.lr)]
+    argv += ["--momentum", repr(args.momentum), "--weight-decay", repr(args.weight_decay)]
+    argv += ["--seed", str(args.seed), "--out", str(args.out), "--threads", str(args.threads)]
+    optional = {"--data": args.data, "--train-limit": args.train_limit}
+    optional |= {"--test-limit": args.test_limit, "--backend": args.backend}
+    argv += [a for flag, v in optional.items() if v is not None for a in (flag, str(v))]
+    argv += [flag for flag in ("--resume", "--overwrite") if getattr(args, flag[2:])]
+    return argv
 
 
 def run(args) -> int:
+    problem = engine_problem(args)
+    if problem:
+        return _error(problem)
+    if args.engine == "torch":
+        from bnlab.torch.train import launch
+
+        return launch(torch_argv(args), args.nproc)
+    return _run_numpy(args)
+
+
+def _run_numpy(args) -> int:
     from bnlab.backend import set_backend
     from bnlab.train import TrainConfig, train
 
@@ -110,8 +173,7 @@ def run(args) -> int:
             progress=False if args.no_progress else None,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"bnlab train: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
     if metrics["epochs"]:
         print(
             f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; "

@@ -247,9 +247,35 @@ def _resume(out: Path, config: dict, states: _NumpyStates, metrics: dict) -> int
 # --------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, splits=None,
-          data_root=None, log=print, report=True) -> dict:  # fmt: skip
-    """Train (or resume) in folder ``out`` on every rank; rank 0 writes the files."""
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A new run needs a folder without a checkpoint (or ``overwrite``); ``resume`` needs one."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    exists = (out / "checkpoint.safetensors").exists()
+    if resume and not exists:
+        raise FileNotFoundError(f"nothing to resume: {out} holds no checkpoint.safetensors")
+    if exists and not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already holds a checkpoint; pass --resume to continue it, --overwrite to "
+            "start again, or choose a new --out"
+        )
+
+
+def _clear_run_files(out: Path, ctx: Dist) -> None:
+    """--overwrite: rank 0 deletes the files a run writes (anything else stays), then all go on."""
+    from bnlab.train import RUN_FILES
+
+    if ctx.main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, overwrite=False,
+          splits=None, data_root=None, log=print, report=True) -> dict:  # fmt: skip
+    """Train (or resume) in folder ``out`` on every rank; rank 0 writes the files. ``overwrite``
+    first deletes a previous run's files (``resume`` and ``overwrite`` exclude each other)."""
     config.validate()
     ctx = ctx or init_distributed()
     out = Path(out)
@@ -258,10 +284,11 @@ def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, sp
     cfg = {**asdict(config), "engine": "torch", "world_size": ctx.world}
     metrics = {"config": cfg, "epochs": []}
     start = 0
+    check_run_folder(out, resume, overwrite)
     if resume:
         start = _resume(out, cfg, states, metrics)
-    elif (out / "checkpoint.safetensors").exists():
-        raise FileExistsError(f"{out} already holds a checkpoint; pass --resume or a new --out")
+    elif overwrite:
+        _clear_run_files(out, ctx)
     model = wrap(module, ctx)
     splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
     for epoch in range(start, config.epochs):
@@ -292,7 +319,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    mode.add_argument("--overwrite", action="store_true", help="delete a previous run's files")
+    p.add_argument("--backend", choices=["numba", "numpy"], default=None, help="bnlab kernels")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: bnlab's search)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
@@ -313,18 +343,44 @@ def set_threads(threads: int | None, ctx: Dist) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = TrainConfig(
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, momentum=args.momentum, weight_decay=args.weight_decay,
         train_limit=args.train_limit, test_limit=args.test_limit,
     )  # fmt: skip
+
+
+def preflight(argv: list[str]) -> str | None:
+    """The error every rank would hit (bad settings, run folder, missing data), found once before
+    torchrun starts the processes; None when the run can start."""
+    from bnlab.data import find_fashion_mnist
+
+    args = parse_args(argv)
+    try:
+        config_of(args).validate()
+        check_run_folder(Path(args.out), args.resume, args.overwrite)
+        find_fashion_mnist(args.data)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = config_of(args)
     try:
         config.validate()
+        if args.backend is not None:
+            from bnlab.backend import set_backend
+
+            set_backend(args.backend)
         ctx = init_distributed()
         set_threads(args.threads, ctx)
-        metrics = train(config, args.out, ctx=ctx, resume=args.resume, data_root=args.data)
+        metrics = train(
+            config, args.out, ctx=ctx, resume=args.resume, overwrite=args.overwrite,
+            data_root=args.data,
+        )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"bnlab.torch.train: error: {err}", file=sys.stderr)
         return 2
@@ -355,6 +411,10 @@ def launch(argv: list[str], nproc: int = 1) -> int:
         raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
     if nproc == 1:
         return main(argv)
+    problem = preflight(argv)
+    if problem:
+        print(f"bnlab.torch.train: error: {problem}", file=sys.stderr)
+        return 2
     import socket
     import subprocess
 
@@ -362,7 +422,7 @@ def launch(argv: list[str], nproc: int = 1) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(torchrun_command(argv, nproc, port), env=env)
+    return subprocess.call(torchrun_command(argv, nproc, port), env=env, stdin=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":
