@@ -20,7 +20,7 @@ EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "test_acc", "examples_per_s", 
 
 
 def _run_cli(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python -m bnlab.cli ...`` in its own session, killed with its torchrun workers on a hang."""
+    """``python -m bnlab.cli ...`` in its own session, killed with its torchrun workers if hung."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bnlab.cli", *argv],
