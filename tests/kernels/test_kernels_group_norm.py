@@ -1,5 +1,6 @@
-"""Group-norm kernels (batch-norm core on views) against the NumPy reference, PyTorch autograd
-(float64, random upstream gradient), central differences, across thread counts, and bad input."""
+"""Group-norm kernels (one task per (sample, group) block) against the NumPy reference, PyTorch
+autograd (float64, random upstream gradient), central differences, across thread counts, and bad
+input."""
 
 from __future__ import annotations
 
@@ -124,6 +125,25 @@ def test_kernels_group_norm_bit_identical_across_threads(monkeypatch):
 
     for a, b in zip(run(1), run(2), strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("segment", [7, 16384])
+def test_kernels_group_norm_segmented_statistics_match_float64(monkeypatch, segment):
+    """A block cut into many shifted segments (merged with the parallel update) gives the float64
+    statistics of a large-mean group, and the gradient sums match float64 NumPy."""
+    monkeypatch.setattr(_chunks, "SEGMENT", segment)
+    rng = np.random.default_rng(16)
+    x = 1e3 + rng.standard_normal((2, 6, 50))
+    dy = rng.standard_normal(x.shape)
+    g = rng.standard_normal(6)
+    y, mean, rstd = gn_forward(x, 3, g, None, 1e-5)
+    blocks = x.reshape(2, 3, -1)
+    np.testing.assert_allclose(mean, blocks.mean(axis=2), rtol=1e-14)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(blocks.var(axis=2) + 1e-5), rtol=1e-10)
+    _, dg, db = gn_backward(dy, x, mean, rstd, g, 3)
+    xhat = ((blocks - blocks.mean(axis=2, keepdims=True)) * rstd[..., None]).reshape(x.shape)
+    np.testing.assert_allclose(dg, (dy * xhat).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
