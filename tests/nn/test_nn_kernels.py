@@ -91,3 +91,32 @@ def test_kernels_bit_identical_across_thread_counts():
         numba.set_num_threads(before)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 7), st.integers(1, 7)),
+    k=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_unit_step_im2col_and_col2im_kernels_equal_references(shape, k, dtype, seed):
+    """Stride-1 kernels vs the NumPy references: pure copies and adds, so equal bit for bit
+    (col2im adds the taps in the reference's order)."""
+    rng = np.random.default_rng(seed)
+    n, c, hp, wp = shape[0], shape[1], shape[2] + k[0] - 1, shape[3] + k[1] - 1
+    oh, ow = shape[2], shape[3]
+    xp = rng.standard_normal((n, c, hp, wp)).astype(dtype)
+    cols = _kernels.im2col_unit(
+        xp, *k, oh, ow, np.full((n, c * k[0] * k[1], oh * ow), np.nan, dtype)
+    )
+    np.testing.assert_array_equal(cols, conv.im2col_reference(xp, k, (1, 1), (1, 1), (oh, ow)))
+    dcols = rng.standard_normal(cols.shape).astype(dtype)
+    dxp = _kernels.col2im_add_unit(dcols, *k, oh, ow, np.full(xp.shape, np.nan, dtype))
+    ref = conv.col2im_reference(dcols, xp.shape, k, (1, 1), (1, 1), (oh, ow))
+    np.testing.assert_array_equal(dxp, ref)

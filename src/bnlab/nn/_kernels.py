@@ -1,6 +1,9 @@
 """Numba kernels for the engine's memory-bound steps, each the twin of a NumPy reference.
 
     col2im_add   adjoint of im2col (scatter-add of the column gradient), ref: conv.col2im_reference
+    col2im_add_unit, im2col_unit   the same for stride 1 and no dilation, written as contiguous
+                 row slices so that LLVM vectorises them (3x faster than the general kernel
+                 and than NumPy's strided copy for LeNet's second conv); ref: the general ones
     avgpool_tile_forward / _backward   non-overlapping k×k average pooling,
                  ref: pooling.avgpool_tile_reference / avgpool_tile_backward_reference
 
@@ -33,6 +36,47 @@ def col2im_add(dcols, kh, kw, sh, sw, dh, dw, oh, ow, dxp):
                         for b in range(ow):
                             dxp[i, ch, row, b * sw + q * dw] += dcols[i, k, base + b]
     return dxp
+
+
+@njit(parallel=True, cache=True)
+def col2im_add_unit(dcols, kh, kw, oh, ow, dxp):
+    """col2im_add at stride 1, dilation 1: dxp[n, c, a + p, b + q] += dcols[n, k, a·ow + b].
+
+    dcols (N, C·kh·kw, OH·OW), dxp (N, C, OH + kh − 1, OW + kw − 1), k = (c·kh + p)·kw + q.
+    """
+    n, c = dxp.shape[0], dxp.shape[1]
+    for i in prange(n):
+        dxp[i] = 0
+        for ch in range(c):
+            for p in range(kh):
+                for q in range(kw):
+                    k = (ch * kh + p) * kw + q
+                    for a in range(oh):
+                        src = dcols[i, k, a * ow : (a + 1) * ow]
+                        dst = dxp[i, ch, a + p, q : q + ow]
+                        for b in range(ow):
+                            dst[b] += src[b]
+    return dxp
+
+
+@njit(parallel=True, cache=True)
+def im2col_unit(xp, kh, kw, oh, ow, cols):
+    """cols[n, (c·kh + p)·kw + q, a·ow + b] = xp[n, c, a + p, b + q] (stride 1, dilation 1).
+
+    xp (N, C, Hp, Wp), cols (N, C·kh·kw, OH·OW) C-contiguous.
+    """
+    n, c = xp.shape[0], xp.shape[1]
+    for i in prange(n):
+        for ch in range(c):
+            for p in range(kh):
+                for q in range(kw):
+                    k = (ch * kh + p) * kw + q
+                    for a in range(oh):
+                        src = xp[i, ch, a + p, q : q + ow]
+                        dst = cols[i, k, a * ow : (a + 1) * ow]
+                        for b in range(ow):
+                            dst[b] = src[b]
+    return cols
 
 
 @njit(parallel=True, cache=True)

@@ -48,7 +48,23 @@ def patch_view(xp, kernel, stride, dilation, out_hw) -> np.ndarray:
 
 
 def im2col(xp, kernel, stride, dilation, out_hw, out=None) -> np.ndarray:
-    """cols (N, C·kh·kw, OH·OW) of a padded NCHW array; ``out`` is reused when given."""
+    """cols (N, C·kh·kw, OH·OW) of a padded NCHW array; ``out`` is reused when given.
+
+    Stride 1 without dilation under the numba backend: ``_kernels.im2col_unit``; else
+    :func:`im2col_reference`.
+    """
+    n, c = xp.shape[:2]
+    if out is None:
+        out = np.empty((n, c * kernel[0] * kernel[1], out_hw[0] * out_hw[1]), xp.dtype)
+    if _unit_steps(stride, dilation) and use_numba():
+        from bnlab.nn import _kernels
+
+        return _kernels.im2col_unit(np.ascontiguousarray(xp), *kernel, *out_hw, out)
+    return im2col_reference(xp, kernel, stride, dilation, out_hw, out)
+
+
+def im2col_reference(xp, kernel, stride, dilation, out_hw, out=None) -> np.ndarray:
+    """NumPy im2col: one copy of a strided patch view."""
     n, c = xp.shape[:2]
     view = patch_view(xp, kernel, stride, dilation, out_hw)
     if out is None:
@@ -57,16 +73,23 @@ def im2col(xp, kernel, stride, dilation, out_hw, out=None) -> np.ndarray:
     return out
 
 
+def _unit_steps(stride, dilation) -> bool:
+    return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+
+
 def col2im(dcols, padded_shape, kernel, stride, dilation, out_hw) -> np.ndarray:
     """Adjoint of :func:`im2col`: scatter-add (N, C·kh·kw, OH·OW) back to a padded NCHW array.
 
-    Uses the numba kernel when the backend is "numba", else :func:`col2im_reference`.
+    Uses the numba kernels when the backend is "numba" (``col2im_add_unit`` for stride 1
+    without dilation, else ``col2im_add``), else :func:`col2im_reference`.
     """
     if use_numba():
         from bnlab.nn import _kernels
 
         dxp = np.empty(padded_shape, dcols.dtype)
         dc = np.ascontiguousarray(dcols).reshape(padded_shape[0], -1, out_hw[0] * out_hw[1])
+        if _unit_steps(stride, dilation):
+            return _kernels.col2im_add_unit(dc, *kernel, *out_hw, dxp)
         return _kernels.col2im_add(dc, *kernel, *stride, *dilation, *out_hw, dxp)
     return col2im_reference(dcols, padded_shape, kernel, stride, dilation, out_hw)
 
