@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._reduce import _grad_sums, _merge, _shifted_sums
+from ._reduce import LANES, _grad_sums_in, _merge, _shifted_sums_in
 
 
 @njit(cache=True)
@@ -124,10 +124,12 @@ def train_forward_cf(x, g, b, eps, mean, var, out):
     n, c, s = x.shape
     for ch in prange(c):
         cnt, mu, m2 = 0.0, 0.0, 0.0
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for i in range(n):
             row = x[i, ch]
             k = np.float64(row[0])
-            s1, s2 = _shifted_sums(row, k)
+            s1, s2 = _shifted_sums_in(row, k, acc1, acc2)
             m = np.float64(s)
             cnt, mu, m2 = _merge(cnt, mu, m2, m, k + s1 / m, s2 - s1 * s1 / m)
         v = m2 / cnt
@@ -153,8 +155,10 @@ def backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta):
     for ch in prange(c):
         mu = mean[ch]
         sum_dy, sum_dyxmu = 0.0, 0.0
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for i in range(n):
-            s1, s2 = _grad_sums(dy[i, ch], x[i, ch], mu)
+            s1, s2 = _grad_sums_in(dy[i, ch], x[i, ch], mu, acc1, acc2)
             sum_dy += s1
             sum_dyxmu += s2
         r_ = rstd[ch]

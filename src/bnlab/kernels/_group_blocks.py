@@ -21,18 +21,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._reduce import _grad_sums, _merge, _shifted_sums
+from ._reduce import LANES, _grad_sums_in, _merge, _shifted_sums_in
 
 
 @njit(cache=True)
-def _block_moments(block, segment):
-    """(mean, biased variance) of a contiguous 1-D block, segment by segment."""
+def _block_moments(block, segment, acc1, acc2):
+    """(mean, biased variance) of a contiguous 1-D block, segment by segment (acc1, acc2: (LANES,)
+    scratch)."""
     total = block.shape[0]
     cnt, mu, m2 = 0.0, 0.0, 0.0
     for lo in range(0, total, segment):
         seg = block[lo : min(total, lo + segment)]
         k = np.float64(seg[0])
-        s1, s2 = _shifted_sums(seg, k)
+        s1, s2 = _shifted_sums_in(seg, k, acc1, acc2)
         m = np.float64(seg.shape[0])
         cnt, mu, m2 = _merge(cnt, mu, m2, m, k + s1 / m, s2 - s1 * s1 / m)
     v = m2 / cnt
@@ -50,7 +51,7 @@ def gn_forward_blocks(x, groups, g, b, eps, segment, mean, rstd, out):
     for t in prange(n * groups):
         i = t // groups
         grp = t % groups
-        mu, v = _block_moments(flat[t], segment)
+        mu, v = _block_moments(flat[t], segment, np.empty(LANES), np.empty(LANES))
         r = 1.0 / np.sqrt(v + eps)
         mean[i, grp] = mu
         rstd[i, grp] = r
@@ -77,8 +78,10 @@ def gn_backward_blocks(dy, x, groups, mean, rstd, g, p_dy, p_dyxmu, dx):
         r = rstd[i, grp]
         a = 0.0
         bsum = 0.0
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for ch in range(grp * per, (grp + 1) * per):
-            s1, s2 = _grad_sums(dy[i, ch], x[i, ch], mu)
+            s1, s2 = _grad_sums_in(dy[i, ch], x[i, ch], mu, acc1, acc2)
             p_dy[i, ch] = s1
             p_dyxmu[i, ch] = s2
             a += g[ch] * s1

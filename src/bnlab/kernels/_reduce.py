@@ -31,12 +31,13 @@ LANES = 32  # independent float64 accumulators per row segment (a multiple of th
 
 
 @njit(cache=True)
-def _shifted_sums(seg, k):
-    """(Σ (x − k), Σ (x − k)²) over a 1-D segment, in float64, LANES-way interleaved.
+def _shifted_sums_in(seg, k, acc1, acc2):
+    """(Σ (x − k), Σ (x − k)²) over a 1-D segment, in float64, LANES-way interleaved in the
+    caller's (LANES,) scratch accumulators (allocated once per task, not per segment).
 
     Indices start at 0 (non-negative by construction), so no wraparound check blocks SIMD."""
-    acc1 = np.zeros(LANES)
-    acc2 = np.zeros(LANES)
+    acc1[:] = 0.0
+    acc2[:] = 0.0
     full = seg.shape[0] // LANES * LANES
     for base in range(0, full, LANES):
         for j in range(LANES):
@@ -56,10 +57,12 @@ def _shifted_sums(seg, k):
 
 
 @njit(cache=True)
-def _grad_sums(dyseg, xseg, mu):
-    """(Σ dy, Σ dy·(x − μ)) over two 1-D segments of equal length, float64, LANES-way."""
-    acc1 = np.zeros(LANES)
-    acc2 = np.zeros(LANES)
+def _grad_sums_in(dyseg, xseg, mu, acc1, acc2):
+    """(Σ dy, Σ dy·(x − μ)) over two 1-D segments of equal length, float64, LANES-way, in the
+    caller's (LANES,) scratch accumulators (a fresh allocation per short row costs more than the
+    row)."""
+    acc1[:] = 0.0
+    acc2[:] = 0.0
     full = xseg.shape[0] // LANES * LANES
     for base in range(0, full, LANES):
         for j in range(LANES):
@@ -130,11 +133,13 @@ def moments_cf(x, groups, pieces, p_cnt, p_mean, p_m2):
         g = t // c
         ch = t % c
         cnt, mean, m2 = 0.0, 0.0, 0.0
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for u in range(g * units // groups, (g + 1) * units // groups):
             i, lo, hi = _segment(u, pieces, s)
             seg = x[i, ch, lo:hi]
             k = np.float64(seg[0])
-            s1, s2 = _shifted_sums(seg, k)
+            s1, s2 = _shifted_sums_in(seg, k, acc1, acc2)
             m = np.float64(hi - lo)
             cnt, mean, m2 = _merge(cnt, mean, m2, m, k + s1 / m, s2 - s1 * s1 / m)
         p_cnt[g, ch] = cnt
@@ -243,9 +248,11 @@ def grad_sums_cf(dy, x, mean, groups, pieces, p_dy, p_dyxmu):
         ch = t % c
         mu = mean[ch]
         a, b = 0.0, 0.0
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for u in range(g * units // groups, (g + 1) * units // groups):
             i, lo, hi = _segment(u, pieces, s)
-            s1, s2 = _grad_sums(dy[i, ch, lo:hi], x[i, ch, lo:hi], mu)
+            s1, s2 = _grad_sums_in(dy[i, ch, lo:hi], x[i, ch, lo:hi], mu, acc1, acc2)
             a += s1
             b += s2
         p_dy[g, ch] = a
