@@ -92,6 +92,20 @@ def test_two_engines_predicting_concurrently(engines, images, torch_logits):
         assert_logits_close(out[fold], torch_logits[:1])
 
 
+def test_batch_lanes_equal_shared_layers(state_dict, images, torch_logits):
+    """threads=2, batch 4: two lanes of 2 images, each running the whole network on one thread;
+    batch 3 (odd): one lane, every layer's items shared. Both equal one-thread logits."""
+    one = bnlab.inference.compile(state_dict, gemm="packed", threads=1)
+    two = bnlab.inference.compile(state_dict, gemm="packed", threads=2)
+    assert two._lanes(4) == 2 and two._lanes(3) == 1 and one._lanes(4) == 1
+    for batch in (4, 3):
+        ref = one(images[:batch])
+        np.testing.assert_allclose(two(images[:batch]), ref, rtol=0,
+                                   atol=1e-6 * np.abs(ref).max())  # fmt: skip
+        assert_logits_close(ref, torch_logits[:batch])
+    assert {k[0] for k in two._plans} == {0, 1, 2}  # the lanes' own plans (and buffers)
+
+
 def test_engine_nhwc_input_buffer_reuse_and_fresh_outputs(engines, images, torch_logits):
     predict = engines[True]
     first = predict(images[:1])

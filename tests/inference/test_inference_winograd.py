@@ -128,7 +128,7 @@ def test_engine_with_winograd_equals_engine_without(rng):
     fast = compile_resnet(sd, gemm="packed", threads=2)
     slow = compile_resnet(sd, gemm="packed", threads=2, winograd=False)
     out, ref = fast(x), slow(x)
-    assert "winograd_conv 3x3" in fast._plans[(3, 64, 96)].labels  # the plan uses Winograd
-    assert "winograd_conv 3x3" not in slow._plans[(3, 64, 96)].labels
+    assert "winograd_conv 3x3" in fast._plans[(0, 3, 64, 96)].labels  # the plan uses Winograd
+    assert "winograd_conv 3x3" not in slow._plans[(0, 3, 64, 96)].labels
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     assert torch is not None

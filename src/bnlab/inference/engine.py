@@ -13,7 +13,12 @@ What "compiled" means here, done once in :func:`compile_resnet`:
 * bias (or BN scale + shift), the residual add and ReLU are applied to each output tile while it is
   in cache (``gemm="blas"``: one in-place pass after each GEMM);
 * buffers are allocated once per input shape and reused between layers and between calls;
-* the GEMM items of each layer are shared by a small work-claiming thread pool.
+* the GEMM items of each layer are shared by a small work-claiming thread pool; a batch that
+  divides evenly among the threads is instead split into one lane per thread, each lane running
+  the whole network on its share of the images (no synchronization between layers).
+
+The plan (steps and buffers) is built by :mod:`bnlab.inference._plan`; the packed layers are in
+:mod:`bnlab.inference._packing`, the kernels in ``_gemm``, ``_winograd`` and ``_kernels``.
 
 Per bottleneck (v1.5, stride s on the 3x3):
 
@@ -28,119 +33,19 @@ Per bottleneck (v1.5, stride s on the 3x3):
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from bnlab.errors import DTypeError, ShapeError
-from bnlab.fold.weights import bn_scale_shift, fold_conv_bn
 from bnlab.inference import _gemm as G
 from bnlab.inference import _kernels as K
-from bnlab.inference import _winograd as WG
-from bnlab.inference.spec import (
-    ConvSpec,
-    ResNetSpec,
-    check_state_dict,
-    spec_for,
-    to_numpy_state_dict,
-)
+from bnlab.inference._packing import EMPTY, PackedBlock, PackedConv, pack_conv, pack_weight
+from bnlab.inference._plan import Plan, Planner
+from bnlab.inference.spec import ResNetSpec, check_state_dict, spec_for, to_numpy_state_dict
 
-EMPTY = np.zeros(0, np.float32)
+__all__ = ["CompiledResNet", "PackedBlock", "PackedConv", "compile_resnet", "pack_weight"]
+
 DEFAULT_EPS = 1e-5
-
-
-@dataclass
-class PackedConv:
-    """A conv ready for GEMM: ``y = epilogue(im2col(x) @ w)``, epilogue y·scale + shift."""
-
-    name: str
-    w: np.ndarray  # (k·k·C_in, C_out) float32, contiguous
-    shift: np.ndarray  # (C_out,) float32
-    scale: np.ndarray  # (C_out,) float32, or empty when BN is folded into w
-    k: int
-    stride: int
-    pad: int
-    panels: np.ndarray | None = None  # w as (C_out/32, k·k·C_in, 32) for the packed GEMM
-    wino: np.ndarray | None = None  # Winograd U panels (36, C_out/32, C_in, 32), made on demand
-
-    @property
-    def c_out(self) -> int:
-        return self.w.shape[1]
-
-    def winograd_panels(self) -> np.ndarray:
-        """The F(4x4, 3x3) filter transform of the (folded, float32) weight, packed once."""
-        if self.wino is None:
-            c_in = self.w.shape[0] // 9
-            w4 = self.w.reshape(3, 3, c_in, self.c_out).transpose(3, 2, 0, 1)  # (C_out, C_in, 3, 3)
-            self.wino = WG.pack_filter(w4)
-        return self.wino
-
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        return (h + 2 * self.pad - self.k) // self.stride + 1, (w + 2 * self.pad - self.k) // (
-            self.stride
-        ) + 1
-
-
-def pack_weight(w: np.ndarray) -> np.ndarray:
-    """(C_out, C_in, kh, kw) -> (kh·kw·C_in, C_out), rows ordered (i, j, c) like im2col."""
-    c_out = w.shape[0]
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, c_out), dtype=np.float32)
-
-
-def pack_conv(sd: dict, cv: ConvSpec, fold_bn: bool, eps: float) -> PackedConv:
-    """Fold (or not) the BN of one conv, then pack. Accepts an already folded conv (bias, no BN)."""
-    w = sd[f"{cv.conv}.weight"]
-    b = sd.get(f"{cv.conv}.bias")
-    scale = EMPTY
-    if f"{cv.bn}.running_mean" in sd:
-        bn = [sd[f"{cv.bn}.{p}"] for p in ("running_mean", "running_var", "weight", "bias")]
-        if fold_bn:
-            w, b = fold_conv_bn(w.astype(np.float64), b, bn[0], bn[1], eps, bn[2], bn[3])
-        else:
-            s, t = bn_scale_shift(bn[2], bn[3], bn[0], bn[1], eps)
-            b0 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
-            scale, b = s.astype(np.float32), b0 * s + t  # BN(conv + b0) = conv·s + (b0·s + t)
-    shift = np.zeros(w.shape[0], np.float32) if b is None else np.asarray(b, np.float32)
-    packed = pack_weight(w)
-    panels = G.pack_panels(packed) if packed.shape[1] % G.NR == 0 else None
-    return PackedConv(cv.conv, packed, shift, scale, cv.k, cv.stride, cv.pad, panels)
-
-
-@dataclass
-class PackedBlock:
-    conv1: PackedConv
-    conv2: PackedConv
-    conv3: PackedConv
-    downsample: PackedConv | None
-
-
-@dataclass
-class _Plan:
-    """Buffers and views for one input shape (N, H, W)."""
-
-    x_nhwc: np.ndarray
-    steps: list = field(default_factory=list)
-    logits: np.ndarray | None = None
-    labels: list = field(default_factory=list)  # one per step: kind and kernel size, for profiles
-
-
-class _Arena:
-    """Flat float32 buffers by role, grown to the largest size any layer asks for."""
-
-    def __init__(self):
-        self.sizes: dict[str, int] = {}
-        self.requests: list[tuple[str, tuple[int, ...], list]] = []
-
-    def request(self, role: str, shape: tuple[int, ...]) -> list:
-        slot: list = []
-        self.sizes[role] = max(self.sizes.get(role, 0), int(np.prod(shape)))
-        self.requests.append((role, shape, slot))
-        return slot
-
-    def materialize(self) -> None:
-        flat = {r: np.empty(n, np.float32) for r, n in self.sizes.items()}
-        for role, shape, slot in self.requests:
-            slot.append(flat[role][: int(np.prod(shape))].reshape(shape))
 
 
 class CompiledResNet:
@@ -171,7 +76,7 @@ class CompiledResNet:
             G.pack_panels(np.pad(fc_w, ((0, 0), (0, n_pad - fc_w.shape[1])))),
         )
         self.fc_shift_padded = np.pad(fc_b, (0, n_pad - fc_b.shape[0]))  # fmt: skip
-        self._plans: dict[tuple[int, int, int], _Plan] = {}
+        self._plans: dict[tuple[int, int, int, int], Plan] = {}  # (lane, N, H, W) -> plan
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
@@ -189,28 +94,56 @@ class CompiledResNet:
                                for i in range(0, x.shape[0], step)])  # fmt: skip
 
     def _predict(self, x: np.ndarray, layout: str) -> np.ndarray:
-        n, h, w = (x.shape[0], x.shape[2], x.shape[3]) if layout == "NCHW" else x.shape[:3]
+        lanes = self._lanes(x.shape[0])
         with self._lock:
-            plan = self._plans.get((n, h, w)) or self._build_plan(n, h, w)
-            if layout == "NCHW":
-                K.nchw_to_nhwc(x, plan.x_nhwc)
-            else:
-                np.copyto(plan.x_nhwc, x)
-            for step in plan.steps:
-                step()
-            return plan.logits[0][:, : self.fc_w.shape[1]].copy()
+            if lanes == 1:
+                return self._run(x, layout, 0, self.pool)
+            part = x.shape[0] // lanes
+            out = np.empty((x.shape[0], self.fc_w.shape[1]), np.float32)
+
+            def lane(i):
+                out[i * part : (i + 1) * part] = self._run(x[i * part : (i + 1) * part], layout,
+                                                           i + 1, SERIAL)  # fmt: skip
+
+            self.pool.run(lane, [(i,) for i in range(lanes)])
+            return out
+
+    def _lanes(self, n: int) -> int:
+        """Lanes a batch of n is split into: one per thread when n divides evenly (each lane runs
+        every layer on n/threads images, one thread, no barrier per layer), else 1 (every layer's
+        work items shared by the pool)."""
+        t = self.pool.n_threads
+        return t if self.gemm == "packed" and t > 1 and n % t == 0 else 1
+
+    def _run(self, x: np.ndarray, layout: str, lane: int, pool: G.WorkPool) -> np.ndarray:
+        """Logits of x through the plan of (lane, shape), built on first use on ``pool``."""
+        plan = self._plan(x, layout, lane, pool)
+        if layout == "NCHW":
+            K.nchw_to_nhwc(x, plan.x_nhwc)
+        else:
+            np.copyto(plan.x_nhwc, x)
+        for step in plan.steps:
+            step()
+        return plan.logits[0][:, : self.fc_w.shape[1]].copy()
+
+    def _plan(self, x: np.ndarray, layout: str, lane: int, pool: G.WorkPool) -> Plan:
+        n, h, w = (x.shape[0], x.shape[2], x.shape[3]) if layout == "NCHW" else x.shape[:3]
+        key = (lane, n, h, w)
+        if key not in self._plans:
+            self._plans[key] = Planner(self, pool).build(n, h, w)
+        return self._plans[key]
 
     def profile(self, x: np.ndarray, repeats: int = 5, layout: str = "NCHW") -> dict[str, float]:
-        """Milliseconds per step kind ('packed_gemm 1x1', 'winograd_conv 3x3', ...), each step
-        timed alone, summed over the network, median over ``repeats`` calls (for the benchmark)."""
+        """Milliseconds per step kind ('packed_gemm', 'winograd_conv 3x3', ...), each step timed
+        alone, summed over the network, median over ``repeats`` calls. The batch runs as one lane
+        (every layer shared by the pool), so this is the per-layer view, not the lane split."""
         import time  # noqa: PLC0415
 
         x = _check_images(x, layout)
-        self._predict(x, layout)  # build the plan, fill the input buffer
-        n, h, w = (x.shape[0], x.shape[2], x.shape[3]) if layout == "NCHW" else x.shape[:3]
-        plan = self._plans[(n, h, w)]
-        times = np.zeros((repeats, len(plan.steps)))
         with self._lock:
+            self._run(x, layout, 0, self.pool)  # build the plan, fill the input buffer
+            plan = self._plan(x, layout, 0, self.pool)
+            times = np.zeros((repeats, len(plan.steps)))
             for r in range(repeats):
                 for i, step in enumerate(plan.steps):
                     t0 = time.perf_counter()
@@ -222,190 +155,8 @@ class CompiledResNet:
             out[label] = out.get(label, 0.0) + float(ms)
         return out
 
-    # ------------------------------------------------------------------ planning
 
-    def _build_plan(self, n: int, h0: int, w0: int) -> _Plan:
-        arena = _Arena()
-        x_slot = arena.request("input", (n, h0, w0, 3))
-        steps: list = []
-        cur, (h, w) = self._plan_stem(arena, steps, x_slot, n, h0, w0)
-        for i, blk in enumerate(self.blocks):  # block outputs alternate between two buffers
-            cur, (h, w) = self._plan_block(arena, steps, blk, cur, n, h, w, "a" if i % 2 else "b")
-        logits = self._plan_head(arena, steps, cur, n, h, w)
-        arena.materialize()
-        plan = _Plan(x_slot[0], [_bind(s) for s in steps], logits, [_label(s) for s in steps])
-        self._plans[(n, h0, w0)] = plan
-        return plan
-
-    def _plan_conv(self, arena, steps, conv: PackedConv, src, n, h, w, out_role, residual=None,
-                   relu=True):  # fmt: skip
-        """GEMM (after im2col when k > 1 or strided) + epilogue; returns (out slot, (Ho, Wo))."""
-        ho, wo = conv.out_hw(h, w)
-        c_in = conv.w.shape[0] // (conv.k * conv.k)
-        out = arena.request(out_role, (n * ho * wo, conv.c_out))
-        if conv.k == 1 and conv.stride == 1:
-            a = src
-        elif conv.k == 1:
-            sub = arena.request("sub", (n, ho, wo, c_in))
-            steps.append((_subsample, src, (n, h, w, c_in), conv.stride, sub))
-            a = sub
-        elif self._use_winograd(conv, n, h, w, residual):
-            steps.append((_winograd_conv, self.pool, src, (n, h, w, c_in), conv, out, relu))
-            return out, (ho, wo)
-        elif self.gemm == "packed" and conv.panels is not None:  # implicit GEMM: no im2col
-            steps.append((_packed_conv, self.pool, src, (n, h, w, c_in), conv, (ho, wo), out,
-                          residual, relu))  # fmt: skip
-            return out, (ho, wo)
-        else:
-            col = arena.request("col", (n * ho * wo, conv.w.shape[0]))
-            steps.append((_im2col, self.pool, src, (n, h, w, c_in), conv, col, _row_items(n * ho,
-                          self.pool.n_threads)))  # fmt: skip
-            a = col
-        self._plan_gemm(steps, a, conv, conv.shift, out, residual, relu)
-        return out, (ho, wo)
-
-    def _use_winograd(self, conv: PackedConv, n, h, w, residual) -> bool:
-        """Winograd for 3x3 stride-1 convs with enough tiles to reuse the 4x larger transformed
-        weights (measured: ResNet's 7x7 maps at batch 1, 4 tiles, are faster direct)."""
-        if not (self.winograd and self.gemm == "packed" and conv.panels is not None):
-            return False
-        if (conv.k, conv.stride, conv.pad) != (3, 1, 1) or residual is not None:
-            return False
-        th, tw = WG.tile_grid(h, w)
-        return n * th * tw >= WG.MIN_TILES
-
-    def _plan_gemm(self, steps, a, conv: PackedConv, shift, out, residual, relu) -> None:
-        """out = epilogue(a @ W): one fused parallel step (packed), or np.matmul + a pass."""
-        k = conv.w.shape[0]
-        if self.gemm == "packed" and conv.panels is not None:
-            steps.append((_packed_gemm, self.pool, a, k, conv.panels, out, conv.scale, shift,
-                          residual, relu))  # fmt: skip
-        else:
-            steps.append((_gemm, a, k, conv.w, out))
-            steps.append((_epilogue, out, conv.scale, shift, residual, relu))
-
-    def _plan_stem(self, arena, steps, x_slot, n, h, w):
-        out, (h, w) = self._plan_conv(arena, steps, self.stem, x_slot, n, h, w, "stem")
-        ho, wo = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1
-        pooled = arena.request("a", (n, ho, wo, self.stem.c_out))
-        steps.append((_maxpool, out, (n, h, w, self.stem.c_out), pooled))
-        return pooled, (ho, wo)
-
-    def _plan_block(self, arena, steps, blk: PackedBlock, x, n, h, w, out_role):
-        t1, _ = self._plan_conv(arena, steps, blk.conv1, x, n, h, w, "t1")
-        t2, (ho, wo) = self._plan_conv(arena, steps, blk.conv2, t1, n, h, w, "t2")
-        identity = x
-        if blk.downsample is not None:
-            identity, _ = self._plan_conv(arena, steps, blk.downsample, x, n, h, w, "ds",
-                                          relu=False)  # fmt: skip
-        y, _ = self._plan_conv(arena, steps, blk.conv3, t2, n, ho, wo, out_role, residual=identity)
-        return y, (ho, wo)
-
-    def _plan_head(self, arena, steps, feat, n, h, w):
-        c = self.fc_w.shape[0]
-        pooled = arena.request("pooled", (n, c))
-        steps.append((_avgpool, feat, (n, h * w, c), pooled))
-        if self.gemm == "packed":
-            logits = arena.request("logits", (n, self.fc.panels.shape[0] * G.NR))
-            self._plan_gemm(steps, pooled, self.fc, self.fc_shift_padded, logits, None, False)
-        else:
-            logits = arena.request("logits", (n, self.fc_w.shape[1]))
-            self._plan_gemm(steps, pooled, self.fc, self.fc_b, logits, None, False)
-        return logits
-
-
-# --------------------------------------------------------------------------- plan steps
-# A step is (function, *args) where a list argument is an arena slot holding one view; _bind
-# resolves the slots once, after the arena is materialized, into a zero-argument closure.
-
-
-def _bind(step):
-    fn, *args = step
-    resolved = [a[0] if isinstance(a, list) else a for a in args]
-    return lambda: fn(*resolved)
-
-
-def _label(step) -> str:
-    """'packed_conv 3x3', 'winograd_conv 3x3', 'packed_gemm 1x1', 'maxpool'...: what a step is."""
-    fn, *args = step
-    conv = next((a for a in args if isinstance(a, PackedConv)), None)
-    kind = fn.__name__.lstrip("_")
-    return kind if conv is None else f"{kind} {conv.k}x{conv.k}" + (
-        f"/{conv.stride}" if conv.stride > 1 else "")  # fmt: skip
-
-
-def _as4(a, shape):
-    return a.reshape(shape)
-
-
-def _row_items(rows: int, n_threads: int) -> tuple[tuple[int, int], ...]:
-    """[r0, r1) ranges of output rows for the parallel glue kernels (2 per thread)."""
-    parts = max(1, min(rows, 2 * n_threads if n_threads > 1 else 1))
-    step = -(-rows // parts)
-    return tuple((r, min(r + step, rows)) for r in range(0, rows, step))  # a tuple: not a slot
-
-
-def _im2col(pool, src, shape4, conv, col, items):
-    x = _as4(src, shape4)
-    pool.run(lambda r0, r1: K.im2col_nhwc(x, conv.k, conv.k, conv.stride, conv.pad, col, r0, r1),
-             items)  # fmt: skip
-
-
-def _subsample(src, shape4, stride, sub):
-    K.subsample_nhwc(_as4(src, shape4), stride, sub)
-
-
-def _gemm(a, k, w, out):
-    np.matmul(a.reshape(-1, k), w, out=out)
-
-
-def _packed_gemm(pool, a, k, panels, out, scale, shift, residual, relu):
-    a2 = a.reshape(-1, k)
-    res = EMPTY.reshape(0, 1) if residual is None else residual
-    items = G.work_items(a2.shape[0], out.shape[1], k, pool.n_threads)
-
-    def tile(b0, b1, p0, p1):
-        G.gemm_tile_range(a2, panels, out, b0, b1, p0, p1, scale, shift, res, relu)
-
-    pool.run(tile, items)
-
-
-def _epilogue(out, scale, shift, residual, relu):
-    res = EMPTY.reshape(0, 1) if residual is None else residual
-    K.epilogue(out, scale, shift, res, relu)
-
-
-def _maxpool(src, shape4, out):
-    K.maxpool_nhwc(_as4(src, shape4), 3, 2, 1, out)
-
-
-def _packed_conv(pool, src, shape4, conv, out_hw, out, residual, relu):
-    x = _as4(src, shape4)
-    res = EMPTY.reshape(0, 1) if residual is None else residual
-    k = conv.w.shape[0]
-    items = G.work_items(out.shape[0], out.shape[1], k, pool.n_threads)
-
-    def tile(b0, b1, p0, p1):
-        G.conv_tile_range(x, conv.k, conv.stride, conv.pad, out_hw[0], out_hw[1], conv.panels,
-                          out, b0, b1, p0, p1, conv.scale, conv.shift, res, relu)  # fmt: skip
-
-    pool.run(tile, items)
-
-
-def _winograd_conv(pool, src, shape4, conv, out, relu):
-    x = _as4(src, shape4)
-    up = conv.winograd_panels()
-    th, tw = WG.tile_grid(shape4[1], shape4[2])
-    items = WG.work_items(shape4[0] * th * tw, shape4[3], conv.c_out, pool.n_threads)
-
-    def tile(t0, t1, p0, p1):
-        WG.winograd_tile_range(x, up, out, t0, t1, p0, p1, conv.scale, conv.shift, relu)
-
-    pool.run(tile, items)
-
-
-def _avgpool(feat, shape3, pooled):
-    np.mean(feat.reshape(shape3), axis=1, out=pooled)
+SERIAL = G.shared_pool(1)  # the pool of a lane: runs every item on the calling thread
 
 
 # --------------------------------------------------------------------------- input, building
