@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import bnlab.nn.activation
 import bnlab.nn.conv
 import bnlab.nn.pooling
 
@@ -12,6 +13,7 @@ def set_engine_kernels(monkeypatch, on: bool) -> None:
     """Force the engine's numba kernels on or off (independently of the BN backend)."""
     monkeypatch.setattr(bnlab.nn.conv, "use_numba", lambda: on)
     monkeypatch.setattr(bnlab.nn.pooling, "use_numba", lambda: on)
+    monkeypatch.setattr(bnlab.nn.activation, "use_numba", lambda: on)
 
 
 def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:

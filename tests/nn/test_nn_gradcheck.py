@@ -120,7 +120,8 @@ CASES = {
         lambda: tnn.MaxPool2d(3, stride=2, padding=1),
         (2, 2, 7, 7),
     ),
-    "avgpool_tile": (lambda: nn.AvgPool2d(2, 2), lambda: tnn.AvgPool2d(2, 2), (2, 3, 6, 4)),
+    "avgpool_tile": (lambda: nn.AvgPool2d((3, 2)), lambda: tnn.AvgPool2d((3, 2)), (2, 3, 6, 4)),
+    "avgpool_tile_2x2": (lambda: nn.AvgPool2d(2, 2), lambda: tnn.AvgPool2d(2, 2), (2, 3, 6, 4)),
     "avgpool_overlap_pad": (
         lambda: nn.AvgPool2d(3, stride=2, padding=1),
         lambda: tnn.AvgPool2d(3, stride=2, padding=1),
@@ -148,13 +149,16 @@ def _run(module, x, dout):
     return y, dx, {k: p.grad.copy() for k, p in module.named_parameters()}
 
 
-# the engine's numba kernels only change conv (col2im, direct kernels) and tiled average pooling
+# the engine's numba kernels only change conv (im2col, col2im, direct kernels), tiled average
+# pooling and the sigmoid's backward
 KERNEL_CASES = [
     "conv",
     "conv_one_channel_pad",
     "conv_stride_pad",
     "conv_dilation_groups_nobias",
     "avgpool_tile",
+    "avgpool_tile_2x2",
+    "sigmoid",
 ]
 PARAMS = [(n, False) for n in sorted(CASES)] + [(n, True) for n in KERNEL_CASES]
 

