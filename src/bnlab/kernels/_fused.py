@@ -28,15 +28,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._reduce import LANES, _grad_sums_in, _merge, _shifted_sums_in
-
-
-@njit(cache=True)
-def _tile_range(t, tiles, c):
-    """Channel range [c0, c1) of tile t (equal widths, the last one shorter)."""
-    width = (c + tiles - 1) // tiles
-    c0 = t * width
-    return c0, min(c, c0 + width)
+from ._reduce import (
+    LANES,
+    _column_grad_sums,
+    _column_shifted_sums,
+    _grad_sums_in,
+    _merge,
+    _shifted_sums_in,
+    _tile,
+)
 
 
 @njit(parallel=True, cache=True)
@@ -45,19 +45,9 @@ def train_forward_cl(x, g, b, eps, tiles, mean, var, out):
     rows, c = x.shape
     m = np.float64(rows)
     for t in prange(tiles):
-        c0, c1 = _tile_range(t, tiles, c)
+        c0, c1 = _tile(t, tiles, c)
         w = c1 - c0
-        k = np.empty(w)
-        for j in range(w):
-            k[j] = np.float64(x[0, c0 + j])
-        acc1 = np.zeros(w)
-        acc2 = np.zeros(w)
-        for r in range(rows):
-            xr = x[r, c0:c1]
-            for j in range(w):
-                d = np.float64(xr[j]) - k[j]
-                acc1[j] += d
-                acc2[j] += d * d
+        k, acc1, acc2 = _column_shifted_sums(x, 0, rows, c0, c1)
         mc = np.empty(w, x.dtype)
         ac = np.empty(w, x.dtype)
         bc = np.empty(w, x.dtype)
@@ -84,18 +74,10 @@ def backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta):
     rows, c = x.shape
     m = np.float64(rows)
     for t in prange(tiles):
-        c0, c1 = _tile_range(t, tiles, c)
+        c0, c1 = _tile(t, tiles, c)
         w = c1 - c0
         mu = mean[c0:c1]
-        acc1 = np.zeros(w)
-        acc2 = np.zeros(w)
-        for r in range(rows):
-            dyr = dy[r, c0:c1]
-            xr = x[r, c0:c1]
-            for j in range(w):
-                gv = np.float64(dyr[j])
-                acc1[j] += gv
-                acc2[j] += gv * (np.float64(xr[j]) - mu[j])
+        acc1, acc2 = _column_grad_sums(dy, x, mu, 0, rows, c0, c1)
         ca = np.empty(w, x.dtype)
         cb = np.empty(w, x.dtype)
         cd = np.empty(w, x.dtype)

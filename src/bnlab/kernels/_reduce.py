@@ -187,6 +187,42 @@ def _tile(t, tiles, c):
     return c0, min(c, c0 + width)
 
 
+@njit(cache=True)
+def _column_shifted_sums(x, r0, r1, c0, c1):
+    """Per channel j of the tile [c0, c1) of x (R, C), over rows [r0, r1): the shift k_j = x[r0, j]
+    and (Σ (x − k), Σ (x − k)²) in float64; the inner loop runs across contiguous channels."""
+    w = c1 - c0
+    k = np.empty(w)
+    for j in range(w):
+        k[j] = np.float64(x[r0, c0 + j])
+    acc1 = np.zeros(w)
+    acc2 = np.zeros(w)
+    for r in range(r0, r1):
+        xr = x[r, c0:c1]
+        for j in range(w):
+            d = np.float64(xr[j]) - k[j]
+            acc1[j] += d
+            acc2[j] += d * d
+    return k, acc1, acc2
+
+
+@njit(cache=True)
+def _column_grad_sums(dy, x, mu, r0, r1, c0, c1):
+    """Per channel j of the tile [c0, c1), over rows [r0, r1): (Σ dy, Σ dy·(x − μ_j)), float64;
+    ``mu`` is the tile's (c1 − c0,) means."""
+    w = c1 - c0
+    acc1 = np.zeros(w)
+    acc2 = np.zeros(w)
+    for r in range(r0, r1):
+        dyr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        for j in range(w):
+            g = np.float64(dyr[j])
+            acc1[j] += g
+            acc2[j] += g * (np.float64(xr[j]) - mu[j])
+    return acc1, acc2
+
+
 @njit(parallel=True, cache=True)
 def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
     """Partial (count, mean, M2) per (row block, channel) of x (R, C), one task per (block,
@@ -199,17 +235,7 @@ def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
         r0 = b * rows // blocks
         r1 = (b + 1) * rows // blocks
         w = c1 - c0
-        k = np.empty(w)
-        for j in range(w):
-            k[j] = np.float64(x[r0, c0 + j])
-        acc1 = np.zeros(w)
-        acc2 = np.zeros(w)
-        for r in range(r0, r1):
-            xr = x[r, c0:c1]
-            for j in range(w):
-                d = np.float64(xr[j]) - k[j]
-                acc1[j] += d
-                acc2[j] += d * d
+        k, acc1, acc2 = _column_shifted_sums(x, r0, r1, c0, c1)
         m = np.float64(r1 - r0)
         for j in range(w):
             p_cnt[b, c0 + j] = m
@@ -291,18 +317,10 @@ def grad_sums_cl(dy, x, mean, blocks, tiles, p_dy, p_dyxmu):
     for t in prange(blocks * tiles):
         b = t // tiles
         c0, c1 = _tile(t, tiles, c)
-        w = c1 - c0
-        mu = mean[c0:c1]
-        acc1 = np.zeros(w)
-        acc2 = np.zeros(w)
-        for r in range(b * rows // blocks, (b + 1) * rows // blocks):
-            dyr = dy[r, c0:c1]
-            xr = x[r, c0:c1]
-            for j in range(w):
-                g = np.float64(dyr[j])
-                acc1[j] += g
-                acc2[j] += g * (np.float64(xr[j]) - mu[j])
-        for j in range(w):
+        r0 = b * rows // blocks
+        r1 = (b + 1) * rows // blocks
+        acc1, acc2 = _column_grad_sums(dy, x, mean[c0:c1], r0, r1, c0, c1)
+        for j in range(c1 - c0):
             p_dy[b, c0 + j] = acc1[j]
             p_dyxmu[b, c0 + j] = acc2[j]
 
