@@ -105,22 +105,28 @@ def tile_grid(h: int, w: int) -> tuple[int, int]:
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _input_tile(x, nn, ih0, iw0, patch, tmp, v, row):  # pragma: no cover - compiled
     """v[6a + b, row, :] = (B^T d B)[a, b] for the 6x6 patch d of x[nn] at (ih0, iw0), zero
-    outside the image. patch (6, 6, C) and tmp (6, 6, C) are scratch; loops over C innermost."""
+    outside the image. patch (1, 6, 6, C) and tmp (6, 6, C) are scratch; loops over C innermost.
+    Interior tiles are read from x in place; border tiles through the zero-padded patch."""
     h, w, ch = x.shape[1], x.shape[2], x.shape[3]
-    for i in range(ALPHA):
-        ih = ih0 + i
-        for j in range(ALPHA):
-            iw = iw0 + j
-            if 0 <= ih < h and 0 <= iw < w:
-                for q in range(ch):
-                    patch[i, j, q] = x[nn, ih, iw, q]
-            else:
-                for q in range(ch):
-                    patch[i, j, q] = 0.0
-    for j in range(ALPHA):  # tmp[:, j] = B^T patch[:, j]
+    if ih0 >= 0 and iw0 >= 0 and ih0 + ALPHA <= h and iw0 + ALPHA <= w:
+        src, n0, i0, j0 = x, nn, ih0, iw0
+    else:
+        for i in range(ALPHA):
+            ih = ih0 + i
+            for j in range(ALPHA):
+                iw = iw0 + j
+                if 0 <= ih < h and 0 <= iw < w:
+                    for q in range(ch):
+                        patch[0, i, j, q] = x[nn, ih, iw, q]
+                else:
+                    for q in range(ch):
+                        patch[0, i, j, q] = 0.0
+        src, n0, i0, j0 = patch, 0, 0, 0
+    for j in range(ALPHA):  # tmp[:, j] = B^T d[:, j]
+        jj = j0 + j
         for q in range(ch):
-            d0, d1, d2 = patch[0, j, q], patch[1, j, q], patch[2, j, q]
-            d3, d4, d5 = patch[3, j, q], patch[4, j, q], patch[5, j, q]
+            d0, d1, d2 = src[n0, i0, jj, q], src[n0, i0 + 1, jj, q], src[n0, i0 + 2, jj, q]
+            d3, d4, d5 = src[n0, i0 + 3, jj, q], src[n0, i0 + 4, jj, q], src[n0, i0 + 5, jj, q]
             tmp[0, j, q] = F4 * d0 - F5 * d2 + d4
             tmp[1, j, q] = -F4 * (d1 + d2) + d3 + d4
             tmp[2, j, q] = F4 * (d1 - d2) - d3 + d4
@@ -192,7 +198,7 @@ def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # 
     ntp = -(-nt // MR) * MR
     v = np.zeros((POINTS, ntp, ch), np.float32)  # rows nt..ntp stay 0: padding of the last block
     m = np.empty((POINTS, ntp, k_out), np.float32)
-    patch = np.empty((ALPHA, ALPHA, ch), np.float32)
+    patch = np.empty((1, ALPHA, ALPHA, ch), np.float32)
     tmp_in = np.empty((ALPHA, ALPHA, ch), np.float32)
     tmp_out = np.empty((TILE, ALPHA, k_out), np.float32)
     for t in range(t0, t1):
