@@ -5,7 +5,9 @@ training mode a ResNet-50 stage-1 BN sees), and one LeNet-BN training step (batc
 with each implementation. Every case is checked for equal results *before* it is timed; the peers
 run interleaved (round robin) so that load on a shared machine hits both alike. Reports median ms,
 the speedup (torch / bnlab) and, for the BN layer, the achieved bandwidth against a NumPy copy
-measured in the same run (fwd+bwd moves at least 5 tensors: read x, write y; read x, dy, write dx).
+measured in the same run (fwd+bwd moves at least 5 tensors: read x, write y; read x, dy, write dx),
+and the median page faults per call (first touches of freshly mapped memory, a large part of
+PyTorch's time on CPU; bnlab.torch reuses freed output memory, see bnlab/torch/_buffers.py).
 
     python benchmarks/bench_torch.py                      # full table (Markdown) + JSON
     python benchmarks/bench_torch.py --quick              # small shapes, a smoke run
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -35,17 +38,25 @@ FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last
 # --------------------------------------------------------------------------- timing
 
 
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls alternating between the peers."""
+def minor_faults() -> int:
+    """Page faults of this process so far (first touches of freshly mapped memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, faults: dict | None = None):
+    """Seconds per call of each function, calls alternating between the peers; ``faults``, when
+    given, receives the page faults of each call too."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - f0)
     return times
 
 
@@ -111,10 +122,12 @@ def lenet_case(batch: int):
 # --------------------------------------------------------------------------- report
 
 
-def summarize(name, times, nbytes=None, copy_gbs=None):
+def summarize(name, times, nbytes=None, copy_gbs=None, faults=None):
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     row = {"case": name, "torch_ms": ms["torch"], "bnlab_ms": ms["bnlab"]}
     row["speedup"] = ms["torch"] / ms["bnlab"]
+    for k, v in (faults or {}).items():
+        row[f"{k}_page_faults"] = statistics.median(v)
     if nbytes is not None:
         row["bnlab_gbs"] = nbytes / (ms["bnlab"] / 1e3) / 1e9
         row["torch_gbs"] = nbytes / (ms["torch"] / 1e3) / 1e9
@@ -129,14 +142,16 @@ def markdown(rows, env) -> str:
         f"{env['cpu_count']} CPUs; NumPy copy bandwidth "
         f"{env['copy_gbs']:.1f} GB/s",
         "",
-        "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) |",
-        "|---|---:|---:|---:|---:|",
+        "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) "
+        "| page faults per call: torch / bnlab |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         bw = f"{r['bnlab_gbs']:.1f} ({r['bnlab_pct_of_copy']:.0f}%)" if "bnlab_gbs" in r else "-"
+        pf = f"{r['torch_page_faults']:.0f} / {r['bnlab_page_faults']:.0f}"
         lines.append(
             f"| {r['case']} | {r['torch_ms']:.2f} | {r['bnlab_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {bw} |"
+            f"{r['speedup']:.2f}x | {bw} | {pf} |"
         )
     return "\n".join(lines)
 
@@ -181,10 +196,12 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs(int(np.prod(shape)) * 4)
     rows = []
     for fmt in FORMATS:
-        times = interleaved(bn_case(shape, fmt), args.repeats, args.warmup)
-        rows.append(summarize(f"BN fwd+bwd {shape} {fmt}", times, nbytes, copy_gbs))
-    times = interleaved(lenet_case(args.batch), args.repeats, args.warmup)
-    rows.append(summarize(f"LeNet-BN train step, batch {args.batch}", times))
+        faults = {}
+        times = interleaved(bn_case(shape, fmt), args.repeats, args.warmup, faults)
+        rows.append(summarize(f"BN fwd+bwd {shape} {fmt}", times, nbytes, copy_gbs, faults))
+    faults = {}
+    times = interleaved(lenet_case(args.batch), args.repeats, args.warmup, faults)
+    rows.append(summarize(f"LeNet-BN train step, batch {args.batch}", times, faults=faults))
 
     env = {
         "bnlab_backend": bnlab.get_backend(),
