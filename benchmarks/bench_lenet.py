@@ -5,8 +5,10 @@
 
 Both engines start from the same weights (bnlab's seeded init loaded into the torch model), see
 the same batches (Fashion-MNIST when installed, else seeded random images) and use the same
-number of threads (torch.set_num_threads, numba threads, OpenBLAS/OMP via the environment, set
-before NumPy is imported). Rounds alternate torch / bnlab so that load from other processes hits
+number of threads: torch.set_num_threads(N) for PyTorch; N numba threads for bnlab, whose
+kernels are parallel over the batch, with OpenBLAS kept at 1 thread (LeNet's GEMMs are small:
+a threaded OpenBLAS only spins against the numba threads, measured 2-8x slower per step at
+2 threads on the shared 2-core machine). Rounds alternate torch / bnlab so that load from other processes hits
 both alike; the result is the median examples/s of each and the ratio of the medians.
 """
 
@@ -158,10 +160,11 @@ def main(argv=None) -> int:
     import bnlab
     from bnlab.data import batches
     from bnlab.models import lenet_bn
-    from bnlab.nn.threads import set_num_threads
+    from bnlab.nn.threads import set_blas_threads, set_num_threads
 
     torch.set_num_threads(threads)
     set_num_threads(threads)
+    set_blas_threads(1)  # bnlab's threads are the numba kernels' (see the module docstring)
     data = load_data(np)
     n_batches = args.warmup + args.steps
     it = batches(data[0], data[1], args.batch_size, seed=0, epoch=0, drop_last=True)

@@ -18,6 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from bnlab import init
 from bnlab.errors import ShapeError
+from bnlab.nn._batch_parallel import batched_matmul
 from bnlab.nn._util import check_dout, check_x, float_dtype, pair, positive_int, use_numba
 from bnlab.nn.module import Module, Parameter
 
@@ -280,7 +281,7 @@ class Conv2d(Module):
         cols = im2col(xp, self.kernel_size, self.stride, self.dilation, (oh, ow), out=cols)
         w2 = self.weight.data.reshape(g, self.out_channels // g, k // g)
         if g == 1:
-            y = np.matmul(w2[0], cols)
+            y = batched_matmul(w2[0], cols)
         else:
             colsg = cols.reshape(n, g, k // g, oh * ow)
             y = np.matmul(w2, colsg).reshape(n, self.out_channels, oh * ow)
@@ -310,7 +311,7 @@ class Conv2d(Module):
         n, o, g, k = dout.shape[0], self.out_channels, self.groups, cols.shape[1]
         d = dout.reshape(n, o, -1)
         if g == 1:
-            return np.matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
+            return batched_matmul(d, cols.transpose(0, 2, 1)).sum(axis=0)
         dg = d.reshape(n, g, o // g, -1)
         colsg = cols.reshape(n, g, k // g, -1)
         return np.matmul(dg, colsg.transpose(0, 1, 3, 2)).sum(axis=0)
@@ -324,7 +325,7 @@ class Conv2d(Module):
         d = dout.reshape(n, o, oh * ow)
         w2 = self.weight.data.reshape(g, o // g, k // g)
         if g == 1:
-            dcols = np.matmul(w2[0].T, d)
+            dcols = batched_matmul(w2[0].T, d)
         else:
             dcols = np.matmul(w2.transpose(0, 2, 1), d.reshape(n, g, o // g, oh * ow))
         dxp = col2im(dcols, padded_shape, self.kernel_size, self.stride, self.dilation, (oh, ow))
