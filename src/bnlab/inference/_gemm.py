@@ -35,16 +35,18 @@ from numba.extending import intrinsic
 
 MR, NR = 6, 32  # micro-tile: 6 rows x 32 columns (two 16-float vectors)
 A_CHUNK_FLOATS = 64 * 1024  # rows of A swept per B panel: 256 KB, a quarter of a 1 MB L2
+KC = 512  # K block of the implicit-GEMM conv: a (KC x 32) piece of a B panel is 64 KB
 L1_B_FLOATS = 8 * 1024  # B panels up to 32 KB stay in L1 by themselves: no need to chunk A
 
 
 @intrinsic
-def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k):
-    """c[r·ldc + j] = Σ_k a[r·lda + k] · b[k·32 + j] for r < 6, j < 32 (offsets in elements)."""
-    sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k)
+def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc):
+    """c[r·ldc + j] (+)= Σ_k a[r·lda + k] · b[k·32 + j] for r < 6, j < 32 (offsets in elements);
+    ``acc`` (int) nonzero adds to what c holds (the K blocks after the first), zero overwrites."""
+    sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc)
 
     def codegen(context, builder, signature, args):
-        a_arr, a_off_v, lda_v, b_arr, b_off_v, c_arr, c_off_v, ldc_v, k_v = args
+        a_arr, a_off_v, lda_v, b_arr, b_off_v, c_arr, c_off_v, ldc_v, k_v, acc_v = args
         aty, bty, cty = signature.args[0], signature.args[3], signature.args[5]
         f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
         v16 = ir.VectorType(f32, 16)
@@ -57,6 +59,14 @@ def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k):
         c_base = builder.gep(context.make_array(cty)(context, builder, c_arr).data, [c_off_v])
         rows = [builder.gep(a_base, [builder.mul(lda_v, ir.Constant(i64, r))]) for r in range(MR)]
         zero = ir.Constant(v16, None)
+        c_ptrs = []
+        for r in range(MR):
+            crow = builder.gep(c_base, [builder.mul(ldc_v, ir.Constant(i64, r))])
+            c_ptrs += [builder.bitcast(builder.gep(crow, [ir.Constant(i64, 16 * h)]), v16p)
+                       for h in range(2)]  # fmt: skip
+        accumulate = builder.icmp_signed("!=", acc_v, ir.Constant(acc_v.type, 0))
+        # the initial accumulators: what c holds, or zero (a select, so c's garbage never counts)
+        init = [builder.select(accumulate, builder.load(p, align=4), zero) for p in c_ptrs]
         undef = ir.Constant(v16, ir.Undefined)
         splat = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
 
@@ -86,21 +96,18 @@ def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k):
         tail = builder.block
         kk.add_incoming(ir.Constant(i64, 0), entry)
         kk.add_incoming(k_next, tail)
-        for p, v in zip(acc, new, strict=True):
-            p.add_incoming(zero, entry)
+        for p, v, v0 in zip(acc, new, init, strict=True):
+            p.add_incoming(v0, entry)
             p.add_incoming(v, tail)
         builder.cbranch(builder.icmp_signed("<", k_next, k_v), loop, done)
 
         builder.position_at_end(done)
         results = [builder.phi(v16) for _ in range(2 * MR)]  # phis first: LLVM requires it
-        for res, v in zip(results, new, strict=True):
-            res.add_incoming(zero, entry)
+        for res, v, v0 in zip(results, new, init, strict=True):
+            res.add_incoming(v0, entry)
             res.add_incoming(v, tail)
-        for r in range(MR):
-            crow = builder.gep(c_base, [builder.mul(ldc_v, ir.Constant(i64, r))])
-            for half in range(2):
-                dst = builder.gep(crow, [ir.Constant(i64, 16 * half)])
-                builder.store(results[2 * r + half], builder.bitcast(dst, v16p), align=4)
+        for res, p in zip(results, c_ptrs, strict=True):
+            builder.store(res, p, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -160,7 +167,7 @@ def gemm_tile_range(
             for p in range(pan0, pan1):
                 for blk in range(c0, c1):
                     i = blk * MR
-                    _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k)
+                    _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k, 0)
                     _epilogue_rows(c, i, i + MR, p * NR, (p + 1) * NR, scale, shift, residual,
                                    relu)  # fmt: skip
     else:
@@ -169,7 +176,7 @@ def gemm_tile_range(
         for blk in range(blk0, hi):
             i = blk * MR
             for p in range(pan0, pan1):
-                _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k)
+                _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k, 0)
             _epilogue_rows(c, i, i + MR, pan0 * NR, pan1 * NR, scale, shift, residual, relu)
     if blk1 > full and m % MR:  # the last, partial block: through a zero-padded scratch
         i = full * MR
@@ -180,7 +187,7 @@ def gemm_tile_range(
         at = a_tile.reshape(-1)
         ct = c_tile.reshape(-1)
         for p in range(pan0, pan1):
-            _microkernel(at, 0, k, bf, p * k * NR, ct, 0, NR, k)
+            _microkernel(at, 0, k, bf, p * k * NR, ct, 0, NR, k, 0)
             c[i:, p * NR : (p + 1) * NR] = c_tile[:rows]
         _epilogue_rows(c, i, m, pan0 * NR, pan1 * NR, scale, shift, residual, relu)
 
@@ -213,36 +220,48 @@ def _gather_rows(x, kk, stride, pad, ho, wo, r0, r1, out):  # pragma: no cover
 def conv_tile_range(x, kk, stride, pad, ho, wo, bp, c, blk0, blk1, pan0, pan1, scale, shift,
                     residual, relu):  # fmt: skip  # pragma: no cover
     """Implicit-GEMM convolution: rows [6·blk0, 6·blk1) and panels [pan0, pan1) of
-    c = epilogue(im2col(x) @ B), where the im2col rows of each L2-sized chunk are gathered into a
-    scratch instead of a full (N·Ho·Wo, k·k·C) matrix. x (N, H, W, C); c (N·Ho·Wo, C_out).
+    c = epilogue(im2col(x) @ B), where the im2col rows of each chunk are gathered into a scratch
+    instead of a full (N·Ho·Wo, k·k·C) matrix. x (N, H, W, C); c (N·Ho·Wo, C_out).
+
+    K is blocked by ``KC``: for each K block, one (KC x 32) piece of a B panel (64 KB) serves
+    every row block of the chunk before the next is loaded, and the chunk is sized so that its
+    rows of one K block (chunk·6 x KC) fit in L2. Without the blocking, the big-K convs of
+    ResNet's last stage (K = 4608, 49 rows at batch 1) streamed their 9.4 MB of weights once
+    per 12 rows.
     """
     m, n = c.shape
     k = bp.shape[1]
     bf = bp.reshape(-1)
     cf = c.reshape(-1)
     hi = min(blk1, -(-m // MR))
-    chunk = max(1, A_CHUNK_FLOATS // (MR * k))
-    scratch = np.zeros((chunk * MR, k), np.float32)
+    chunk = max(1, A_CHUNK_FLOATS // (MR * min(k, KC)))
+    scratch = np.empty((chunk * MR, k), np.float32)
     sf = scratch.reshape(-1)
-    c_tile = np.empty((MR, NR), np.float32)
-    ct = c_tile.reshape(-1)
+    c_last = np.empty((MR, n), np.float32)  # the last, partial row block accumulates here
+    cl = c_last.reshape(-1)
     for c0 in range(blk0, hi, chunk):
         c1 = min(c0 + chunk, hi)
         r0 = c0 * MR
         r1 = min(c1 * MR, m)
         _gather_rows(x, kk, stride, pad, ho, wo, r0, r1, scratch)
         scratch[r1 - r0 : (c1 - c0) * MR] = 0.0  # padding rows of a last, partial block
-        for p in range(pan0, pan1):  # one B panel stays in L1 across the chunk's rows
-            for blk in range(c0, c1):
-                i = blk * MR
-                local = (blk - c0) * MR * k
-                if i + MR <= m:
-                    _microkernel(sf, local, k, bf, p * k * NR, cf, i * n + p * NR, n, k)
-                else:
-                    _microkernel(sf, local, k, bf, p * k * NR, ct, 0, NR, k)
-                    c[i:m, p * NR : (p + 1) * NR] = c_tile[: m - i]
-                _epilogue_rows(c, i, min(i + MR, m), p * NR, (p + 1) * NR, scale, shift,
-                               residual, relu)  # fmt: skip
+        for kb in range(0, k, KC):
+            kc = min(KC, k - kb)
+            for p in range(pan0, pan1):  # one B panel piece stays in L1 across the chunk's rows
+                b_off = p * k * NR + kb * NR
+                for blk in range(c0, c1):
+                    i = blk * MR
+                    local = (blk - c0) * MR * k + kb
+                    if i + MR <= m:
+                        _microkernel(sf, local, k, bf, b_off, cf, i * n + p * NR, n, kc, kb)
+                    else:
+                        _microkernel(sf, local, k, bf, b_off, cl, p * NR, n, kc, kb)
+        for blk in range(c0, c1):
+            i = blk * MR
+            if i + MR > m:
+                c[i:m, pan0 * NR : pan1 * NR] = c_last[: m - i, pan0 * NR : pan1 * NR]
+            _epilogue_rows(c, i, min(i + MR, m), pan0 * NR, pan1 * NR, scale, shift, residual,
+                           relu)  # fmt: skip
 
 
 def pack_panels(w_kn: np.ndarray) -> np.ndarray:

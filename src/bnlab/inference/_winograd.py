@@ -211,7 +211,7 @@ def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # 
             for blk in range(ntp // MR):
                 i = blk * MR
                 _microkernel(vf, (p * ntp + i) * ch, ch, uf, b_off, mf,
-                             (p * ntp + i) * k_out + pan * NR, k_out, ch)  # fmt: skip
+                             (p * ntp + i) * k_out + pan * NR, k_out, ch, 0)  # fmt: skip
     for t in range(t0, t1):
         nn, r = t // (th * tw), t % (th * tw)
         _output_tile(m, t - t0, pan0 * NR, pan1 * NR, tmp_out, out, nn, (r // tw) * TILE,
