@@ -66,13 +66,13 @@ def test_direct_kernels_equal_references_on_random_shapes(g):
     pad = (g["ph"], g["pw"])
     xp = conv.pad_input(x, pad)
 
-    y = _conv_direct.conv_forward(xp, weight, bias)
+    y, xf = _conv_direct.conv_forward(x, weight, bias, pad)
     ref = conv.conv2d_reference(x.astype(np.float64), weight, bias, padding=pad)
     assert y.dtype == dtype and y.shape == ref.shape
     _close(y, ref, dtype)
 
     dout = rng.standard_normal(y.shape).astype(dtype)
-    dw = _conv_direct.conv_weight_grad(xp, dout, (g["kh"], kw))
+    dw = _conv_direct.conv_weight_grad(xf, dout, x.shape[2:], pad, (g["kh"], kw))
     assert dw.dtype == dtype
     _close(dw, _weight_grad_reference(xp, dout, (g["kh"], kw)), dtype)
 
@@ -81,8 +81,8 @@ def test_direct_forward_without_bias_and_non_contiguous_input():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 1, 9, 16))[:, :, :, ::2]  # strided view, 9x8
     weight = rng.standard_normal((3, 1, 3, 5))
-    y = _conv_direct.conv_forward(x, weight, None)
-    _close(y, conv.conv2d_reference(x, weight), np.float64)
+    y, _ = _conv_direct.conv_forward(x, weight, None, (0, 1))
+    _close(y, conv.conv2d_reference(x, weight, padding=(0, 1)), np.float64)
 
 
 @pytest.mark.parametrize(
@@ -136,8 +136,8 @@ def test_direct_kernels_bit_identical_across_thread_counts():
     try:
         for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(t)
-            y = _conv_direct.conv_forward(xp, weight, None)
-            outs.append((y, _conv_direct.conv_weight_grad(xp, dout, (5, 5))))
+            y, xf = _conv_direct.conv_forward(xp, weight, None, (0, 0))
+            outs.append((y, _conv_direct.conv_weight_grad(xf, dout, (12, 12), (0, 0), (5, 5))))
     finally:
         numba.set_num_threads(before)
     for y, dw in outs[1:]:

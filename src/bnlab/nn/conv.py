@@ -258,15 +258,15 @@ class Conv2d(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         oh, ow = self._check_input(x)
         x = x.astype(self.weight.data.dtype, copy=False)
-        xp = pad_input(x, self.padding)
         if self.uses_direct_kernel():
             from bnlab.nn import _conv_direct
 
             bias = None if self.bias is None else self.bias.data
-            y = _conv_direct.conv_forward(xp, self.weight.data, bias)
+            y, xf = _conv_direct.conv_forward(x, self.weight.data, bias, self.padding)
             if self._need_cache():
-                self._cache = ("direct", xp, x.shape, (oh, ow))
+                self._cache = ("direct", xf, x.shape, (oh, ow))
             return y
+        xp = pad_input(x, self.padding)
         y, cols = self._forward_im2col(xp, (oh, ow))
         if self._need_cache():
             self._cache = ("im2col", cols, x.shape, (oh, ow))
@@ -299,7 +299,10 @@ class Conv2d(Module):
         if path == "direct":
             from bnlab.nn import _conv_direct
 
-            self.weight.accumulate(_conv_direct.conv_weight_grad(saved, dout, self.kernel_size))
+            dw = _conv_direct.conv_weight_grad(
+                saved, dout, xshape[2:], self.padding, self.kernel_size
+            )
+            self.weight.accumulate(dw)
         else:
             self.weight.accumulate(self._weight_grad_im2col(saved, dout))
         if not self.input_grad:
