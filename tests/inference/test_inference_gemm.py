@@ -10,9 +10,19 @@ import pytest
 from bnlab.inference import _gemm as G
 
 
+# K > 512 takes the K-blocked path (3 K blocks; 133 rows = 2 row chunks on one thread)
 @pytest.mark.parametrize(
     ("m", "k", "n"),
-    [(1, 5, 32), (6, 1, 32), (7, 64, 64), (13, 147, 96), (49, 300, 512), (100, 64, 256)],
+    [
+        (1, 5, 32),
+        (6, 1, 32),
+        (7, 64, 64),
+        (13, 147, 96),
+        (49, 300, 512),
+        (100, 64, 256),
+        (20, 1100, 64),
+        (133, 1030, 96),
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 3])
 def test_packed_gemm_matches_reference(rng, m, k, n, threads):

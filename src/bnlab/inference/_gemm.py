@@ -158,7 +158,24 @@ def gemm_tile_range(
     cf = c.reshape(-1)
     full = m // MR
     hi = min(blk1, full)
-    if pan1 - pan0 <= 2 and (pan1 - pan0) * k * NR > L1_B_FLOATS:
+    if k > KC:
+        # big K (ResNet's later stages): K blocks of KC; a 64 KB piece of each B panel serves a
+        # whole L2-sized chunk of row blocks, so the weights are read once per chunk, not once
+        # per row block
+        chunk = max(1, A_CHUNK_FLOATS // (MR * KC))
+        for c0 in range(blk0, hi, chunk):
+            c1 = min(c0 + chunk, hi)
+            for kb in range(0, k, KC):
+                kc = min(KC, k - kb)
+                for p in range(pan0, pan1):
+                    b_off = p * k * NR + kb * NR
+                    for blk in range(c0, c1):
+                        i = blk * MR
+                        _microkernel(af, i * k + kb, k, bf, b_off, cf, i * n + p * NR, n, kc, kb)
+            for blk in range(c0, c1):
+                _epilogue_rows(c, blk * MR, blk * MR + MR, pan0 * NR, pan1 * NR, scale, shift,
+                               residual, relu)  # fmt: skip
+    elif pan1 - pan0 <= 2 and (pan1 - pan0) * k * NR > L1_B_FLOATS:
         # few panels (N <= 64): sweep a chunk of A rows (sized for L2) once per B panel, which
         # stays in L1
         chunk = max(1, A_CHUNK_FLOATS // (MR * k))
