@@ -3,7 +3,9 @@
 Cases: forward+backward of one BN layer at (64, 64, 56, 56) float32, NCHW and channels_last (the
 training mode a ResNet-50 stage-1 BN sees), and one LeNet-BN training step (batch 256, 28×28)
 with each implementation. Every case is checked for equal results *before* it is timed; the peers
-run interleaved (round robin) so that load on a shared machine hits both alike. Reports median ms,
+run interleaved (round robin) so that load on a shared machine hits both alike. The BN peers share
+x, so clearing the previous call's gradients (``x.grad = None``) happens outside the clock: timed
+inside, each peer paid for freeing the *other* one's dx. Reports median ms,
 the speedup (torch / bnlab) and, for the BN layer, the achieved bandwidth against a NumPy copy
 measured in the same run (fwd+bwd moves at least 5 tensors: read x, write y; read x, dy, write dx),
 and the median page faults per call (first touches of freshly mapped memory, a large part of
@@ -43,15 +45,19 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def interleaved(fns: dict, repeats: int, warmup: int, faults: dict | None = None):
+def interleaved(fns: dict, repeats: int, warmup: int, faults: dict | None = None, before=None):
     """Seconds per call of each function, calls alternating between the peers; ``faults``, when
-    given, receives the page faults of each call too."""
+    given, receives the page faults of each call too; ``before[name]``, when given, runs before
+    each call of that peer, outside the clock."""
+    before = before or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            before.get(name, lambda: None)()
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            before.get(name, lambda: None)()
             f0, t0 = minor_faults(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -71,27 +77,39 @@ def copy_bandwidth_gbs(nbytes: int, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------- cases
 
 
-def bn_layer_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """One forward+backward; returns (y, dx, dweight) for the pre-timing check."""
+def clear_grads(module: nn.Module, x: torch.Tensor) -> None:
+    """Drop the previous call's gradients. Untimed: x is shared by the peers, so whoever clears
+    x.grad frees the *other* peer's dx (munmap of torch's 51 MB of 4 KB pages took ~4 ms here,
+    which used to be charged to bnlab; bnlab's reused block costs a reference decrement)."""
     module.zero_grad(set_to_none=True)
     x.grad = None
+
+
+def bn_layer_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """One forward+backward; returns (y, dx, dweight) for the pre-timing check."""
     y = module(x)
     y.backward(dy)
     return y, x.grad, module.weight.grad
 
 
 def bn_case(shape, fmt: str):
-    """Two closures over identical modules and inputs, checked equal first."""
+    """(closures over identical modules and inputs, checked equal first; their untimed resets)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(memory_format=FORMATS[fmt]).requires_grad_()
     dy = torch.randn(shape, generator=g).to(memory_format=FORMATS[fmt])
     ref, ours = nn.BatchNorm2d(shape[1]), bt.BatchNorm2d(shape[1])
-    for a, b in zip(bn_layer_step(ref, x, dy), bn_layer_step(ours, x, dy), strict=True):
+    results = []
+    for m in (ref, ours):
+        clear_grads(m, x)
+        results.append(bn_layer_step(m, x, dy))
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
-    return {
+    steps = {
         "torch": lambda: bn_layer_step(ref, x, dy),
         "bnlab": lambda: bn_layer_step(ours, x, dy),
     }
+    resets = {"torch": lambda: clear_grads(ref, x), "bnlab": lambda: clear_grads(ours, x)}
+    return steps, resets
 
 
 def lenet_case(batch: int):
@@ -197,7 +215,8 @@ def main(argv=None) -> int:
     rows = []
     for fmt in FORMATS:
         faults = {}
-        times = interleaved(bn_case(shape, fmt), args.repeats, args.warmup, faults)
+        steps, resets = bn_case(shape, fmt)
+        times = interleaved(steps, args.repeats, args.warmup, faults, before=resets)
         rows.append(summarize(f"BN fwd+bwd {shape} {fmt}", times, nbytes, copy_gbs, faults))
     faults = {}
     times = interleaved(lenet_case(args.batch), args.repeats, args.warmup, faults)
