@@ -72,9 +72,10 @@ def test_direct_kernels_equal_references_on_random_shapes(g):
     _close(y, ref, dtype)
 
     dout = rng.standard_normal(y.shape).astype(dtype)
-    dw = _conv_direct.conv_weight_grad(xf, dout, x.shape[2:], pad, (g["kh"], kw))
-    assert dw.dtype == dtype
+    dw, db = _conv_direct.conv_weight_grad(xf, dout, x.shape[2:], pad, (g["kh"], kw))
+    assert dw.dtype == dtype and db.dtype == dtype
     _close(dw, _weight_grad_reference(xp, dout, (g["kh"], kw)), dtype)
+    _close(db, dout.astype(np.float64).sum(axis=(0, 2, 3)), dtype)
 
 
 def test_direct_forward_without_bias_and_non_contiguous_input():
@@ -137,9 +138,10 @@ def test_direct_kernels_bit_identical_across_thread_counts():
         for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(t)
             y, xf = _conv_direct.conv_forward(xp, weight, None, (0, 0))
-            outs.append((y, _conv_direct.conv_weight_grad(xf, dout, (12, 12), (0, 0), (5, 5))))
+            dw, db = _conv_direct.conv_weight_grad(xf, dout, (12, 12), (0, 0), (5, 5))
+            outs.append((y, dw, db))
     finally:
         numba.set_num_threads(before)
-    for y, dw in outs[1:]:
-        np.testing.assert_array_equal(y, outs[0][0])
-        np.testing.assert_array_equal(dw, outs[0][1])
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -46,60 +46,83 @@ def forward_kernel(kw: int):
 
         xf (N, C, (KH − 1)·wp + kw − 1 + length): the padded input planes flattened, then
         zeros; ``length`` >= (OH − 1)·wp + OW; w (O, C, KH, kw), b (O,), out (N, O, OH, OW).
+        Three output channels per pass share every input load (the last block repeats the
+        last channel and drops it).
         """
         n_all, c_all = xf.shape[0], xf.shape[1]
         o_all, kh = w.shape[0], w.shape[2]
         oh, ow = out.shape[2], out.shape[3]
         for n in prange(n_all):
-            acc = np.empty(length, xf.dtype)
-            for o in range(o_all):
-                acc[:] = b[o]
+            acc = np.empty((3, length), xf.dtype)
+            a0, a1, a2 = acc[0], acc[1], acc[2]
+            for o0 in range(0, o_all, 3):
+                o1, o2 = min(o0 + 1, o_all - 1), min(o0 + 2, o_all - 1)
+                a0[:], a1[:], a2[:] = b[o0], b[o1], b[o2]
                 for c in range(c_all):
                     xr = xf[n, c]
                     for p in range(kh):
                         xs = xr[p * wp : p * wp + length + kw - 1]
-                        wr = w[o, c, p]
+                        w0, w1, w2 = w[o0, c, p], w[o1, c, p], w[o2, c, p]
                         for m in range(length):
-                            s = acc[m]
+                            s0, s1, s2 = a0[m], a1[m], a2[m]
                             for q in range(kw):  # kw is a constant: unrolled
-                                s += wr[q] * xs[q + m]
-                            acc[m] = s
-                for i in range(oh):
-                    for j in range(ow):
-                        out[n, o, i, j] = acc[i * wp + j]
+                                v = xs[q + m]
+                                s0 += w0[q] * v
+                                s1 += w1[q] * v
+                                s2 += w2[q] * v
+                            a0[m], a1[m], a2[m] = s0, s1, s2
+                for t in range(min(3, o_all - o0)):
+                    for i in range(oh):
+                        for j in range(ow):
+                            out[n, o0 + t, i, j] = acc[t, i * wp + j]
         return out
 
     return conv_forward_flat
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def weight_grad_partials(xf, dy, wp, length, part):
-    """part[n, o, c, p, q] = Σ_{i,j} dy[n, o, i, j] · xf[n, c, (i+p)·wp + j + q]; dW = Σ_n part.
+def weight_grad_partials(xf, dy, wp, length, part, bias_part):
+    """part[n, o, c, p, q] = Σ_{i,j} dy[n, o, i, j] · xf[n, c, (i+p)·wp + j + q]; dW = Σ_n part;
+    bias_part[n, o] = Σ_{i,j} dy[n, o, i, j]; db = Σ_n bias_part (read while dy is copied).
 
-    xf and ``length`` as for the forward kernel, dy (N, O, OH, OW), part (N, O, C, KH, KW).
+    xf and ``length`` as for the forward kernel, dy (N, O, OH, OW), part (N, O, C, KH, KW),
+    bias_part (N, O).
+    Three output channels per pass share every input load (zero rows pad the last block).
     fastmath lets LLVM vectorise the dot products (reassociated sums: results differ from the
     im2col GEMM in the last bits, and are the same for any thread count).
     """
     n_all, c_all = xf.shape[0], xf.shape[1]
     o_all, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
     kh, kw = part.shape[3], part.shape[4]
+    zero = xf.dtype.type(0)
     for n in prange(n_all):
-        d = np.zeros((o_all, length), xf.dtype)
+        d = np.zeros((o_all + 2, length), xf.dtype)
         for o in range(o_all):
+            sb = zero
             for i in range(oh):
                 for j in range(ow):
-                    d[o, i * wp + j] = dy[n, o, i, j]
+                    v = dy[n, o, i, j]
+                    d[o, i * wp + j] = v
+                    sb += v
+            bias_part[n, o] = sb
         for c in range(c_all):
             xr = xf[n, c]
             for p in range(kh):
                 for q in range(kw):
                     xs = xr[p * wp + q : p * wp + q + length]
-                    for o in range(o_all):
-                        dr = d[o]
-                        s = xf.dtype.type(0)
+                    for o0 in range(0, o_all, 3):
+                        d0, d1, d2 = d[o0], d[o0 + 1], d[o0 + 2]
+                        s0, s1, s2 = zero, zero, zero
                         for m in range(length):
-                            s += dr[m] * xs[m]
-                        part[n, o, c, p, q] = s
+                            v = xs[m]
+                            s0 += d0[m] * v
+                            s1 += d1[m] * v
+                            s2 += d2[m] * v
+                        part[n, o0, c, p, q] = s0
+                        if o0 + 1 < o_all:
+                            part[n, o0 + 1, c, p, q] = s1
+                        if o0 + 2 < o_all:
+                            part[n, o0 + 2, c, p, q] = s2
     return part
 
 
@@ -142,10 +165,12 @@ def conv_forward(x, weight, bias, pad) -> tuple[np.ndarray, np.ndarray]:
     return out, xf
 
 
-def conv_weight_grad(xf, dout, hw, pad, kernel) -> np.ndarray:
-    """dW (O, C, KH, KW) from the flat input of :func:`conv_forward` and dy (N, O, OH, OW)."""
+def conv_weight_grad(xf, dout, hw, pad, kernel) -> tuple[np.ndarray, np.ndarray]:
+    """(dW (O, C, KH, KW), db (O,)) from the flat input of :func:`conv_forward` and dy."""
     n, c = xf.shape[:2]
+    o = dout.shape[1]
     wp, length, _ = flat_geometry(hw, pad, kernel)
-    part = np.empty((n, dout.shape[1], c, *kernel), xf.dtype)
-    weight_grad_partials(xf, np.ascontiguousarray(dout, xf.dtype), wp, length, part)
-    return part.sum(axis=0)
+    part = np.empty((n, o, c, *kernel), xf.dtype)
+    bias_part = np.empty((n, o), xf.dtype)
+    weight_grad_partials(xf, np.ascontiguousarray(dout, xf.dtype), wp, length, part, bias_part)
+    return part.sum(axis=0), bias_part.sum(axis=0)

@@ -294,17 +294,18 @@ class Conv2d(Module):
         n, o = xshape[0], self.out_channels
         check_dout(dout, (n, o, oh, ow), "Conv2d")
         dout = dout.astype(self.weight.data.dtype, copy=False)
-        if self.bias is not None:
-            self.bias.accumulate(dout.reshape(n, o, oh * ow).sum(axis=(0, 2)))
         if path == "direct":
             from bnlab.nn import _conv_direct
 
-            dw = _conv_direct.conv_weight_grad(
+            dw, db = _conv_direct.conv_weight_grad(
                 saved, dout, xshape[2:], self.padding, self.kernel_size
             )
-            self.weight.accumulate(dw)
         else:
-            self.weight.accumulate(self._weight_grad_im2col(saved, dout))
+            dw = self._weight_grad_im2col(saved, dout)
+            db = None if self.bias is None else dout.reshape(n, o, oh * ow).sum(axis=(0, 2))
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
         if not self.input_grad:
             return None
         return self._input_grad(dout, xshape)
