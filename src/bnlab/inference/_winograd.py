@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from bnlab.inference._gemm import MR, NR, _microkernel
 
 TILE = 4  # output tile side (m)
 ALPHA = 6  # input tile side m + r - 1
 POINTS = ALPHA * ALPHA
-MIN_TILES = 12  # fewer tiles (ResNet's 7x7 maps at batch 1): the direct conv is faster (measured)
+MIN_TILES = 8  # below (ResNet-50 7x7 maps at batch 1: 4 tiles) the direct conv is as fast
 # float32 constants: a Python float would turn the transforms into float64 arithmetic
 F2, F4, F5, F8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
 
@@ -101,12 +104,57 @@ def tile_grid(h: int, w: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- kernels
 
+VW = 16  # channels per vector of the input transform (one zmm register)
+
+
+@intrinsic
+def _bt6_vec(typingctx, src, s_off, s_step, dst, d_off, d_step):
+    """dst[d_off + a·d_step + q] = (B^T d)_a, d_i = src[s_off + i·s_step + q], for q < 16 and
+    a < 6: one 16-channel vector of the 1-D input transform, written in LLVM IR so that it is
+    vectorized whatever LLVM can prove about aliasing (numba loops over 6 input and 6 output
+    streams were left scalar)."""
+    sig = types.void(src, s_off, s_step, dst, d_off, d_step)
+
+    def codegen(context, builder, signature, args):
+        src_arr, s_off_v, s_step_v, dst_arr, d_off_v, d_step_v = args
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        v16 = ir.VectorType(f32, VW)
+        sbase = builder.gep(context.make_array(signature.args[0])(context, builder, src_arr).data,
+                            [s_off_v])  # fmt: skip
+        dbase = builder.gep(context.make_array(signature.args[3])(context, builder, dst_arr).data,
+                            [d_off_v])  # fmt: skip
+
+        def at(base, step, i):
+            ptr = builder.gep(base, [builder.mul(step, ir.Constant(i64, i))])
+            return builder.bitcast(ptr, v16.as_pointer())
+
+        d = [builder.load(at(sbase, s_step_v, i), align=4) for i in range(ALPHA)]
+
+        def k(c):
+            return ir.Constant(v16, [c] * VW)
+
+        add, sub, mul = builder.fadd, builder.fsub, builder.fmul
+        out = [
+            add(sub(mul(k(4.0), d[0]), mul(k(5.0), d[2])), d[4]),
+            add(add(mul(k(-4.0), add(d[1], d[2])), d[3]), d[4]),
+            add(sub(mul(k(4.0), sub(d[1], d[2])), d[3]), d[4]),
+            add(sub(mul(k(2.0), sub(d[3], d[1])), d[2]), d[4]),
+            add(sub(mul(k(2.0), sub(d[1], d[3])), d[2]), d[4]),
+            add(sub(mul(k(4.0), d[1]), mul(k(5.0), d[3])), d[5]),
+        ]
+        for a, val in enumerate(out):
+            builder.store(val, at(dbase, d_step_v, a), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _input_tile(x, nn, ih0, iw0, patch, tmp, v, row):  # pragma: no cover - compiled
     """v[6a + b, row, :] = (B^T d B)[a, b] for the 6x6 patch d of x[nn] at (ih0, iw0), zero
-    outside the image. patch (1, 6, 6, C) and tmp (6, 6, C) are scratch; loops over C innermost.
-    Interior tiles are read from x in place; border tiles through the zero-padded patch."""
+    outside the image. patch (1, 6, 6, C) and tmp (6, 6, C) are scratch. Interior tiles are read
+    from x in place, border tiles through the zero-padded patch; channels in vectors of 16
+    (:func:`_bt6_vec`), the last C mod 16 by :func:`_input_tile_tail`."""
     h, w, ch = x.shape[1], x.shape[2], x.shape[3]
     if ih0 >= 0 and iw0 >= 0 and ih0 + ALPHA <= h and iw0 + ALPHA <= w:
         src, n0, i0, j0 = x, nn, ih0, iw0
@@ -122,9 +170,27 @@ def _input_tile(x, nn, ih0, iw0, patch, tmp, v, row):  # pragma: no cover - comp
                     for q in range(ch):
                         patch[0, i, j, q] = 0.0
         src, n0, i0, j0 = patch, 0, 0, 0
+    sw = src.shape[2]
+    sf, tf, vf = src.reshape(-1), tmp.reshape(-1), v.reshape(-1)
+    s_base = ((n0 * src.shape[1] + i0) * sw + j0) * ch
+    ntp = v.shape[1]
+    q_vec = ch - ch % VW
+    for q0 in range(0, q_vec, VW):
+        for j in range(ALPHA):  # tmp[:, j] = B^T d[:, j]
+            _bt6_vec(sf, s_base + j * ch + q0, sw * ch, tf, j * ch + q0, ALPHA * ch)
+        for a in range(ALPHA):  # v[6a + b] = (tmp[a, :] B)_b
+            _bt6_vec(tf, a * ALPHA * ch + q0, ch, vf, (a * ALPHA * ntp + row) * ch + q0, ntp * ch)
+    if q_vec < ch:
+        _input_tile_tail(src, n0, i0, j0, q_vec, tmp, v, row)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _input_tile_tail(src, n0, i0, j0, q_lo, tmp, v, row):  # pragma: no cover - compiled
+    """The input transform of the channels q_lo <= q < C, one scalar at a time (C mod 16)."""
+    ch = src.shape[3]
     for j in range(ALPHA):  # tmp[:, j] = B^T d[:, j]
         jj = j0 + j
-        for q in range(ch):
+        for q in range(q_lo, ch):
             d0, d1, d2 = src[n0, i0, jj, q], src[n0, i0 + 1, jj, q], src[n0, i0 + 2, jj, q]
             d3, d4, d5 = src[n0, i0 + 3, jj, q], src[n0, i0 + 4, jj, q], src[n0, i0 + 5, jj, q]
             tmp[0, j, q] = F4 * d0 - F5 * d2 + d4
@@ -135,7 +201,7 @@ def _input_tile(x, nn, ih0, iw0, patch, tmp, v, row):  # pragma: no cover - comp
             tmp[5, j, q] = F4 * d1 - F5 * d3 + d5
     for a in range(ALPHA):  # v[a, :] = tmp[a, :] B
         p = a * ALPHA
-        for q in range(ch):
+        for q in range(q_lo, ch):
             e0, e1, e2 = tmp[a, 0, q], tmp[a, 1, q], tmp[a, 2, q]
             e3, e4, e5 = tmp[a, 3, q], tmp[a, 4, q], tmp[a, 5, q]
             v[p, row, q] = F4 * e0 - F5 * e2 + e4
