@@ -288,15 +288,16 @@ def work_items(n_tiles: int, c_in: int, c_out: int, n_threads: int, chunk: int |
     """(t0, t1, pan0, pan1) items covering every (tile, panel) once.
 
     Tiles go in chunks of ``chunk`` (default :func:`chunk_tiles`); when there are fewer chunks
-    than threads, each chunk is also split by output panels (the input transform is then done
-    by each of its items: cheap next to the GEMMs).
+    than threads, each chunk is also split by output panels, into as many parts as it takes to
+    give every thread an item (each part redoes the chunk's input transform, cheap next to its
+    GEMMs, and streams only its panels' share of the transformed weights).
     """
     chunk = chunk or chunk_tiles(c_in, c_out)
     chunks = [(t, min(t + chunk, n_tiles)) for t in range(0, n_tiles, chunk)]
     panels = c_out // NR
     split = 1
-    if len(chunks) < 2 * n_threads and n_threads > 1:
-        split = min(panels, -(-2 * n_threads // len(chunks)))
+    if len(chunks) < n_threads:
+        split = min(panels, -(-n_threads // len(chunks)))
     step = -(-panels // split)
     return [(t0, t1, p, min(p + step, panels)) for t0, t1 in chunks for p in range(0, panels, step)]
 
