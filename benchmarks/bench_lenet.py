@@ -8,8 +8,9 @@ the same batches (Fashion-MNIST when installed, else seeded random images) and u
 number of threads: torch.set_num_threads(N) for PyTorch; N numba threads for bnlab, whose
 kernels are parallel over the batch, with OpenBLAS kept at 1 thread (LeNet's GEMMs are small:
 a threaded OpenBLAS only spins against the numba threads, measured 2-8x slower per step at
-2 threads on the shared 2-core machine). Rounds alternate torch / bnlab so that load from other processes hits
-both alike; the result is the median examples/s of each and the ratio of the medians.
+2 threads on the shared 2-core machine). Rounds alternate torch / bnlab so that load from other
+processes hits both alike; the result is the median examples/s of each and the ratio of the
+medians.
 """
 
 from __future__ import annotations
