@@ -395,11 +395,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def torchrun_command(argv: list[str], nproc: int, port: int) -> list[str]:
-    """The torchrun command line that runs this trainer on ``nproc`` local CPU processes."""
+def torchrun_command(argv: list[str], nproc: int, port: int | None = None) -> list[str]:
+    """The torchrun command line that runs this trainer on ``nproc`` local CPU processes: on
+    127.0.0.1:``port``, or (None) ``--standalone``, whose rendezvous store binds a port the OS
+    picks (no window in which another process can take a port chosen in advance)."""
+    where = ["--standalone"] if port is None else ["--master-addr", "127.0.0.1"]
+    where += [] if port is None else ["--master-port", str(port)]
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(port),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where,
         "-m", "bnlab.torch.train", *argv,
     ]  # fmt: skip
 
@@ -415,14 +418,10 @@ def launch(argv: list[str], nproc: int = 1) -> int:
     if problem:
         print(f"bnlab.torch.train: error: {problem}", file=sys.stderr)
         return 2
-    import socket
     import subprocess
 
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(torchrun_command(argv, nproc, port), env=env, stdin=subprocess.DEVNULL)
+    return subprocess.call(torchrun_command(argv, nproc), env=env, stdin=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":
