@@ -22,6 +22,7 @@ from bnlab.inference import _gemm as G
         (100, 64, 256),
         (20, 1100, 64),
         (133, 1030, 96),
+        (13, 1030, 256),  # N > M: split by panels (3 threads), each item K-blocked
     ],
 )
 @pytest.mark.parametrize("threads", [1, 3])

@@ -290,17 +290,20 @@ def pack_panels(w_kn: np.ndarray) -> np.ndarray:
 
 
 def work_items(m: int, n: int, k: int, n_threads: int) -> list[tuple[int, int, int, int]]:
-    """(blk0, blk1, pan0, pan1) items: about 4 per thread, split by rows, else by panels.
+    """(blk0, blk1, pan0, pan1) items: about 4 per thread, split by rows or by panels.
 
-    Row splits keep a B panel hot across a thread's rows; tall-thin problems (few rows, many
-    panels: ResNet's last stage at batch 1) are split by panels instead.
+    Every item reads its rows of A and its panels of B once, so a row split makes each item
+    stream all of B (K x N) and a panel split all of A (M x K): rows when M >= N (the first
+    stages), panels when N > M (the weight-heavy later stages at small batch, where a row split
+    had each of 8 items stream all of layer4's 4-8 MB weights).
     """
     blocks, panels = -(-m // MR), n // NR
     want = max(1, 4 * n_threads) if n_threads > 1 else 1
     flops_per_item = 2.0 * m * n * k / want
     if flops_per_item < 2e5:  # too small to share: one item
         want = 1
-    if blocks >= want or blocks >= panels:
+    by_rows = m >= n or panels < min(want, blocks)
+    if by_rows:
         step = -(-blocks // want)
         return [(b, min(b + step, blocks), 0, panels) for b in range(0, blocks, step)]
     step = -(-panels // want)
