@@ -122,3 +122,22 @@ def test_run_folder_errors_come_before_any_process_starts(tmp_path, capsys):
     assert "already holds a checkpoint; pass --resume" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "new"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_one_process_torch_run_trains_in_the_cli_process(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from train_helpers import single_thread, write_fake_fashion_mnist
+
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=96, n_test=48)
+    out = tmp_path / "run"
+    argv = ["train", "--engine", "torch", "--epochs", "2", "--batch-size", "32", "--lr", "0.5"]
+    argv += ["--data", str(data), "--out", str(out)]
+    with single_thread():  # --threads sets this process's numba threads: restored after
+        assert main(argv) == 0
+        assert "final test accuracy" in capsys.readouterr().out
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert (metrics["config"]["engine"], metrics["config"]["world_size"]) == ("torch", 1)
+        assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+        assert metrics["epochs"][1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+        assert main([*argv, "--epochs", "3", "--resume"]) == 0  # the later --epochs wins
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
