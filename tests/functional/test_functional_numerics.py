@@ -8,6 +8,7 @@ from fn_support import LAYOUT_NAMES, channels
 
 from bnlab import functional as F
 from bnlab.check import centering_condition, dtype_tolerance, rel_error
+from bnlab.errors import ShapeError
 from bnlab.functional._layout import get_layout
 from bnlab.functional.stats import moments
 
@@ -161,3 +162,31 @@ def test_out_and_non_contiguous_input_give_the_same_result(rng, layout, training
     np.testing.assert_allclose(y2, y0, rtol=1e-6, atol=1e-6)
     for k in b0:
         np.testing.assert_array_equal(b1[k], b0[k])
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCHW", "NHWC"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_backward_out_gives_the_same_dx(rng, layout, training, dtype, backend):
+    """``batch_norm_backward(..., out=)``: written in place (contiguous) or copied in (strided),
+    the same dx bits either way; a wrong buffer is refused before anything is computed."""
+    shape = SHAPES[layout]
+    c = channels(shape, layout)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    stats = {"running_mean": np.zeros(c, np.float32), "running_var": np.ones(c, np.float32)}
+    _, cache = F.batch_norm_forward(
+        x, None, None, training=training, layout=layout, backend=backend, **stats
+    )
+    dx0, dg0, db0 = F.batch_norm_backward(dy, cache)
+    out = np.empty_like(x)
+    dx1, dg1, db1 = F.batch_norm_backward(dy, cache, out=out)
+    assert dx1 is out
+    np.testing.assert_array_equal(out, dx0)
+    np.testing.assert_array_equal(dg1, dg0)
+    np.testing.assert_array_equal(db1, db0)
+    strided = np.empty(shape[:-1] + (2 * shape[-1],), dtype)[..., ::2]
+    assert F.batch_norm_backward(dy, cache, out=strided)[0] is strided
+    np.testing.assert_array_equal(strided, dx0)
+    with pytest.raises(ShapeError, match="out"):
+        F.batch_norm_backward(dy, cache, out=np.empty(shape, np.float64))

@@ -292,8 +292,11 @@ def _param_grads(dout, xhat, lay):
     return (d * xhat).sum(axis=axes), d.sum(axis=axes)
 
 
-def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache):
+def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache, *, out: np.ndarray | None = None):
     """Closed-form backward (cs231n's ``batchnorm_backward_alt``); returns (dx, dgamma, dbeta).
+
+    ``out``: optional preallocated dx (shape and dtype of the forward's x); the numba kernels write
+    into it directly when it is C-contiguous, otherwise dx is computed and copied in.
 
     Training, per channel over its m values:
 
@@ -304,8 +307,9 @@ def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache):
     dgamma and dbeta are returned even when the forward had no affine parameters.
     """
     _check_dout(dout, cache)
+    v.check_out(out, cache.x, "out")
     if cache.backend == "numba":
-        return _kernel_backward(dout, cache)
+        return _kernel_backward(dout, cache, out)
     lay = cache.layout
     xhat = _xhat(cache)
     d = dout.astype(xhat.dtype, copy=False)
@@ -315,18 +319,19 @@ def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache):
         dx = standardize_backward(dxhat, xhat, lay.per_channel(cache.rstd), lay.reduce_axes)
     else:
         dx = dxhat * lay.per_channel(cache.rstd)
-    return dx.astype(cache.x.dtype, copy=False), dgamma, dbeta
+    return _into(out, dx, cache.x.dtype), dgamma, dbeta
 
 
-def _kernel_backward(dout, cache: BatchNormCache):
+def _kernel_backward(dout, cache: BatchNormCache, out):
     from bnlab import kernels
 
     lay = cache.layout
     cl = _is_channel_last_3d(lay)
     x3, d3 = _canonical_3d(cache.x, lay), _canonical_3d(dout, lay)
+    out3 = _kernel_out(out, lay)
     fn = kernels.bn_backward if cache.training else kernels.bn_eval_backward
-    dx3, dgamma, dbeta = fn(d3, x3, cache.mean, cache.rstd, cache.gamma, cl)
-    return dx3.reshape(cache.x.shape), dgamma, dbeta
+    dx3, dgamma, dbeta = fn(d3, x3, cache.mean, cache.rstd, cache.gamma, cl, dx=out3)
+    return _deliver(dx3, out3, out, cache.x.shape), dgamma, dbeta
 
 
 def batch_norm_backward_graph(dout: np.ndarray, cache: BatchNormCache):

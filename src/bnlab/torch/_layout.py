@@ -77,17 +77,6 @@ def empty_like_in_layout(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np
     return from_numpy(a, layout), a
 
 
-def kernel_view(a: np.ndarray, layout: str) -> tuple[np.ndarray, bool]:
-    """(3-D view, channels_last) of a C-contiguous array in ``layout``, as
-    :mod:`bnlab.kernels` takes it: (N, C, S) channels-first or (N, S, C) channels-last."""
-    n, rest = a.shape[0], a.shape[1:]
-    if layout == "NC":
-        return a.reshape(n, 1, rest[0]), True
-    if layout in ("NLC", "NHWC"):
-        return a.reshape(n, -1, rest[-1]), True
-    return a.reshape(n, rest[0], -1), False
-
-
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 

@@ -39,13 +39,7 @@ from bnlab.errors import ShapeError
 from bnlab.functional import batch_norm_backward, batch_norm_forward
 from bnlab.functional._validate import check_eps, check_momentum, check_policy
 from bnlab.functional.running import report_nonfinite
-from bnlab.torch._layout import (
-    empty_like_in_layout,
-    from_numpy,
-    kernel_view,
-    layout_of,
-    to_numpy,
-)
+from bnlab.torch._layout import empty_like_in_layout, layout_of, to_numpy
 
 FAST_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -280,27 +274,13 @@ class FastBatchNorm(torch.autograd.Function):
 
 
 def _kernel_backward(ctx, grad_out):
-    """(dx, dγ, dβ) by the forward's backend; dx in x's memory format. grad_out is read through a
-    zero-copy view (copied only if it arrives in another memory format)."""
+    """(dx, dγ, dβ) by the forward's backend; dx in x's memory format, written by the backward
+    straight into cache-reused memory (:mod:`bnlab.torch._buffers`: no page faults). grad_out is
+    read through a zero-copy view (copied only if it arrives in another memory format)."""
     dy, cache = to_numpy(grad_out, ctx.layout), ctx.cache
-    if cache.backend == "numba":
-        dx, dx_array = empty_like_in_layout(grad_out, ctx.layout)
-        dgamma, dbeta = _fused_backward_into(dx_array, dy, cache, ctx.layout)
-        return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
-    dx_array, dgamma, dbeta = batch_norm_backward(dy, cache)
-    return from_numpy(dx_array, ctx.layout), torch.from_numpy(dgamma), torch.from_numpy(dbeta)
-
-
-def _fused_backward_into(dx: np.ndarray, dy: np.ndarray, cache, layout: str):
-    """bnlab's fused backward kernel writing dx (the array of ``empty_like_in_layout``: reused
-    memory, no page faults) — what ``batch_norm_backward`` runs for the numba backend, which
-    offers no output argument. Returns (dγ, dβ), (C,) in the accumulation dtype."""
-    from bnlab import kernels
-
-    fn = kernels.bn_backward if cache.training else kernels.bn_eval_backward
-    (x3, cl), (dy3, _), (dx3, _) = (kernel_view(a, layout) for a in (cache.x, dy, dx))
-    _, dgamma, dbeta = fn(dy3, x3, cache.mean, cache.rstd, cache.gamma, cl, dx=dx3)
-    return dgamma, dbeta
+    dx, dx_array = empty_like_in_layout(grad_out, ctx.layout)
+    _, dgamma, dbeta = batch_norm_backward(dy, cache, out=dx_array)
+    return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
 
 
 def _differentiable_backward(ctx, grad_out, x, weight):
