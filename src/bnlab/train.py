@@ -401,13 +401,12 @@ _CLI_FLAGS = (
 
 
 def reproduce_command(cfg: dict, out) -> str:
-    """The command line that reruns this configuration (NumPy engine or torchrun)."""
+    """The ``bnlab train`` command line that reruns this configuration (either engine)."""
     flags = " ".join(
         f"--{k.replace('_', '-')} {cfg[k]}" for k in _CLI_FLAGS if cfg.get(k) is not None
     )
     if cfg.get("engine") == "torch":
-        nproc = cfg.get("world_size", 1)
-        return f"torchrun --nproc-per-node {nproc} -m bnlab.torch.train {flags} --out {out}"
+        flags += f" --engine torch --nproc {cfg.get('world_size', 1)}"
     return f"bnlab train {flags} --out {out}"
 
 

@@ -68,7 +68,7 @@ def test_two_process_torch_run_writes_a_sane_run_folder(fashion_mnist_dir, tmp_p
     running_var = [v for k, v in ckpt.model_state.items() if k.endswith("running_var")]
     assert running_var and all((v > 0).all() and not np.allclose(v, 1) for v in running_var)
     report = (out / "report.md").read_text()
-    assert "torchrun --nproc-per-node 2" in report and (out / "loss.png").is_file()
+    assert "--engine torch --nproc 2" in report and (out / "loss.png").is_file()
 
 
 def _parse(argv):
