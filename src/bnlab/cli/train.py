@@ -149,9 +149,12 @@ def _run_numpy(args) -> int:
 
     if args.backend is not None:
         set_backend(args.backend)
-    from bnlab.nn.threads import set_num_threads
+    from bnlab.nn.threads import set_blas_threads, set_num_threads
 
     set_num_threads(args.threads)
+    # The engine's threads are numba's (batch-parallel kernels); LeNet's GEMMs are too small to
+    # thread, and a threaded OpenBLAS spins against numba's threads (8x slower at 2 threads).
+    set_blas_threads(1)
     config = TrainConfig(
         model=args.model,
         epochs=args.epochs,
