@@ -190,14 +190,27 @@ def _tile(t, tiles, c):
 @njit(cache=True)
 def _column_shifted_sums(x, r0, r1, c0, c1):
     """Per channel j of the tile [c0, c1) of x (R, C), over rows [r0, r1): the shift k_j = x[r0, j]
-    and (Σ (x − k), Σ (x − k)²) in float64; the inner loop runs across contiguous channels."""
+    and (Σ (x − k), Σ (x − k)²) in float64; the inner loop runs across contiguous channels.
+
+    Four rows are combined per update of the accumulators, ((d0 + d1) + (d2 + d3)): a quarter of
+    the accumulator loads and stores (they outnumbered the data's 4 bytes per value 8 to 1)."""
     w = c1 - c0
     k = np.empty(w)
     for j in range(w):
         k[j] = np.float64(x[r0, c0 + j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    for r in range(r0, r1):
+    full = r0 + (r1 - r0) // 4 * 4
+    for r in range(r0, full, 4):
+        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+        for j in range(w):
+            d0 = np.float64(x0[j]) - k[j]
+            d1 = np.float64(x1[j]) - k[j]
+            d2 = np.float64(x2[j]) - k[j]
+            d3 = np.float64(x3[j]) - k[j]
+            acc1[j] += (d0 + d1) + (d2 + d3)
+            acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(full, r1):
         xr = x[r, c0:c1]
         for j in range(w):
             d = np.float64(xr[j]) - k[j]
@@ -209,11 +222,22 @@ def _column_shifted_sums(x, r0, r1, c0, c1):
 @njit(cache=True)
 def _column_grad_sums(dy, x, mu, r0, r1, c0, c1):
     """Per channel j of the tile [c0, c1), over rows [r0, r1): (Σ dy, Σ dy·(x − μ_j)), float64;
-    ``mu`` is the tile's (c1 − c0,) means."""
+    ``mu`` is the tile's (c1 − c0,) means. Four rows per accumulator update, as above."""
     w = c1 - c0
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    for r in range(r0, r1):
+    full = r0 + (r1 - r0) // 4 * 4
+    for r in range(r0, full, 4):
+        g0, g1, g2, g3 = dy[r, c0:c1], dy[r + 1, c0:c1], dy[r + 2, c0:c1], dy[r + 3, c0:c1]
+        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+        for j in range(w):
+            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
+            a2, a3 = np.float64(g2[j]), np.float64(g3[j])
+            acc1[j] += (a0 + a1) + (a2 + a3)
+            acc2[j] += (a0 * (np.float64(x0[j]) - mu[j]) + a1 * (np.float64(x1[j]) - mu[j])) + (
+                a2 * (np.float64(x2[j]) - mu[j]) + a3 * (np.float64(x3[j]) - mu[j])
+            )
+    for r in range(full, r1):
         dyr = dy[r, c0:c1]
         xr = x[r, c0:c1]
         for j in range(w):
