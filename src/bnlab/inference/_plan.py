@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnlab.inference import _direct as DC
+from bnlab.inference import _fused as FU
 from bnlab.inference import _gemm as G
 from bnlab.inference import _kernels as K
 from bnlab.inference import _winograd as WG
@@ -136,12 +137,36 @@ class Planner:
     def _plan_block(self, arena, steps, blk: PackedBlock, x, n, h, w, out_role):
         t1, _ = self._plan_conv(arena, steps, blk.conv1, x, n, h, w, "t1")
         t2, (ho, wo) = self._plan_conv(arena, steps, blk.conv2, t1, n, h, w, "t2")
+        if self._fuse_downsample(blk):
+            return self._plan_fused_tail(arena, steps, blk, t2, x, n, h, w, out_role), (ho, wo)
         identity = x
         if blk.downsample is not None:
             identity, _ = self._plan_conv(arena, steps, blk.downsample, x, n, h, w, "ds",
                                           relu=False)  # fmt: skip
         y, _ = self._plan_conv(arena, steps, blk.conv3, t2, n, ho, wo, out_role, residual=identity)
         return y, (ho, wo)
+
+    def _fuse_downsample(self, blk: PackedBlock) -> bool:
+        """conv3 and the downsample branch as one two-segment GEMM (:mod:`._fused`): packed GEMM,
+        folded BN (plain biases), 1x1 downsample."""
+        ds, c3 = blk.downsample, blk.conv3
+        if ds is None or self.net.gemm != "packed" or ds.k != 1:
+            return False
+        folded = ds.scale.size == 0 and c3.scale.size == 0
+        return folded and ds.panels is not None and c3.panels is not None
+
+    def _plan_fused_tail(self, arena, steps, blk: PackedBlock, t2, x, n, h, w, out_role):
+        """Y = relu(T2 @ W3 + Xs @ Wd + b3 + bd), Xs = X subsampled by the downsample's stride."""
+        ds, c3 = blk.downsample, blk.conv3
+        ho, wo = ds.out_hw(h, w)
+        c_in = ds.w.shape[0]
+        xs = x
+        if ds.stride > 1:
+            xs = arena.request("sub", (n, ho, wo, c_in))
+            steps.append((_subsample, x, (n, h, w, c_in), ds.stride, xs))
+        y = arena.request(out_role, (n * ho * wo, c3.c_out))
+        steps.append((_fused_tail, self.pool, t2, c3, xs, ds, y, c3.shift + ds.shift))
+        return y
 
     def _plan_head(self, arena, steps, feat, n, h, w):
         c = self.net.fc_w.shape[0]
@@ -210,6 +235,17 @@ def _packed_gemm(pool, a, k, panels, out, scale, shift, residual, relu):
 
     def tile(b0, b1, p0, p1):
         G.gemm_tile_range(a2, panels, out, b0, b1, p0, p1, scale, shift, res, relu)
+
+    pool.run(tile, items)
+
+
+def _fused_tail(pool, t2, c3, xs, ds, out, shift):
+    a = t2.reshape(-1, c3.w.shape[0])
+    a2 = xs.reshape(-1, ds.w.shape[0])
+    items = G.work_items(a.shape[0], out.shape[1], a.shape[1] + a2.shape[1], pool.n_threads)
+
+    def tile(b0, b1, p0, p1):
+        FU.gemm2_tile_range(a, c3.panels, a2, ds.panels, out, b0, b1, p0, p1, shift, True)
 
     pool.run(tile, items)
 
