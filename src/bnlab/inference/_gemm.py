@@ -2,8 +2,8 @@
 
 Why not ``np.matmul``: NumPy's OpenBLAS runs its AVX2 ("Haswell") kernels here (the environment
 pins ``OPENBLAS_CORETYPE``), which reach about half of what a core with full-width AVX-512 can do.
-This file is a classic register-blocked GEMM (Goto/BLIS style, K not blocked; for N <= 64 a
-chunk of A rows sized for L2 is swept once per B panel, which stays in L1):
+This file is a classic register-blocked GEMM (Goto/BLIS style; K blocked by ``KC`` = 512 when
+larger, so that a 64 KB piece of a B panel serves an L2-sized chunk of A rows):
 
     C[i:i+6, j:j+32] = A[i:i+6, :] @ Bp[j/32]          (the micro-kernel, 12 zmm accumulators)
 
@@ -36,7 +36,6 @@ from numba.extending import intrinsic
 MR, NR = 6, 32  # micro-tile: 6 rows x 32 columns (two 16-float vectors)
 A_CHUNK_FLOATS = 64 * 1024  # rows of A swept per B panel: 256 KB, a quarter of a 1 MB L2
 KC = 512  # K block of the implicit-GEMM conv: a (KC x 32) piece of a B panel is 64 KB
-L1_B_FLOATS = 8 * 1024  # B panels up to 32 KB stay in L1 by themselves: no need to chunk A
 
 
 @intrinsic
@@ -175,21 +174,10 @@ def gemm_tile_range(
             for blk in range(c0, c1):
                 _epilogue_rows(c, blk * MR, blk * MR + MR, pan0 * NR, pan1 * NR, scale, shift,
                                residual, relu)  # fmt: skip
-    elif pan1 - pan0 <= 2 and (pan1 - pan0) * k * NR > L1_B_FLOATS:
-        # few panels (N <= 64): sweep a chunk of A rows (sized for L2) once per B panel, which
-        # stays in L1
-        chunk = max(1, A_CHUNK_FLOATS // (MR * k))
-        for c0 in range(blk0, hi, chunk):
-            c1 = min(c0 + chunk, hi)
-            for p in range(pan0, pan1):
-                for blk in range(c0, c1):
-                    i = blk * MR
-                    _microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k, 0)
-                    _epilogue_rows(c, i, i + MR, p * NR, (p + 1) * NR, scale, shift, residual,
-                                   relu)  # fmt: skip
     else:
-        # many panels: one row block against every panel (its A rows stay in L1, C rows are
-        # written contiguously), then the epilogue on the whole row block
+        # one row block against every panel (its A rows stay in L1, C rows are written
+        # contiguously), then the epilogue on the whole row block; measured faster than sweeping
+        # a chunk of rows per panel even for N = 64 (the layer1 convs)
         for blk in range(blk0, hi):
             i = blk * MR
             for p in range(pan0, pan1):
