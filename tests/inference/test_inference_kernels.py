@@ -56,6 +56,10 @@ def test_maxpool_matches_reference_and_torch(rng):
     out = np.empty(ref.shape, np.float32)
     K.maxpool_nhwc(x, 3, 2, 1, out)
     np.testing.assert_array_equal(out, ref)
+    split = np.full(ref.shape, np.nan, np.float32)  # in two row ranges, as threads do
+    K.maxpool_nhwc(x, 3, 2, 1, split, 0, 3)
+    K.maxpool_nhwc(x, 3, 2, 1, split, 3, 2 * ref.shape[1])
+    np.testing.assert_array_equal(split, ref)
     t = torch.nn.functional.max_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), 3, 2, 1)
     np.testing.assert_array_equal(out, t.numpy().transpose(0, 2, 3, 1))
 

@@ -103,15 +103,16 @@ def epilogue_ref(y, scale, shift, residual, relu):
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def maxpool_nhwc(x, k, stride, pad, out):  # pragma: no cover - compiled
-    """out[n, oh, ow, c] = max over the k x k window (padding never wins: it is −inf).
+def maxpool_nhwc(x, k, stride, pad, out, r0=0, r1=-1):  # pragma: no cover - compiled
+    """out[n, oh, ow, c] = max over the k x k window (padding never wins: it is −inf), for the
+    output rows r = n·Ho + oh in [r0, r1) (r1 = −1: all), so threads can share the work.
 
     x (N, H, W, C); out (N, Ho, Wo, C) preallocated.
     """
     n_img, h, w, c = x.shape
     ho = out.shape[1]
     wo = out.shape[2]
-    for r in range(n_img * ho):
+    for r in range(r0, n_img * ho if r1 < 0 else r1):
         n = r // ho
         oh = r % ho
         for ow in range(wo):

@@ -131,7 +131,8 @@ class Planner:
         out, (h, w) = self._plan_conv(arena, steps, self.net.stem, x_slot, n, h, w, "stem")
         ho, wo = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1
         pooled = arena.request("a", (n, ho, wo, self.net.stem.c_out))
-        steps.append((_maxpool, out, (n, h, w, self.net.stem.c_out), pooled))
+        items = _row_items(n * ho, self.pool.n_threads)
+        steps.append((_maxpool, self.pool, out, (n, h, w, self.net.stem.c_out), pooled, items))
         return pooled, (ho, wo)
 
     def _plan_block(self, arena, steps, blk: PackedBlock, x, n, h, w, out_role):
@@ -255,8 +256,9 @@ def _epilogue(out, scale, shift, residual, relu):
     K.epilogue(out, scale, shift, res, relu)
 
 
-def _maxpool(src, shape4, out):
-    K.maxpool_nhwc(_as4(src, shape4), 3, 2, 1, out)
+def _maxpool(pool, src, shape4, out, items):
+    x = _as4(src, shape4)
+    pool.run(lambda r0, r1: K.maxpool_nhwc(x, 3, 2, 1, out, r0, r1), items)
 
 
 def _packed_conv(pool, src, shape4, conv, out_hw, out, residual, relu):
