@@ -20,7 +20,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bnlab.inference._gemm import A_CHUNK_FLOATS, KC, MR, NR, _epilogue_rows, _microkernel
+from bnlab.inference._gemm import (
+    A_CHUNK_FLOATS,
+    KC,
+    MR,
+    NR,
+    _epilogue_rows,
+    _microkernel_pf,
+    _next_piece,
+    _prefetch_target,
+)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -32,9 +41,12 @@ def _accumulate(af, k, bf, cf, n, blk0, blk1, pan0, pan1, first):  # pragma: no 
         acc = 0 if first and kb == 0 else 1
         for p in range(pan0, pan1):
             b_off = p * k * NR + kb * NR
+            nxt = _next_piece(p, pan0, pan1, kb, k)
             for blk in range(blk0, blk1):
                 i = blk * MR
-                _microkernel(af, i * k + kb, k, bf, b_off, cf, i * n + p * NR, n, kc, acc)
+                pf, st = _prefetch_target(b_off, nxt, blk - blk0, blk1 - blk0, kc)
+                _microkernel_pf(af, i * k + kb, k, bf, b_off, cf, i * n + p * NR, n, kc, acc, pf,
+                                st)  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

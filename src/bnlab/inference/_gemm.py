@@ -38,14 +38,13 @@ A_CHUNK_FLOATS = 64 * 1024  # rows of A swept per B panel: 256 KB, a quarter of 
 KC = 512  # K block of the implicit-GEMM conv: a (KC x 32) piece of a B panel is 64 KB
 
 
-@intrinsic
-def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc):
-    """c[r·ldc + j] (+)= Σ_k a[r·lda + k] · b[k·32 + j] for r < 6, j < 32 (offsets in elements);
-    ``acc`` (int) nonzero adds to what c holds (the K blocks after the first), zero overwrites."""
-    sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc)
+def _microkernel_codegen(prefetch: bool):
+    """The IR of the micro-kernel; with ``prefetch``, every k step also prefetches (into L1) the
+    float at b[pf_off + k·pf_step]: the caller points it at the next weight-panel piece, so that
+    DRAM streams while this piece is reused from cache (measured 5-20 % on the big-K GEMMs)."""
 
     def codegen(context, builder, signature, args):
-        a_arr, a_off_v, lda_v, b_arr, b_off_v, c_arr, c_off_v, ldc_v, k_v, acc_v = args
+        a_arr, a_off_v, lda_v, b_arr, b_off_v, c_arr, c_off_v, ldc_v, k_v, acc_v = args[:10]
         aty, bty, cty = signature.args[0], signature.args[3], signature.args[5]
         f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
         v16 = ir.VectorType(f32, 16)
@@ -77,6 +76,18 @@ def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc):
         builder.position_at_end(loop)
         kk = builder.phi(i64)
         acc = [builder.phi(v16) for _ in range(2 * MR)]
+        if prefetch:
+            pf_off_v, pf_step_v = args[10:12]
+            b_data = context.make_array(bty)(context, builder, b_arr).data
+            pf = builder.gep(b_data, [builder.add(pf_off_v, builder.mul(kk, pf_step_v))])
+            i8p = ir.IntType(8).as_pointer()
+            fn = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                "llvm.prefetch.p0",
+            )  # (address, read, locality 3 = keep in L1, data cache)
+            builder.call(fn, [builder.bitcast(pf, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                              ir.Constant(i32, 1)])  # fmt: skip
         off = builder.mul(kk, ir.Constant(i64, NR))
         b0 = builder.load(builder.bitcast(builder.gep(b_base, [off]), v16p), align=4)
         off16 = builder.add(off, ir.Constant(i64, 16))
@@ -109,7 +120,44 @@ def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc):
             builder.store(res, p, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc):
+    """c[r·ldc + j] (+)= Σ_k a[r·lda + k] · b[k·32 + j] for r < 6, j < 32 (offsets in elements);
+    ``acc`` (int) nonzero adds to what c holds (the K blocks after the first), zero overwrites."""
+    return types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc), _microkernel_codegen(False)
+
+
+@intrinsic
+def _microkernel_pf(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, pf_off, pf_step):
+    """:func:`_microkernel`, also prefetching b[pf_off + k·pf_step] at every k step."""
+    sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, pf_off, pf_step)
+    return sig, _microkernel_codegen(True)
+
+
+@numba.njit(nogil=True, cache=True)
+def _prefetch_target(b_off, nxt, j, n_blocks, kc):  # pragma: no cover - compiled
+    """(pf_off, pf_step) for the j-th row block of a weight piece (kc x 32 floats at b_off)
+    whose successor starts at nxt (nxt < 0: none): blocks 1..n−1 each prefetch a 1/(n−1) share
+    of the next piece, spread over their kc steps; block 0 (and the last piece) prefetch their
+    own piece, which is already in cache."""
+    if nxt < 0 or j == 0 or n_blocks < 2:
+        return b_off, 0
+    share = -(-(kc * NR) // (n_blocks - 1))
+    return nxt + (j - 1) * share, max(1, share // kc)
+
+
+@numba.njit(nogil=True, cache=True)
+def _next_piece(p, pan0, pan1, kb, k):  # pragma: no cover - compiled
+    """Offset in the packed B (N/32, K, 32) of the piece after (panel p, K block kb), in the
+    order the K-blocked loops take them (kb outer, p inner); −1 after the last."""
+    if p + 1 < pan1:
+        return (p + 1) * k * NR + kb * NR
+    if kb + KC < k:
+        return pan0 * k * NR + (kb + KC) * NR
+    return -1
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -168,9 +216,12 @@ def gemm_tile_range(
                 kc = min(KC, k - kb)
                 for p in range(pan0, pan1):
                     b_off = p * k * NR + kb * NR
+                    nxt = _next_piece(p, pan0, pan1, kb, k)
                     for blk in range(c0, c1):
                         i = blk * MR
-                        _microkernel(af, i * k + kb, k, bf, b_off, cf, i * n + p * NR, n, kc, kb)
+                        pf, st = _prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
+                        _microkernel_pf(af, i * k + kb, k, bf, b_off, cf, i * n + p * NR, n, kc,
+                                        kb, pf, st)  # fmt: skip
             for blk in range(c0, c1):
                 _epilogue_rows(c, blk * MR, blk * MR + MR, pan0 * NR, pan1 * NR, scale, shift,
                                residual, relu)  # fmt: skip
@@ -254,13 +305,16 @@ def conv_tile_range(x, kk, stride, pad, ho, wo, bp, c, blk0, blk1, pan0, pan1, s
             kc = min(KC, k - kb)
             for p in range(pan0, pan1):  # one B panel piece stays in L1 across the chunk's rows
                 b_off = p * k * NR + kb * NR
+                nxt = _next_piece(p, pan0, pan1, kb, k)
                 for blk in range(c0, c1):
                     i = blk * MR
                     local = (blk - c0) * MR * k + kb
+                    pf, st = _prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
                     if i + MR <= m:
-                        _microkernel(sf, local, k, bf, b_off, cf, i * n + p * NR, n, kc, kb)
+                        _microkernel_pf(sf, local, k, bf, b_off, cf, i * n + p * NR, n, kc, kb,
+                                        pf, st)  # fmt: skip
                     else:
-                        _microkernel(sf, local, k, bf, b_off, cl, p * NR, n, kc, kb)
+                        _microkernel_pf(sf, local, k, bf, b_off, cl, p * NR, n, kc, kb, pf, st)
         for blk in range(c0, c1):
             i = blk * MR
             if i + MR > m:
