@@ -102,3 +102,27 @@ def test_engines_share_one_pool_per_thread_count():
     for _ in range(3):
         G.shared_pool(2)
     assert threading.active_count() == before
+
+
+def test_next_piece_follows_the_loop_order():
+    """The K-blocked loops take pieces kb-major, panel-minor; _next_piece names the successor."""
+    k, pan0, pan1 = 1100, 1, 4
+    order = [(kb, p) for kb in range(0, k, G.KC) for p in range(pan0, pan1)]
+    for (kb, p), following in zip(order, order[1:] + [None], strict=True):
+        want = -1 if following is None else following[1] * k * G.NR + following[0] * G.NR
+        assert G._next_piece(p, pan0, pan1, kb, k) == want
+
+
+@pytest.mark.parametrize(("kc", "n_blocks"), [(512, 9), (512, 21), (76, 3), (512, 3), (100, 7)])
+def test_prefetch_shares_cover_every_line_of_the_next_piece(kc, n_blocks):
+    """Row blocks 1..n-1 (n >= 3) together prefetch every 64-byte line (16 floats) of the next
+    piece; block 0 only touches its own piece (already in cache)."""
+    b_off, nxt = 0, 10**6
+    assert G._prefetch_target(b_off, nxt, 0, n_blocks, kc) == (b_off, 0)
+    assert G._prefetch_target(b_off, -1, 3, n_blocks, kc) == (b_off, 0)
+    lines = set()
+    for j in range(1, n_blocks):
+        pf, step = G._prefetch_target(b_off, nxt, j, n_blocks, kc)
+        assert step <= 16  # no line skipped within a block's range
+        lines |= {(pf + kk * step - nxt) // 16 for kk in range(kc)}
+    assert set(range(kc * G.NR // 16)) <= lines

@@ -141,12 +141,13 @@ def _microkernel_pf(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, p
 def _prefetch_target(b_off, nxt, j, n_blocks, kc):  # pragma: no cover - compiled
     """(pf_off, pf_step) for the j-th row block of a weight piece (kc x 32 floats at b_off)
     whose successor starts at nxt (nxt < 0: none): blocks 1..n−1 each prefetch a 1/(n−1) share
-    of the next piece, spread over their kc steps; block 0 (and the last piece) prefetch their
-    own piece, which is already in cache."""
+    of the next piece, spread over their kc steps (one address per step, at most 16 floats =
+    one 64-byte line apart, so with 3 or more blocks every line is covered); block 0 (and the
+    last piece) prefetch their own piece, which is already in cache."""
     if nxt < 0 or j == 0 or n_blocks < 2:
         return b_off, 0
     share = -(-(kc * NR) // (n_blocks - 1))
-    return nxt + (j - 1) * share, max(1, share // kc)
+    return nxt + (j - 1) * share, min(16, -(-share // kc))
 
 
 @numba.njit(nogil=True, cache=True)
