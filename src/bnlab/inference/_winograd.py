@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from bnlab.inference._gemm import MR, NR, _microkernel
+from bnlab.inference._gemm import MR, NR, _microkernel_pf, _prefetch_target
 
 TILE = 4  # output tile side (m)
 ALPHA = 6  # input tile side m + r - 1
@@ -272,13 +272,20 @@ def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # 
         nn, r = t // (th * tw), t % (th * tw)
         _input_tile(x, nn, (r // tw) * TILE - 1, (r % tw) * TILE - 1, patch, tmp_in, v, t - t0)
     vf, uf, mf = v.reshape(-1), up.reshape(-1), m.reshape(-1)
+    n_blk = ntp // MR
     for p in range(POINTS):  # M[p] = V[p] @ U[p], one L1-resident weight panel at a time
         for pan in range(pan0, pan1):
             b_off = (p * n_pan + pan) * ch * NR
-            for blk in range(ntp // MR):
+            nxt = -1  # the next panel taken, prefetched while this one is reused
+            if pan + 1 < pan1:
+                nxt = b_off + ch * NR
+            elif p + 1 < POINTS:
+                nxt = ((p + 1) * n_pan + pan0) * ch * NR
+            for blk in range(n_blk):
                 i = blk * MR
-                _microkernel(vf, (p * ntp + i) * ch, ch, uf, b_off, mf,
-                             (p * ntp + i) * k_out + pan * NR, k_out, ch, 0)  # fmt: skip
+                pf, st = _prefetch_target(b_off, nxt, blk, n_blk, ch)
+                _microkernel_pf(vf, (p * ntp + i) * ch, ch, uf, b_off, mf,
+                                (p * ntp + i) * k_out + pan * NR, k_out, ch, 0, pf, st)  # fmt: skip
     for t in range(t0, t1):
         nn, r = t // (th * tw), t % (th * tw)
         _output_tile(m, t - t0, pan0 * NR, pan1 * NR, tmp_out, out, nn, (r // tw) * TILE,
