@@ -105,6 +105,54 @@ def _partials(groups: int, c: int, k: int) -> list[np.ndarray]:
     return [np.empty((groups, c)) for _ in range(k)]
 
 
+def _wide_split(rows: int, c: int) -> tuple[int, int]:
+    """(k, bulk): view the first ``bulk`` rows of a channels-last (R, C) array as (bulk/k, k·C)
+    wide rows (k = 1: no widening). Rows of few channels are too short a loop to vectorize well
+    (per-row overhead dominates); k consecutive rows are the same memory as one row of k·C."""
+    k = max(1, min(rows, _chunks.WIDE_ROW // c))
+    return k, rows // k * k
+
+
+def _unwiden(partials, k: int, c: int):
+    """(G, k·C) partials of wide rows -> (G·k, C): lane j·C + ch of group g is channel ch."""
+    return [p.reshape(p.shape[0] * k, c) for p in partials]
+
+
+def _moments_partials_cl(x: np.ndarray):
+    """(count, mean, M2) partials (G, C) of a channels-last (R, C) array, in a fixed order: the
+    widened bulk rows' lanes first, then the leftover rows."""
+    rows, c = x.shape
+    k, bulk = _wide_split(rows, c)
+    parts = []
+    for xp, kp in ((x[:bulk].reshape(bulk // k, k * c), k), (x[bulk:], 1)):
+        if xp.shape[0] == 0:
+            continue
+        width = xp.shape[1]
+        groups = _chunks.row_blocks(xp.shape[0], width)
+        p = _partials(groups, width, 3)
+        _reduce.moments_cl(xp, groups, _chunks.channel_tiles(width), *p)
+        parts.append(_unwiden(p, kp, c))
+    return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+
+
+def _grad_partials_cl(dy: np.ndarray, x: np.ndarray, mean: np.ndarray):
+    """Σdy and Σdy·(x − μ) partials (G, C) of channels-last (R, C) arrays, widened as above."""
+    rows, c = x.shape
+    k, bulk = _wide_split(rows, c)
+    parts = []
+    wide = (dy[:bulk].reshape(bulk // k, k * c), x[:bulk].reshape(bulk // k, k * c))
+    for (dyp, xp), kp in ((wide, k), ((dy[bulk:], x[bulk:]), 1)):
+        if xp.shape[0] == 0:
+            continue
+        width = xp.shape[1]
+        groups = _chunks.row_blocks(xp.shape[0], width)
+        p = _partials(groups, width, 2)
+        mu = np.tile(mean, kp)
+        _reduce.grad_sums_cl(dyp, xp, mu, groups, _chunks.channel_tiles(width), *p)
+        parts.append(_unwiden(p, kp, c))
+    return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+
+
 def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (C,), float64, of a non-empty 3-D array.
 
@@ -115,9 +163,7 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
     c = x.shape[-1] if cl else x.shape[1]
     with threads_for(x.size):
         if cl:
-            groups = _chunks.row_blocks(x.shape[0], c)
-            p_cnt, p_mean, p_m2 = _partials(groups, c, 3)
-            _reduce.moments_cl(x, groups, _chunks.channel_tiles(c), p_cnt, p_mean, p_m2)
+            p_cnt, p_mean, p_m2 = _moments_partials_cl(x)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
@@ -142,9 +188,7 @@ def channel_grad_sums(
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     with threads_for(2 * x.size):
         if cl:
-            groups = _chunks.row_blocks(x.shape[0], c)
-            p_dy, p_dyxmu = _partials(groups, c, 2)
-            _reduce.grad_sums_cl(dy, x, mean, groups, _chunks.channel_tiles(c), p_dy, p_dyxmu)
+            p_dy, p_dyxmu = _grad_partials_cl(dy, x, mean)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
@@ -172,10 +216,9 @@ def _wide_rows(arrays, coefs):
     same memory as one row of k·C values with the coefficients tiled k times, so the bulk is
     viewed as (R // k, k·C) and the R mod k leftover rows are a second, narrow part."""
     rows, c = arrays[0].shape
-    k = max(1, min(rows, _chunks.WIDE_ROW // c))
+    k, bulk = _wide_split(rows, c)
     if k == 1:
         return [(arrays, coefs)]
-    bulk = rows // k * k
     wide = [a[:bulk].reshape(rows // k, k * c) for a in arrays]
     parts = [(wide, [np.tile(v, k) for v in coefs])]
     if bulk < rows:
