@@ -206,10 +206,10 @@ def gemm_tile_range(
     cf = c.reshape(-1)
     full = m // MR
     hi = min(blk1, full)
-    if k > KC:
-        # big K (ResNet's later stages): K blocks of KC; a 64 KB piece of each B panel serves a
-        # whole L2-sized chunk of row blocks, so the weights are read once per chunk, not once
-        # per row block
+    if k > KC or n > m:
+        # big K or more weights than rows (ResNet's later stages): K blocks of KC; a 64 KB piece
+        # of each B panel serves a whole L2-sized chunk of row blocks, so the weights are read
+        # once per chunk, not once per row block, and the next piece is prefetched meanwhile
         chunk = max(1, A_CHUNK_FLOATS // (MR * KC))
         for c0 in range(blk0, hi, chunk):
             c1 = min(c0 + chunk, hi)
