@@ -144,6 +144,12 @@ class Case:
         return run
 
 
+def rounds_for(nbytes: int, repeat: int) -> int:
+    """Interleaved rounds for a tensor of ``nbytes``: calls on cache-sized tensors last ~1 ms, so
+    they get 10x the rounds (a median of 15 single-millisecond calls moves with every hiccup)."""
+    return repeat if nbytes >= 16 << 20 else 10 * repeat
+
+
 def bench_case(shape, layout, repeat, numpy_repeat):
     case = Case(shape, layout)
     torch_ops = case.torch_ops()
@@ -162,7 +168,7 @@ def bench_case(shape, layout, repeat, numpy_repeat):
             "copy": lambda: np.copyto(copy_dst, case.x),
             "copy_parallel": lambda: parallel_copy(copy_dst, case.x),
         }
-        t = time_interleaved(peers, repeat=repeat, warmup=2)
+        t = time_interleaved(peers, repeat=rounds_for(case.x.nbytes, repeat), warmup=2)
         limit = copy_limit(t, case.x.nbytes)
         t["numpy"] = time_interleaved({"numpy": np_ops[op]}, repeat=numpy_repeat)["numpy"]
         moved = BYTES_MOVED[op] * case.x.nbytes
@@ -257,7 +263,7 @@ def bench_family(cases, repeat):
         dst = np.empty_like(x)
         ops["copy"] = lambda x=x, dst=dst: np.copyto(dst, x)
         ops["copy_parallel"] = lambda x=x, dst=dst: parallel_copy(dst, x)
-        t = time_interleaved(ops, repeat=repeat, warmup=2)
+        t = time_interleaved(ops, repeat=rounds_for(x.nbytes, repeat), warmup=2)
         moved = BYTES_MOVED["fwd_bwd"] * x.nbytes
         limit = copy_limit(t, x.nbytes)
         rows.append(
