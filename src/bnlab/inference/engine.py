@@ -7,9 +7,11 @@ What "compiled" means here, done once in :func:`compile_resnet`:
 * every conv weight (C_out, C_in, kh, kw) is packed once as a contiguous GEMM operand
   (kh·kw·C_in, C_out) whose row order (i, j, c) matches the im2col columns, and into the 32-column
   panels of bnlab's GEMM (:mod:`bnlab.inference._gemm`);
-* activations live as NHWC matrices (N·H·W, C): a 1x1 conv is one GEMM; a 3x3/7x7 conv is an
-  implicit GEMM (im2col rows gathered per L2-sized chunk) — or, with ``gemm="blas"`` (the
-  reference path), a numba im2col followed by ``np.matmul``;
+* activations live as NHWC matrices (N·H·W, C): a 1x1 conv is one GEMM; a 3x3 stride-1 conv
+  is Winograd F(4x4, 3x3) (:mod:`._winograd`) when the map has enough tiles; the stem (3 input
+  channels) a direct conv on a padded input (:mod:`._direct`); other k x k convs an implicit
+  GEMM (im2col rows gathered per L2-sized chunk); with ``gemm="blas"`` (the reference path), a
+  numba im2col followed by ``np.matmul``;
 * bias (or BN scale + shift), the residual add and ReLU are applied to each output tile while it is
   in cache (``gemm="blas"``: one in-place pass after each GEMM);
 * buffers are allocated once per input shape and reused between layers and between calls;
@@ -18,7 +20,8 @@ What "compiled" means here, done once in :func:`compile_resnet`:
   the whole network on its share of the images (no synchronization between layers).
 
 The plan (steps and buffers) is built by :mod:`bnlab.inference._plan`; the packed layers are in
-:mod:`bnlab.inference._packing`, the kernels in ``_gemm``, ``_winograd`` and ``_kernels``.
+:mod:`bnlab.inference._packing`, the kernels in ``_gemm``, ``_winograd``, ``_direct``,
+``_fused`` and ``_kernels``.
 
 Per bottleneck (v1.5, stride s on the 3x3):
 
@@ -26,6 +29,9 @@ Per bottleneck (v1.5, stride s on the 3x3):
     t2 = relu(im2col3x3,s(t1) @ W2 + b2)                (N·H'·W', w)
     Y  = relu(t2 @ W3 + b3 + identity)                  (N·H'·W', 4w)
     identity = X, or subsample_s(X) @ Wd + bd           (the downsample branch)
+
+With folded BN a downsample block's last two products run as one GEMM with two K segments
+(:mod:`._fused`): Y = relu(t2 @ W3 + subsample_s(X) @ Wd + b3 + bd).
 
 ``predict`` is not re-entrant (the buffers are shared); a lock serializes concurrent calls.
 """
