@@ -51,6 +51,19 @@ def test_work_items_cover_every_tile_once():
         assert (seen == 1).all()
 
 
+def test_conv_work_items_cover_every_tile_once_and_split_panels_per_thread():
+    shapes = [(49, 512, 4608, 2), (196, 256, 2304, 2), (784, 128, 1152, 2), (49, 64, 9, 3)]
+    for m, n, k, t in shapes:
+        items = G.conv_work_items(m, n, k, t)
+        blocks, panels = -(-m // G.MR), n // G.NR
+        seen = np.zeros((blocks, panels), int)
+        for b0, b1, p0, p1 in items:
+            seen[b0:b1, p0:p1] += 1
+        assert (seen == 1).all()
+        if n > m and len(items) > 1:  # a panel split: one group per thread
+            assert len(items) == t
+
+
 def test_pack_panels_refuses_ragged_n():
     with pytest.raises(ValueError, match="multiple of 32"):
         G.pack_panels(np.zeros((4, 33), np.float32))

@@ -265,7 +265,7 @@ def _packed_conv(pool, src, shape4, conv, out_hw, out, residual, relu):
     x = _as4(src, shape4)
     res = EMPTY.reshape(0, 1) if residual is None else residual
     k = conv.w.shape[0]
-    items = G.work_items(out.shape[0], out.shape[1], k, pool.n_threads)
+    items = G.conv_work_items(out.shape[0], out.shape[1], k, pool.n_threads)
 
     def tile(b0, b1, p0, p1):
         G.conv_tile_range(x, conv.k, conv.stride, conv.pad, out_hw[0], out_hw[1], conv.panels,
