@@ -59,6 +59,13 @@ def row_blocks(rows: int, c: int) -> int:
     return max(1, min(rows // MIN_BLOCK_ROWS, MAX_BLOCKS, by_size))
 
 
+def wide_row_blocks(rows: int, width: int) -> int:
+    """Row blocks of a widened channels-last view (k rows of C channels seen as one row of
+    width = k·C lanes): enough (block, tile) tasks for the threads (MIN_TASKS), no more, because
+    each block's partials hold k values per channel that all have to be merged afterwards."""
+    return max(1, min(row_blocks(rows, width), _ceil_div(MIN_TASKS, channel_tiles(width))))
+
+
 def channel_tiles(c: int) -> int:
     """How many tiles of at most CHANNEL_TILE channels a channels-last row is split into."""
     return max(1, _ceil_div(c, CHANNEL_TILE))

@@ -118,6 +118,17 @@ def _unwiden(partials, k: int, c: int):
     return [p.reshape(p.shape[0] * k, c) for p in partials]
 
 
+def _blocks(rows: int, width: int, k: int) -> int:
+    return _chunks.wide_row_blocks(rows, width) if k > 1 else _chunks.row_blocks(rows, width)
+
+
+def _stack(parts):
+    """The parts' partials one after the other (no copy when there is a single part)."""
+    if len(parts) == 1:
+        return parts[0]
+    return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+
+
 def _moments_partials_cl(x: np.ndarray):
     """(count, mean, M2) partials (G, C) of a channels-last (R, C) array, in a fixed order: the
     widened bulk rows' lanes first, then the leftover rows."""
@@ -128,11 +139,11 @@ def _moments_partials_cl(x: np.ndarray):
         if xp.shape[0] == 0:
             continue
         width = xp.shape[1]
-        groups = _chunks.row_blocks(xp.shape[0], width)
+        groups = _blocks(xp.shape[0], width, kp)
         p = _partials(groups, width, 3)
         _reduce.moments_cl(xp, groups, _chunks.channel_tiles(width), *p)
         parts.append(_unwiden(p, kp, c))
-    return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+    return _stack(parts)
 
 
 def _grad_partials_cl(dy: np.ndarray, x: np.ndarray, mean: np.ndarray):
@@ -145,12 +156,12 @@ def _grad_partials_cl(dy: np.ndarray, x: np.ndarray, mean: np.ndarray):
         if xp.shape[0] == 0:
             continue
         width = xp.shape[1]
-        groups = _chunks.row_blocks(xp.shape[0], width)
+        groups = _blocks(xp.shape[0], width, kp)
         p = _partials(groups, width, 2)
         mu = np.tile(mean, kp)
         _reduce.grad_sums_cl(dyp, xp, mu, groups, _chunks.channel_tiles(width), *p)
         parts.append(_unwiden(p, kp, c))
-    return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+    return _stack(parts)
 
 
 def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
