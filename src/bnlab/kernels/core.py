@@ -105,63 +105,42 @@ def _partials(groups: int, c: int, k: int) -> list[np.ndarray]:
     return [np.empty((groups, c)) for _ in range(k)]
 
 
-def _wide_split(rows: int, c: int) -> tuple[int, int]:
-    """(k, bulk): view the first ``bulk`` rows of a channels-last (R, C) array as (bulk/k, k·C)
-    wide rows (k = 1: no widening). Rows of few channels are too short a loop to vectorize well
-    (per-row overhead dominates); k consecutive rows are the same memory as one row of k·C."""
+def _wide_parts(arrays):
+    """Channels-last (R, C) arrays as [(views, k)] parts of wide rows, in a fixed order.
+
+    A (R, C) row of few channels is too short a loop to vectorize well (per-row overhead
+    dominates: NHWC with C = 64 ran at a third of the copy speed). k consecutive rows are the same
+    memory as one row of k·C values (lane j·C + ch is channel ch), so the bulk is viewed as
+    (R // k, k·C) and the R mod k leftover rows are a second, narrow part (k = 1)."""
+    rows, c = arrays[0].shape
     k = max(1, min(rows, _chunks.WIDE_ROW // c))
-    return k, rows // k * k
+    bulk = rows // k * k
+    parts = [([a[:bulk].reshape(bulk // k, k * c) for a in arrays], k)]
+    if bulk < rows:
+        parts.append(([a[bulk:] for a in arrays], 1))
+    return parts
 
 
-def _unwiden(partials, k: int, c: int):
-    """(G, k·C) partials of wide rows -> (G·k, C): lane j·C + ch of group g is channel ch."""
-    return [p.reshape(p.shape[0] * k, c) for p in partials]
+def _reduce_cl(kernel, arrays, per_channel, n_partials: int):
+    """Run a channels-last reduction kernel over the wide-row parts of ``arrays`` and return its
+    (G, C) partials, parts one after the other (no copy for a single part).
 
-
-def _blocks(rows: int, width: int, k: int) -> int:
-    return _chunks.wide_row_blocks(rows, width) if k > 1 else _chunks.row_blocks(rows, width)
-
-
-def _stack(parts):
-    """The parts' partials one after the other (no copy when there is a single part)."""
+    ``kernel(*views, *vectors, blocks, tiles, *partials)``; ``per_channel`` (C,) vectors are
+    tiled k times for a widened part. Each block of a widened part leaves k partials per channel
+    (unfolded from (G, k·C) to (G·k, C)), so widened parts use only enough blocks for the
+    threads (``wide_row_blocks``)."""
+    c = arrays[0].shape[1]
+    parts = []
+    for views, k in _wide_parts(arrays):
+        rows, width = views[0].shape
+        blocks = (_chunks.wide_row_blocks if k > 1 else _chunks.row_blocks)(rows, width)
+        p = _partials(blocks, width, n_partials)
+        vectors = [np.tile(v, k) for v in per_channel]
+        kernel(*views, *vectors, blocks, _chunks.channel_tiles(width), *p)
+        parts.append([a.reshape(blocks * k, c) for a in p])
     if len(parts) == 1:
         return parts[0]
     return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
-
-
-def _moments_partials_cl(x: np.ndarray):
-    """(count, mean, M2) partials (G, C) of a channels-last (R, C) array, in a fixed order: the
-    widened bulk rows' lanes first, then the leftover rows."""
-    rows, c = x.shape
-    k, bulk = _wide_split(rows, c)
-    parts = []
-    for xp, kp in ((x[:bulk].reshape(bulk // k, k * c), k), (x[bulk:], 1)):
-        if xp.shape[0] == 0:
-            continue
-        width = xp.shape[1]
-        groups = _blocks(xp.shape[0], width, kp)
-        p = _partials(groups, width, 3)
-        _reduce.moments_cl(xp, groups, _chunks.channel_tiles(width), *p)
-        parts.append(_unwiden(p, kp, c))
-    return _stack(parts)
-
-
-def _grad_partials_cl(dy: np.ndarray, x: np.ndarray, mean: np.ndarray):
-    """Σdy and Σdy·(x − μ) partials (G, C) of channels-last (R, C) arrays, widened as above."""
-    rows, c = x.shape
-    k, bulk = _wide_split(rows, c)
-    parts = []
-    wide = (dy[:bulk].reshape(bulk // k, k * c), x[:bulk].reshape(bulk // k, k * c))
-    for (dyp, xp), kp in ((wide, k), ((dy[bulk:], x[bulk:]), 1)):
-        if xp.shape[0] == 0:
-            continue
-        width = xp.shape[1]
-        groups = _blocks(xp.shape[0], width, kp)
-        p = _partials(groups, width, 2)
-        mu = np.tile(mean, kp)
-        _reduce.grad_sums_cl(dyp, xp, mu, groups, _chunks.channel_tiles(width), *p)
-        parts.append(_unwiden(p, kp, c))
-    return _stack(parts)
 
 
 def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +153,7 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
     c = x.shape[-1] if cl else x.shape[1]
     with threads_for(x.size):
         if cl:
-            p_cnt, p_mean, p_m2 = _moments_partials_cl(x)
+            p_cnt, p_mean, p_m2 = _reduce_cl(_reduce.moments_cl, [x], [], 3)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
@@ -199,7 +178,7 @@ def channel_grad_sums(
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     with threads_for(2 * x.size):
         if cl:
-            p_dy, p_dyxmu = _grad_partials_cl(dy, x, mean)
+            p_dy, p_dyxmu = _reduce_cl(_reduce.grad_sums_cl, [dy, x], [mean], 2)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
@@ -220,21 +199,9 @@ def _coef(v: np.ndarray, dtype) -> np.ndarray:
 
 
 def _wide_rows(arrays, coefs):
-    """Channels-last elementwise work as [(arrays, coefs)] parts of wide rows.
-
-    A (R, C) row of few channels is too short a loop to vectorize well (per-row overhead
-    dominates: NHWC with C = 64 ran at a third of the copy speed). k consecutive rows are the
-    same memory as one row of k·C values with the coefficients tiled k times, so the bulk is
-    viewed as (R // k, k·C) and the R mod k leftover rows are a second, narrow part."""
-    rows, c = arrays[0].shape
-    k, bulk = _wide_split(rows, c)
-    if k == 1:
-        return [(arrays, coefs)]
-    wide = [a[:bulk].reshape(rows // k, k * c) for a in arrays]
-    parts = [(wide, [np.tile(v, k) for v in coefs])]
-    if bulk < rows:
-        parts.append(([a[bulk:] for a in arrays], coefs))
-    return parts
+    """Channels-last elementwise work as [(arrays, coefs)] parts of wide rows (see
+    :func:`_wide_parts`), the per-channel coefficients tiled k times for a widened part."""
+    return [(views, [np.tile(v, k) for v in coefs]) for views, k in _wide_parts(arrays)]
 
 
 def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
