@@ -13,8 +13,10 @@ otherwise); outputs have x's dtype. m = N·S values per channel.
                        dx = γ·rstd·(dy − Σdy/m − x̂·dγ/m)            pass 2: read dy, x, write dx
     inference backward dx = dy·γ·rstd  (dγ, dβ as above)
 
-Channels-last tensors with few rows (one column tile of every row fits in L2) run each training
-pass as a single launch instead (:mod:`._fused`): same formulas, the second read from cache.
+Tensors whose channels fit in cache (channels-last with few rows: a column tile of every row fits
+in L2; channels-first with long rows and channels of at most 2 MiB) run each training pass as a
+single launch instead (:mod:`._fused`, chosen by ``core.fused_tiles`` from the shape only): same
+formulas, the second read of a channel from cache.
 
 float16 input is staged through a float32 copy (numba has no float16 arithmetic on the CPU).
 """
