@@ -1,4 +1,4 @@
-"""The fast path's reused output memory (bnlab.torch._buffers): memory comes back only when nobody
+"""The fast path's reused output memory (bnlab.buffers): memory comes back only when nobody
 holds it, never while any tensor, view, storage or array still reaches it; the size limit; and the
 fast path's dx written through the kernels' 3-D views for every layout equals the reference."""
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import bnlab.torch as bt  # noqa: E402
+from bnlab.buffers import CACHE, BufferCache  # noqa: E402
 from bnlab.torch import functional as BF  # noqa: E402
-from bnlab.torch._buffers import CACHE, BufferCache  # noqa: E402
 
 KB = 1024
 

@@ -9,7 +9,7 @@ Optional: ``import bnlab`` never imports torch; only ``import bnlab.torch`` does
 ``convert`` / ``revert``     swap every ``nn.BatchNorm1d/2d`` of a model for bnlab's and back
 ``SyncBatchNorm``            batch statistics over a ``torch.distributed`` group (gloo on CPU)
 ``functional``               the stateless math (``functional.batch_norm`` mirrors ``F.batch_norm``)
-``set_buffer_cache_limit``   bytes of freed fast-path outputs kept for reuse (``_buffers``)
+``set_buffer_cache_limit``   bytes of freed fast-path outputs kept for reuse (``bnlab.buffers``)
 ``empty_buffer_cache``       release the idle ones
 =========================== =====================================================================
 """
@@ -23,8 +23,8 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
         "bnlab.torch needs PyTorch, which is an optional extra: pip install bnlab[torch]"
     ) from err
 
+from bnlab.buffers import empty_buffer_cache, set_buffer_cache_limit
 from bnlab.torch import functional
-from bnlab.torch._buffers import empty_buffer_cache, set_buffer_cache_limit
 from bnlab.torch.d2l import BatchNorm, batch_norm
 from bnlab.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, convert, revert

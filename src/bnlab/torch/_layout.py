@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bnlab.torch._buffers import CACHE
+from bnlab.buffers import CACHE
 
 # how to go from the logical (N, C, ...) tensor to the layout's axis order, and back
 _TO_LAYOUT = {"NC": None, "NCL": None, "NCHW": None, "NLC": (0, 2, 1), "NHWC": (0, 2, 3, 1)}
@@ -69,7 +69,7 @@ def empty_like_in_layout(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np
     ``layout``, C-contiguous, which is what the kernels write).
 
     The memory comes from NumPy, not from torch's CPU allocator, and large blocks are reused once
-    free (:mod:`bnlab.torch._buffers`): torch maps fresh 4 KB pages for every large tensor (a 51 MB
+    free (:mod:`bnlab.buffers`): torch maps fresh 4 KB pages for every large tensor (a 51 MB
     ``torch.empty(...).fill_(0)`` took ~9x as long as the same on reused NumPy memory here). The
     tensor is an ordinary CPU tensor sharing that memory.
     """

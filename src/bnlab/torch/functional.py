@@ -275,7 +275,7 @@ class FastBatchNorm(torch.autograd.Function):
 
 def _kernel_backward(ctx, grad_out):
     """(dx, dγ, dβ) by the forward's backend; dx in x's memory format, written by the backward
-    straight into cache-reused memory (:mod:`bnlab.torch._buffers`: no page faults). grad_out is
+    straight into cache-reused memory (:mod:`bnlab.buffers`: no page faults). grad_out is
     read through a zero-copy view (copied only if it arrives in another memory format)."""
     dy, cache = to_numpy(grad_out, ctx.layout), ctx.cache
     dx, dx_array = empty_like_in_layout(grad_out, ctx.layout)

@@ -1,4 +1,5 @@
-"""Reused memory for the fast path's large outputs (y in forward, dx in backward).
+"""Reused memory for large outputs of the fast paths (y in forward, dx in backward): the numba
+backend of :mod:`bnlab.functional` batch norm and :mod:`bnlab.torch`'s fast path.
 
 Why: a freshly mapped array costs a first touch of every page: the OS zeroes each page as it is
 first written, which for a (64, 64, 56, 56) float32 tensor (51 MB) took about as long as one more
