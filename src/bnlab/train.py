@@ -163,7 +163,12 @@ def train_epoch(
             correct += ok
             seen += len(y)
             bar.update(1, loss=loss)
-    seconds = time.perf_counter() - start
+    return epoch_row(epoch, loss_sum, correct, seen, time.perf_counter() - start)
+
+
+def epoch_row(epoch: int, loss_sum: float, correct: int, seen: int, seconds: float) -> dict:
+    """The metrics.json row of one epoch (``epoch`` counts from 0; test_acc is added later):
+    mean loss and accuracy over the ``seen`` training examples, examples per second."""
     return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / seen,

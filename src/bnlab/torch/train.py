@@ -36,7 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
-from bnlab.train import Splits, TrainConfig, format_epoch, limit_splits, load_splits, peak_rss_mb
+from bnlab.train import (
+    Splits,
+    TrainConfig,
+    epoch_row,
+    format_epoch,
+    limit_splits,
+    load_splits,
+    peak_rss_mb,
+)
 
 MODELS = ("lenet-bn",)
 
@@ -123,14 +131,7 @@ def train_epoch(model, opt, splits: Splits, config: TrainConfig, epoch: int, ctx
         loss, ok = train_step(model, opt, x, y, len(yb), ctx)
         loss_sum, correct, seen = loss_sum + loss, correct + ok, seen + len(y)
     loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], ctx)
-    seconds = time.perf_counter() - start
-    return {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / seen,
-        "train_acc": correct / seen,
-        "examples_per_s": seen / seconds,
-        "seconds": seconds,
-    }
+    return epoch_row(epoch, loss_sum, correct, seen, time.perf_counter() - start)
 
 
 @torch.no_grad()
