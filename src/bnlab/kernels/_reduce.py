@@ -192,24 +192,35 @@ def _column_shifted_sums(x, r0, r1, c0, c1):
     """Per channel j of the tile [c0, c1) of x (R, C), over rows [r0, r1): the shift k_j = x[r0, j]
     and (Σ (x − k), Σ (x − k)²) in float64; the inner loop runs across contiguous channels.
 
-    Four rows are combined per update of the accumulators, ((d0 + d1) + (d2 + d3)): a quarter of
-    the accumulator loads and stores (they outnumbered the data's 4 bytes per value 8 to 1)."""
+    Eight rows are combined per update of the accumulators, as a balanced tree
+    (((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))): an eighth of the accumulator loads and
+    stores, which otherwise outnumber the data's 4 bytes per value (measured at NHWC
+    (64,56,56,64), 2 threads: 1.45 ms with four rows, 1.1 ms with eight; a plain read of x takes
+    1.07 ms)."""
     w = c1 - c0
     k = np.empty(w)
     for j in range(w):
         k[j] = np.float64(x[r0, c0 + j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    full = r0 + (r1 - r0) // 4 * 4
-    for r in range(r0, full, 4):
+    full = r0 + (r1 - r0) // 8 * 8
+    for r in range(r0, full, 8):
         x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+        x4, x5, x6, x7 = x[r + 4, c0:c1], x[r + 5, c0:c1], x[r + 6, c0:c1], x[r + 7, c0:c1]
         for j in range(w):
-            d0 = np.float64(x0[j]) - k[j]
-            d1 = np.float64(x1[j]) - k[j]
-            d2 = np.float64(x2[j]) - k[j]
-            d3 = np.float64(x3[j]) - k[j]
-            acc1[j] += (d0 + d1) + (d2 + d3)
-            acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            kj = k[j]
+            d0 = np.float64(x0[j]) - kj
+            d1 = np.float64(x1[j]) - kj
+            d2 = np.float64(x2[j]) - kj
+            d3 = np.float64(x3[j]) - kj
+            d4 = np.float64(x4[j]) - kj
+            d5 = np.float64(x5[j]) - kj
+            d6 = np.float64(x6[j]) - kj
+            d7 = np.float64(x7[j]) - kj
+            acc1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            acc2[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
+            )
     for r in range(full, r1):
         xr = x[r, c0:c1]
         for j in range(w):
@@ -222,7 +233,8 @@ def _column_shifted_sums(x, r0, r1, c0, c1):
 @njit(cache=True)
 def _column_grad_sums(dy, x, mu, r0, r1, c0, c1):
     """Per channel j of the tile [c0, c1), over rows [r0, r1): (Σ dy, Σ dy·(x − μ_j)), float64;
-    ``mu`` is the tile's (c1 − c0,) means. Four rows per accumulator update, as above."""
+    ``mu`` is the tile's (c1 − c0,) means. Four rows per accumulator update (eight, as in
+    :func:`_column_shifted_sums`, measured no faster here: two inputs per value)."""
     w = c1 - c0
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)

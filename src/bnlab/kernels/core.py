@@ -128,15 +128,18 @@ def _reduce_cl(kernel, arrays, per_channel, n_partials: int):
     ``kernel(*views, *vectors, blocks, tiles, *partials)``; ``per_channel`` (C,) vectors are
     tiled k times for a widened part. Each block of a widened part leaves k partials per channel
     (unfolded from (G, k·C) to (G·k, C)), so widened parts use only enough blocks for the
-    threads (``wide_row_blocks``)."""
+    threads (``wide_row_blocks``), and one tile per row (``wide_row_tiles``)."""
     c = arrays[0].shape[1]
     parts = []
     for views, k in _wide_parts(arrays):
         rows, width = views[0].shape
-        blocks = (_chunks.wide_row_blocks if k > 1 else _chunks.row_blocks)(rows, width)
+        if k > 1:
+            blocks, tiles = _chunks.wide_row_blocks(rows, width), _chunks.wide_row_tiles(width)
+        else:
+            blocks, tiles = _chunks.row_blocks(rows, width), _chunks.channel_tiles(width)
         p = _partials(blocks, width, n_partials)
         vectors = [np.tile(v, k) for v in per_channel]
-        kernel(*views, *vectors, blocks, _chunks.channel_tiles(width), *p)
+        kernel(*views, *vectors, blocks, tiles, *p)
         parts.append([a.reshape(blocks * k, c) for a in p])
     if len(parts) == 1:
         return parts[0]
