@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 MIN_BYTES = 1 << 20  # below this, malloc's heap recycles freed memory without fresh pages
+ALIGN = 64  # a cache line: blocks are ALIGN bytes longer, so a view can start at any offset
 DEFAULT_LIMIT = 256 << 20  # enough for y and dx of several ResNet-50 stage-1 BN layers
 
 
@@ -53,15 +54,21 @@ class BufferCache:
     def held_bytes(self) -> int:
         return sum(b.nbytes for b in self._blocks)
 
-    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array of ``shape`` and ``dtype`` (maybe reused memory)."""
+    def empty(self, shape: tuple[int, ...], dtype, like: np.ndarray | None = None) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype`` (maybe reused memory).
+
+        ``like``: a cached array starts at the same address modulo :data:`ALIGN` as this one, so
+        a kernel reading ``like`` and writing the result can use whole-line (streaming) stores
+        on both (see :mod:`bnlab.kernels._stream`)."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes < self.min_bytes or nbytes > self.limit:
+        if nbytes < self.min_bytes or nbytes + ALIGN > self.limit:
             return np.empty(shape, dtype)
         with self._lock:
-            block = self._take(nbytes)
-        return block.view(dtype).reshape(shape)
+            block = self._take(nbytes + ALIGN)
+        want = 0 if like is None else like.ctypes.data % ALIGN
+        start = (want - block.ctypes.data) % ALIGN
+        return block[start : start + nbytes].view(dtype).reshape(shape)
 
     def _take(self, nbytes: int) -> np.ndarray:
         idle = [r == _IDLE_REFS for r in _refcounts(self._blocks)]

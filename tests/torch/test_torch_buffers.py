@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import bnlab.torch as bt  # noqa: E402
-from bnlab.buffers import CACHE, BufferCache  # noqa: E402
+from bnlab.buffers import ALIGN, CACHE, BufferCache  # noqa: E402
 from bnlab.torch import functional as BF  # noqa: E402
 
 KB = 1024
@@ -34,7 +34,24 @@ def test_released_memory_is_reused_in_any_dtype_and_shape():
     del a, t
     b = cache.empty((512,), np.float64)  # the same 4 KB
     assert _ptr(b) == ptr and b.flags.c_contiguous and b.dtype == np.float64
-    assert cache.held_bytes == 4 * KB
+    assert cache.held_bytes == 4 * KB + ALIGN  # a block has room to start a view anywhere
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16, 36, 60])
+def test_arrays_start_at_the_offset_within_a_cache_line_of_like(offset):
+    """`like=`: the output shares its address modulo ALIGN with an input (so a kernel can stream
+    whole lines of both); without it, a line boundary. The same block serves every offset."""
+    cache = _cache()
+    raw = np.empty(2 * KB + ALIGN, np.uint8)
+    start = (offset - _ptr(raw)) % ALIGN
+    like = raw[start : start + 2 * KB].view(np.float32)
+    assert _ptr(like) % ALIGN == offset
+    a = cache.empty((512,), np.float32, like=like)
+    assert _ptr(a) % ALIGN == offset and a.shape == (512,) and a.flags.c_contiguous
+    block = _ptr(cache._blocks[0])
+    del a
+    b = cache.empty((512,), np.float32)
+    assert _ptr(b) % ALIGN == 0 and _ptr(cache._blocks[0]) == block and len(cache._blocks) == 1
 
 
 # every way of still reaching a handed-out block (after the handed-out array itself is dropped)
@@ -72,15 +89,16 @@ def test_memory_still_reachable_is_never_handed_out(holder):
 
 
 def test_limit_bounds_held_memory_and_evicts_idle_blocks_first():
-    cache = _cache(limit=8 * KB)
-    live = [cache.empty((1024,), np.float32) for _ in range(3)]  # 3 x 4 KB wanted, 8 KB limit
-    assert cache.held_bytes == 8 * KB and len({_ptr(a) for a in live}) == 3
+    block = 4 * KB + ALIGN
+    cache = _cache(limit=2 * block)
+    live = [cache.empty((1024,), np.float32) for _ in range(3)]  # 3 x 4 KB wanted, room for 2
+    assert cache.held_bytes == 2 * block and len({_ptr(a) for a in live}) == 3
     del live
     other = cache.empty((2048,), np.float32)  # a new 8 KB size: both idle 4 KB blocks go
-    assert cache.held_bytes == 8 * KB and len(cache._blocks) == 1
-    assert _ptr(cache._blocks[0]) == _ptr(other)
+    assert cache.held_bytes == 8 * KB + ALIGN and len(cache._blocks) == 1
+    assert _ptr(cache._blocks[0]) <= _ptr(other) < _ptr(cache._blocks[0]) + ALIGN
     cache.set_limit(0)
-    assert cache.held_bytes == 8 * KB  # `other` is in use: kept until released
+    assert cache.held_bytes == 8 * KB + ALIGN  # `other` is in use: kept until released
     del other
     cache.set_limit(0)
     assert cache.held_bytes == 0

@@ -37,6 +37,7 @@ from ._reduce import (
     _shifted_sums_in,
     _tile,
 )
+from ._stream import affine_row_scalar, backward_row_scalar, store_fence
 
 
 @njit(parallel=True, cache=True)
@@ -101,8 +102,9 @@ def backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta):
 
 
 @njit(parallel=True, cache=True)
-def train_forward_cf(x, g, b, eps, mean, var, out):
-    """Training forward of (N, C, S), one task per channel: fills mean, var (C,) and out."""
+def train_forward_cf(x, g, b, eps, stream, mean, var, out):
+    """Training forward of (N, C, S), one task per channel: fills mean, var (C,) and out
+    (non-temporal stores when ``stream``)."""
     n, c, s = x.shape
     for ch in prange(c):
         cnt, mu, m2 = 0.0, 0.0, 0.0
@@ -125,13 +127,19 @@ def train_forward_cf(x, g, b, eps, mean, var, out):
         for i in range(n):
             xr = x[i, ch]
             yr = out[i, ch]
-            for j in range(s):
-                yr[j] = (xr[j] - mc) * ac + bc
+            if stream:
+                affine_row_scalar(xr, mc, ac, bc, yr)
+            else:
+                for j in range(s):
+                    yr[j] = (xr[j] - mc) * ac + bc
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, cache=True)
-def backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta):
-    """Training backward of (N, C, S), one task per channel: fills dx and dgamma, dbeta (C,)."""
+def backward_cf(dy, x, mean, rstd, g, stream, dx, dgamma, dbeta):
+    """Training backward of (N, C, S), one task per channel: fills dx and dgamma, dbeta (C,)
+    (dx with non-temporal stores when ``stream``)."""
     n, c, s = x.shape
     m = np.float64(n * s)
     for ch in prange(c):
@@ -154,5 +162,10 @@ def backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta):
             dyr = dy[i, ch]
             xr = x[i, ch]
             dxr = dx[i, ch]
-            for j in range(s):
-                dxr[j] = ca * dyr[j] + cb * (xr[j] - mc) + cd
+            if stream:
+                backward_row_scalar(dyr, xr, mc, ca, cb, cd, dxr)
+            else:
+                for j in range(s):
+                    dxr[j] = ca * dyr[j] + cb * (xr[j] - mc) + cd
+        if stream:
+            store_fence()

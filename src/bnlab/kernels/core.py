@@ -22,7 +22,7 @@ import numpy as np
 
 from bnlab.errors import ShapeError
 
-from . import _chunks, _elementwise, _fused, _reduce
+from . import _chunks, _elementwise, _fused, _reduce, _stream
 
 PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
 
@@ -75,7 +75,7 @@ def fused_train_forward(x3, g, b, eps: float, channels_last: bool, tiles: int, o
         if cl:
             _fused.train_forward_cl(x, g, b, eps, tiles, mean, var, o)
         else:
-            _fused.train_forward_cf(x, g, b, eps, mean, var, o)
+            _fused.train_forward_cf(x, g, b, eps, _stream.streams(o, x), mean, var, o)
     return mean, var
 
 
@@ -90,7 +90,7 @@ def fused_backward(dy3, x3, mean, rstd, g, channels_last: bool, tiles: int, dx3)
         if cl:
             _fused.backward_cl(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta)
         else:
-            _fused.backward_cf(dy, x, mean, rstd, g, dx, dgamma, dbeta)
+            _fused.backward_cf(dy, x, mean, rstd, g, _stream.streams(dx, dy, x), dx, dgamma, dbeta)
     return dgamma, dbeta
 
 
@@ -202,35 +202,49 @@ def _coef(v: np.ndarray, dtype) -> np.ndarray:
 
 
 def _wide_rows(arrays, coefs):
-    """Channels-last elementwise work as [(arrays, coefs)] parts of wide rows (see
-    :func:`_wide_parts`), the per-channel coefficients tiled k times for a widened part."""
-    return [(views, [np.tile(v, k) for v in coefs]) for views, k in _wide_parts(arrays)]
+    """Channels-last elementwise work as [(arrays, coefs, stream)] parts of wide rows (see
+    :func:`_wide_parts`), the per-channel coefficients tiled k times for a widened part. A part
+    streams its output (``arrays[-1]``) when :func:`._stream.streams_rows` allows it, with its
+    coefficient rows aligned like its data rows."""
+    parts = []
+    for views, k in _wide_parts(arrays):
+        rows = [np.tile(v, k) for v in coefs]
+        stream = _stream.streams_rows(views[-1], *views[:-1])
+        if stream:
+            rows = [_stream.aligned_like(v, views[-1]) for v in rows]
+        parts.append((views, rows, stream))
+    return parts
 
 
 def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
-    """out = (x − m)·a + b per channel, computed in x's dtype; one read, one write."""
+    """out = (x − m)·a + b per channel, computed in x's dtype; one read, one write (non-temporal
+    when out is big and aligned like x: :func:`._stream.streams`)."""
     x, cl = kernel_view(x3, channels_last)
     o, _ = kernel_view(out, channels_last)
     coefs = [_coef(v, x.dtype) for v in (m, a, b)]
     with threads_for(2 * x.size):
         if not cl:
-            _elementwise.affine_cf(x, *coefs, _chunks.row_pieces(x.shape[2]), o)
+            stream = _stream.streams(o, x)
+            _elementwise.affine_cf(x, *coefs, _chunks.row_pieces(x.shape[2]), stream, o)
             return out
-        for (xp, op), (mp, ap, bp) in _wide_rows([x, o], coefs):
-            _elementwise.affine_cl(xp, mp, ap, bp, _chunks.row_blocks(*xp.shape), op)
+        for (xp, op), (mp, ap, bp), stream in _wide_rows([x, o], coefs):
+            _elementwise.affine_cl(xp, mp, ap, bp, _chunks.row_blocks(*xp.shape), stream, op)
     return out
 
 
 def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> np.ndarray:
-    """dx = A·dy + B·(x − μ) + D per channel, in x's dtype; one read of dy and x, one write."""
+    """dx = A·dy + B·(x − μ) + D per channel, in x's dtype; one read of dy and x, one write
+    (non-temporal when dx is big and aligned like dy and x)."""
     dy, cl = kernel_view(dy3, channels_last)
     x, _ = kernel_view(x3, channels_last)
     dx, _ = kernel_view(dx3, channels_last)
     coefs = [_coef(v, x.dtype) for v in (mu, ca, cb, cd)]
     with threads_for(3 * x.size):
         if not cl:
-            _elementwise.backward_cf(dy, x, *coefs, _chunks.row_pieces(x.shape[2]), dx)
+            stream = _stream.streams(dx, dy, x)
+            pieces = _chunks.row_pieces(x.shape[2])
+            _elementwise.backward_cf(dy, x, *coefs, pieces, stream, dx)
             return dx3
-        for (dyp, xp, dxp), cp in _wide_rows([dy, x, dx], coefs):
-            _elementwise.backward_cl(dyp, xp, *cp, _chunks.row_blocks(*xp.shape), dxp)
+        for (dyp, xp, dxp), cp, stream in _wide_rows([dy, x, dx], coefs):
+            _elementwise.backward_cl(dyp, xp, *cp, _chunks.row_blocks(*xp.shape), stream, dxp)
     return dx3
