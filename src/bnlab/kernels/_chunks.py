@@ -61,18 +61,14 @@ def row_blocks(rows: int, c: int) -> int:
 
 def wide_row_blocks(rows: int, width: int) -> int:
     """Row blocks of a widened channels-last view (k rows of C channels seen as one row of
-    width = k·C lanes, at most WIDE_ROW): enough tasks for the threads (MIN_TASKS), no more,
-    because each block's partials hold k values per channel that all have to be merged
-    afterwards. A widened row is one tile (see :func:`wide_row_tiles`)."""
+    width = k·C lanes, at most WIDE_ROW): enough tasks for the threads (MIN_TASKS), no more (each
+    block folds its k·C lane sums into C partials that are merged afterwards).
+
+    A task reads whole widened rows, contiguous memory: its float64 accumulators (24 KiB at 1024
+    lanes) still fit L1, and two tiles of half-rows made every task stride through memory, which
+    the prefetchers follow badly (NHWC (64,56,56,64), 2 threads: moments 1.66 -> 1.40 ms,
+    gradient sums 3.27 -> 2.70 ms)."""
     return max(1, min(row_blocks(rows, width), MIN_TASKS))
-
-
-def wide_row_tiles(width: int) -> int:
-    """Channel tiles of a widened channels-last row: one. Its float64 accumulators (24 KiB at
-    1024 lanes) still fit L1, and a task then reads whole rows, contiguous memory; two tiles of
-    half-rows made every task stride through memory, which the prefetchers follow badly (NHWC
-    (64,56,56,64), 2 threads: moments 1.66 -> 1.40 ms, gradient sums 3.27 -> 2.70 ms)."""
-    return 1
 
 
 def channel_tiles(c: int) -> int:

@@ -279,6 +279,30 @@ def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
             p_m2[b, c0 + j] = acc2[j] - acc1[j] * acc1[j] / m
 
 
+@njit(parallel=True, cache=True)
+def moments_wide(x, k, blocks, p_cnt, p_mean, p_m2):
+    """Like :func:`moments_cl` for a widened channels-last view x (R', k·C) (k rows of C channels
+    seen as one row: lane l·C + ch is channel ch): one task per row block over whole rows, whose k
+    lane partials of each channel are merged in lane order before they are written, so the
+    partials are (blocks, C), not (blocks, k·C) — k times less merging afterwards."""
+    rows, w = x.shape
+    c = w // k
+    for b in prange(blocks):
+        r0 = b * rows // blocks
+        r1 = (b + 1) * rows // blocks
+        shift, acc1, acc2 = _column_shifted_sums(x, r0, r1, 0, w)
+        m = np.float64(r1 - r0)
+        for ch in range(c):
+            cnt, mu, m2 = 0.0, 0.0, 0.0
+            for lane in range(k):
+                j = lane * c + ch
+                s1 = acc1[j]
+                cnt, mu, m2 = _merge(cnt, mu, m2, m, shift[j] + s1 / m, acc2[j] - s1 * s1 / m)
+            p_cnt[b, ch] = cnt
+            p_mean[b, ch] = mu
+            p_m2[b, ch] = m2
+
+
 @njit(cache=True)
 def merge_moments(p_cnt, p_mean, p_m2, mean, var):
     """Merge the (G, C) partials in group order into mean (C,) and biased var = M2/count (C,).
@@ -359,6 +383,25 @@ def grad_sums_cl(dy, x, mean, blocks, tiles, p_dy, p_dyxmu):
         for j in range(c1 - c0):
             p_dy[b, c0 + j] = acc1[j]
             p_dyxmu[b, c0 + j] = acc2[j]
+
+
+@njit(parallel=True, cache=True)
+def grad_sums_wide(dy, x, mean, k, blocks, p_dy, p_dyxmu):
+    """Like :func:`grad_sums_cl` for widened (R', k·C) views (``mean`` tiled k times): one task
+    per row block, its k lane sums of each channel added in lane order: partials (blocks, C)."""
+    rows, w = x.shape
+    c = w // k
+    for b in prange(blocks):
+        r0 = b * rows // blocks
+        r1 = (b + 1) * rows // blocks
+        acc1, acc2 = _column_grad_sums(dy, x, mean, r0, r1, 0, w)
+        for ch in range(c):
+            s1, s2 = 0.0, 0.0
+            for lane in range(k):
+                s1 += acc1[lane * c + ch]
+                s2 += acc2[lane * c + ch]
+            p_dy[b, ch] = s1
+            p_dyxmu[b, ch] = s2
 
 
 @njit(cache=True)

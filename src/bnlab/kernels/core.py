@@ -121,29 +121,37 @@ def _wide_parts(arrays):
     return parts
 
 
-def _reduce_cl(kernel, arrays, per_channel, n_partials: int):
-    """Run a channels-last reduction kernel over the wide-row parts of ``arrays`` and return its
-    (G, C) partials, parts one after the other (no copy for a single part).
+def _reduce_cl(kernels, arrays, per_channel, n_partials: int):
+    """Run a channels-last reduction over the wide-row parts of ``arrays`` and return its (G, C)
+    partials, parts one after the other (no copy for a single part).
 
-    ``kernel(*views, *vectors, blocks, tiles, *partials)``; ``per_channel`` (C,) vectors are
-    tiled k times for a widened part. Each block of a widened part leaves k partials per channel
-    (unfolded from (G, k·C) to (G·k, C)), so widened parts use only enough blocks for the
-    threads (``wide_row_blocks``), and one tile per row (``wide_row_tiles``)."""
+    ``kernels`` = (narrow, wide): ``narrow(*views, *vectors, blocks, tiles, *partials)`` for the
+    (R, C) part, partials (blocks, C); ``wide(*views, *vectors, k, blocks, *partials)`` for a part
+    widened k times, one task per row block over whole rows (``wide_row_blocks``), its lanes
+    folded into (blocks, C) partials in the kernel. ``per_channel`` (C,) vectors are tiled k times
+    for a widened part."""
+    narrow, wide = kernels
     c = arrays[0].shape[1]
     parts = []
     for views, k in _wide_parts(arrays):
         rows, width = views[0].shape
-        if k > 1:
-            blocks, tiles = _chunks.wide_row_blocks(rows, width), _chunks.wide_row_tiles(width)
-        else:
-            blocks, tiles = _chunks.row_blocks(rows, width), _chunks.channel_tiles(width)
-        p = _partials(blocks, width, n_partials)
         vectors = [np.tile(v, k) for v in per_channel]
-        kernel(*views, *vectors, blocks, tiles, *p)
-        parts.append([a.reshape(blocks * k, c) for a in p])
+        if k > 1:
+            blocks = _chunks.wide_row_blocks(rows, width)
+            p = _partials(blocks, c, n_partials)
+            wide(*views, *vectors, k, blocks, *p)
+        else:
+            blocks = _chunks.row_blocks(rows, width)
+            p = _partials(blocks, c, n_partials)
+            narrow(*views, *vectors, blocks, _chunks.channel_tiles(width), *p)
+        parts.append(p)
     if len(parts) == 1:
         return parts[0]
     return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
+
+
+_MOMENTS_CL = (_reduce.moments_cl, _reduce.moments_wide)  # (narrow, widened) kernels
+_GRAD_SUMS_CL = (_reduce.grad_sums_cl, _reduce.grad_sums_wide)
 
 
 def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +164,7 @@ def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np
     c = x.shape[-1] if cl else x.shape[1]
     with threads_for(x.size):
         if cl:
-            p_cnt, p_mean, p_m2 = _reduce_cl(_reduce.moments_cl, [x], [], 3)
+            p_cnt, p_mean, p_m2 = _reduce_cl(_MOMENTS_CL, [x], [], 3)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
@@ -181,7 +189,9 @@ def channel_grad_sums(
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     with threads_for(2 * x.size):
         if cl:
-            p_dy, p_dyxmu = _reduce_cl(_reduce.grad_sums_cl, [dy, x], [mean], 2)
+            p_dy, p_dyxmu = _reduce_cl(
+                (_reduce.grad_sums_cl, _reduce.grad_sums_wide), [dy, x], [mean], 2
+            )
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
