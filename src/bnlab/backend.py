@@ -9,6 +9,7 @@ It never changes *what* is computed (same conventions, same validation, same err
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 BACKENDS = ("numpy", "numba")
@@ -16,8 +17,10 @@ BACKENDS = ("numpy", "numba")
 _state = {"backend": None}
 
 
+@functools.cache
 def numba_available() -> bool:
-    """True when numba is installed and bnlab's kernels package is present."""
+    """True when numba is installed and bnlab's kernels package is present (looked up once:
+    installing a package does not change a running process)."""
     return (
         importlib.util.find_spec("numba") is not None
         and importlib.util.find_spec("bnlab.kernels") is not None

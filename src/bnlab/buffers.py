@@ -20,6 +20,7 @@ smaller than :data:`MIN_BYTES` are never cached: the C heap reuses those without
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -61,7 +62,7 @@ class BufferCache:
         a kernel reading ``like`` and writing the result can use whole-line (streaming) stores
         on both (see :mod:`bnlab.kernels._stream`)."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < self.min_bytes or nbytes + ALIGN > self.limit:
             return np.empty(shape, dtype)
         with self._lock:

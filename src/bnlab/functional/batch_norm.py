@@ -273,9 +273,19 @@ def batch_norm_forward(
             conv,
             num_batches_tracked,
             on_nonfinite,
+            blend=_compiled_blend(backend),
         )
     rstd = inverse_std(var, eps)
     return y, BatchNormCache(backend, lay, True, x, mean, var, rstd, g, eps, xhat)
+
+
+def _compiled_blend(backend: str):
+    """The numba backend updates running statistics in one compiled call (same formula)."""
+    if backend == "numpy":
+        return None
+    from bnlab.kernels.running import blend_running
+
+    return blend_running
 
 
 # --------------------------------------------------------------------------- backward

@@ -57,6 +57,7 @@ def update_running_stats(
     convention: NormConvention,
     num_batches_tracked: np.ndarray | None = None,
     on_nonfinite: str = "warn",
+    blend=None,
 ) -> bool:
     """Update the buffers in place:  r ← (1 − w)·r + w·s  (mean and variance alike).
 
@@ -67,28 +68,55 @@ def update_running_stats(
     dtype*: a finite batch whose variance exceeds a float16 buffer's range (65504) would otherwise
     turn ``running_var`` into Inf. Such an update is refused like a non-finite batch (warn or
     raise per ``on_nonfinite``), leaving buffers and counter untouched. Returns whether it wrote.
+
+    ``blend``: an optional compiled version of the same update (the numba backend's
+    :func:`bnlab.kernels.running.blend_running`); it returns None for dtypes it does not take.
     """
     tracked = None if num_batches_tracked is None else int(num_batches_tracked) + 1
     w = new_batch_weight(momentum, convention, tracked)
-    var = batch_var * (count / (count - 1)) if convention.unbiased_running_var else batch_var
+    unbiased = convention.unbiased_running_var
+    args = (running_mean, running_var, batch_mean, batch_var, w, count, unbiased)
+    written = None if blend is None else blend(*args)
+    if written is None:
+        written = _blend_numpy(*args)
+    if not written:
+        _refuse_overflow(*args, on_nonfinite)
+        return False
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1
+    return True
+
+
+def _new_values(running_mean, running_var, batch_mean, batch_var, w, count, unbiased):
+    """(new mean, new var) in float64, before the cast to the buffers' dtype."""
+    var = batch_var * (count / (count - 1)) if unbiased else batch_var
     new_mean = (1.0 - w) * running_mean.astype(np.float64) + w * batch_mean.astype(np.float64)
     new_var = (1.0 - w) * running_var.astype(np.float64) + w * var.astype(np.float64)
+    return new_mean, new_var
+
+
+def _blend_numpy(running_mean, running_var, batch_mean, batch_var, w, count, unbiased) -> bool:
+    new_mean, new_var = _new_values(
+        running_mean, running_var, batch_mean, batch_var, w, count, unbiased
+    )
     with np.errstate(over="ignore"):
         cast_mean = new_mean.astype(running_mean.dtype)
         cast_var = new_var.astype(running_var.dtype)
     if not (np.isfinite(cast_mean).all() and np.isfinite(cast_var).all()):
-        msg = (
-            "the running-statistics update overflows the buffers' dtype "
-            f"({running_mean.dtype}/{running_var.dtype}; "
-            f"largest new variance {new_var.max():.4g}): "
-            "the running statistics were left unchanged; keep buffers in float32"
-        )
-        if on_nonfinite == "raise":
-            raise NonFiniteError(msg)
-        warnings.warn(msg, NonFiniteBatchWarning, stacklevel=3)
         return False
     running_mean[...] = cast_mean
     running_var[...] = cast_var
-    if num_batches_tracked is not None:
-        num_batches_tracked += 1
     return True
+
+
+def _refuse_overflow(running_mean, running_var, batch_mean, batch_var, w, count, unbiased, policy):
+    _, new_var = _new_values(running_mean, running_var, batch_mean, batch_var, w, count, unbiased)
+    msg = (
+        "the running-statistics update overflows the buffers' dtype "
+        f"({running_mean.dtype}/{running_var.dtype}; "
+        f"largest new variance {new_var.max():.4g}): "
+        "the running statistics were left unchanged; keep buffers in float32"
+    )
+    if policy == "raise":
+        raise NonFiniteError(msg)
+    warnings.warn(msg, NonFiniteBatchWarning, stacklevel=4)
