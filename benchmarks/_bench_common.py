@@ -38,14 +38,21 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]], repeat: int = 7, warmup: int = 1
 ) -> dict[str, dict]:
     """Median / min / all times (ms) of each named callable, run round-robin ``repeat`` times after
-    ``warmup`` untimed rounds. The first warm-up call of each is reported as ``first_ms``."""
+    ``warmup`` untimed rounds. The first warm-up call of each is reported as ``first_ms``.
+
+    Round r starts at the (r mod n)-th peer: every peer follows every other one equally often.
+    (In a fixed order, whoever ran right after a copy of x found x in cache, and whoever ran
+    after PyTorch found the cache full of PyTorch's buffers: a bias of up to 0.3 ms per call for
+    cache-sized tensors.)"""
     first = {name: time_call(fn) for name, fn in fns.items()}
     for _ in range(warmup - 1):
         for fn in fns.values():
             fn()
+    items = list(fns.items())
     runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for r in range(repeat):
+        k = r % len(items)
+        for name, fn in items[k:] + items[:k]:
             runs[name].append(time_call(fn))
     return {
         name: {
