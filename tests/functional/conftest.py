@@ -11,4 +11,3 @@ from fn_support import BACKENDS
 def backend(request):
     """Each batch-norm backend available here (``numpy`` always, ``numba`` with the kernels)."""
     return request.param
-
