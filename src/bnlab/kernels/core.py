@@ -189,9 +189,7 @@ def channel_grad_sums(
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     with threads_for(2 * x.size):
         if cl:
-            p_dy, p_dyxmu = _reduce_cl(
-                (_reduce.grad_sums_cl, _reduce.grad_sums_wide), [dy, x], [mean], 2
-            )
+            p_dy, p_dyxmu = _reduce_cl(_GRAD_SUMS_CL, [dy, x], [mean], 2)
         else:
             short, pieces = _row_split(x.shape[2])
             groups = _chunks.channel_groups(x.shape[0], c, pieces)
