@@ -49,6 +49,7 @@ class BufferCache:
     def __init__(self, limit: int = DEFAULT_LIMIT, min_bytes: int = MIN_BYTES):
         self.limit, self.min_bytes = _check_bytes(limit, "limit"), min_bytes
         self._blocks: list[np.ndarray] = []  # least recently handed out first
+        self._offsets: dict[int, int] = {}  # id(block) -> its address modulo ALIGN
         self._lock = threading.Lock()
 
     @property
@@ -60,15 +61,17 @@ class BufferCache:
 
         ``like``: a cached array starts at the same address modulo :data:`ALIGN` as this one, so
         a kernel reading ``like`` and writing the result can use whole-line (streaming) stores
-        on both (see :mod:`bnlab.kernels._stream`)."""
+        on both (see :mod:`bnlab.kernels._stream`); without it, at a line boundary. (Addresses
+        are looked up as little as possible: right after PyTorch has run, one ``a.ctypes.data``
+        took ~30 µs.)"""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < self.min_bytes or nbytes + ALIGN > self.limit:
             return np.empty(shape, dtype)
         with self._lock:
-            block = self._take(nbytes + ALIGN)
+            block, offset = self._take(nbytes + ALIGN)
         want = 0 if like is None else like.ctypes.data % ALIGN
-        start = (want - block.ctypes.data) % ALIGN
+        start = (want - offset) % ALIGN
         return block[start : start + nbytes].view(dtype).reshape(shape)
 
     def _take(self, nbytes: int) -> np.ndarray:
@@ -78,12 +81,14 @@ class BufferCache:
             if idle[i] and self._blocks[i].nbytes == nbytes:
                 block = self._blocks.pop(i)
                 self._blocks.append(block)  # most recently used last
-                return block
+                return block, self._offsets[id(block)]
         self._evict_idle(self.held_bytes + nbytes - self.limit, idle)
         block = np.empty(nbytes, np.uint8)
+        offset = block.ctypes.data % ALIGN
         if self.held_bytes + nbytes <= self.limit:
             self._blocks.append(block)
-        return block
+            self._offsets[id(block)] = offset
+        return block, offset
 
     def _evict_idle(self, excess: int, idle: list[bool]) -> None:
         """Drop idle blocks, least recently used first, until ``excess`` bytes are freed."""
@@ -94,6 +99,7 @@ class BufferCache:
             else:
                 keep.append(block)
         self._blocks = keep
+        self._offsets = {id(b): self._offsets[id(b)] for b in keep}
 
     def set_limit(self, limit: int) -> None:
         with self._lock:
@@ -105,6 +111,7 @@ class BufferCache:
         """Forget every block (those still in use stay valid: their users keep them alive)."""
         with self._lock:
             self._blocks = []
+            self._offsets = {}
 
 
 def _check_bytes(value, name: str) -> int:

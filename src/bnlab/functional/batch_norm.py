@@ -163,8 +163,12 @@ def _eval_forward(x, lay, scale, shift, backend, out):
 def _output_like(x: np.ndarray) -> np.ndarray:
     """A new C-contiguous array for a kernel's result, from :mod:`bnlab.buffers` (the memory of a
     large result that nobody holds any more is handed out again: no page faults, often still in
-    cache; small ones come from NumPy's allocator), aligned like x within a cache line."""
-    return CACHE.empty(x.shape, x.dtype, like=x)
+    cache; small ones come from NumPy's allocator); one big enough for the kernels' streaming
+    stores starts at x's offset within a cache line (:mod:`bnlab.kernels._stream`)."""
+    from bnlab.kernels._stream import STREAM_MIN_BYTES
+
+    like = x if x.nbytes >= STREAM_MIN_BYTES else None
+    return CACHE.empty(x.shape, x.dtype, like=like)
 
 
 def _kernel_out(out, lay):
