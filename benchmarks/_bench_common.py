@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -40,19 +41,19 @@ def time_interleaved(
     """Median / min / all times (ms) of each named callable, run round-robin ``repeat`` times after
     ``warmup`` untimed rounds. The first warm-up call of each is reported as ``first_ms``.
 
-    Round r starts at the (r mod n)-th peer: every peer follows every other one equally often.
-    (In a fixed order, whoever ran right after a copy of x found x in cache, and whoever ran
-    after PyTorch found the cache full of PyTorch's buffers: a bias of up to 0.3 ms per call for
-    cache-sized tensors.)"""
+    Each round runs the peers in a fresh order (seeded shuffle), so no peer always follows the
+    same one. (In a fixed order — or a rotated one, which keeps who-follows-whom — whoever ran
+    right after a copy of x found x in cache, and whoever ran after PyTorch found the cache full
+    of PyTorch's buffers: a bias of up to 0.3 ms per call for cache-sized tensors.)"""
     first = {name: time_call(fn) for name, fn in fns.items()}
     for _ in range(warmup - 1):
         for fn in fns.values():
             fn()
     items = list(fns.items())
+    order = random.Random(0)
     runs: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeat):
-        k = r % len(items)
-        for name, fn in items[k:] + items[:k]:
+    for _ in range(repeat):
+        for name, fn in order.sample(items, len(items)):
             runs[name].append(time_call(fn))
     return {
         name: {
