@@ -38,7 +38,7 @@ def test_kernels_layer_norm_matches_reference(m, d, dtype, eps, affine, offset, 
     dy = rng.standard_normal((m, d)).astype(dtype)
     g = rng.standard_normal(d).astype(acc) if affine else None
     b = rng.standard_normal(d).astype(acc) if affine else None
-    y_ref, cache = layer_norm_forward(x, d, g, b, eps)
+    y_ref, cache = layer_norm_forward(x, d, g, b, eps, backend="numpy")
     dx_ref, dg_ref, db_ref = layer_norm_backward(dy, cache)
     y, mean, rstd = ln_forward(x, g, b, eps)
     dx, dg, db = ln_backward(dy, x, mean, rstd, g)
@@ -132,3 +132,52 @@ def test_kernels_layer_norm_bit_identical_across_threads(monkeypatch):
 def test_kernels_layer_norm_rejects_bad_input(call, err, word):
     with pytest.raises(err, match=word):
         call(np.ones((2, 4), np.float32))
+
+
+def _ln_fwd_bwd(x, dy, g, b, eps):
+    y, mean, rstd = ln_forward(x, g, b, eps)
+    dx, dg, db = ln_backward(dy, x, mean, rstd, g)
+    return y, mean, rstd, dx, dg, db
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    d=st.integers(1, 80),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    eps=st.sampled_from([1e-5, 0.5]),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernels_layer_norm_single_pass_rows_equal_two_pass_bits(m, d, dtype, eps, affine, seed):
+    """The single-pass row kernels (rows read from memory once per direction) give the bits of
+    the two-pass path, and match the reference; SHORT_ROW is lowered so small rows take them."""
+    from bnlab.kernels import layer_norm as ln_module
+
+    rng = np.random.default_rng(seed)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    x = (3.0 + rng.standard_normal((m, d))).astype(dtype)
+    dy = rng.standard_normal((m, d)).astype(dtype)
+    g = rng.standard_normal(d).astype(acc) if affine else None
+    b = rng.standard_normal(d).astype(acc) if affine else None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_chunks, "SHORT_ROW", 1)  # every row is one long segment
+        assert ln_module._single_pass(d)
+        single = _ln_fwd_bwd(x, dy, g, b, eps)
+        mp.setattr(ln_module, "_single_pass", lambda d: False)
+        two_pass = _ln_fwd_bwd(x, dy, g, b, eps)
+    for s, t in zip(single, two_pass, strict=True):
+        np.testing.assert_array_equal(s, t)
+    y_ref, cache = layer_norm_forward(x, d, g, b, eps, backend="numpy")
+    assert_matches(single[0], y_ref, dtype, "y")
+    dx_ref, _, _ = layer_norm_backward(dy, cache)
+    assert_matches(single[3], dx_ref, dtype, "dx")
+
+
+def test_kernels_layer_norm_takes_single_pass_for_rows_of_one_segment():
+    from bnlab.kernels import layer_norm as ln_module
+
+    assert not ln_module._single_pass(_chunks.SHORT_ROW - 1)  # tiny rows: column-wise sums
+    assert ln_module._single_pass(_chunks.SHORT_ROW)
+    assert ln_module._single_pass(_chunks.SEGMENT)
+    assert not ln_module._single_pass(_chunks.SEGMENT + 1)  # several segments: two passes

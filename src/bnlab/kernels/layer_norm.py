@@ -47,16 +47,28 @@ def ln_forward(x2, weight, bias, eps, out=None):
     eps = _check_eps(eps)
     xw = _compute_dtype(x)
     buf = _check_out(_work_out(x, xw, out), xw)
-    mean, var = core.channel_moments(xw.reshape(1, rows, d), False)
-    rstd = 1.0 / np.sqrt(var + eps)
     dt = xw.dtype
-    with core.threads_for(2 * x.size):
-        _rows.ln_affine(
-            xw, mean.astype(dt), rstd.astype(dt), g.astype(dt), b.astype(dt),
-            _chunks.row_blocks(rows, d), buf,
-        )  # fmt: skip
+    blocks = _chunks.row_blocks(rows, d)
+    if _single_pass(d):
+        mean, rstd = np.empty(rows), np.empty(rows)
+        with core.threads_for(x.size):
+            _rows.ln_forward_rows(xw, eps, g.astype(dt), b.astype(dt), blocks, mean, rstd, buf)
+    else:
+        mean, var = core.channel_moments(xw.reshape(1, rows, d), False)
+        rstd = 1.0 / np.sqrt(var + eps)
+        with core.threads_for(2 * x.size):
+            _rows.ln_affine(
+                xw, mean.astype(dt), rstd.astype(dt), g.astype(dt), b.astype(dt), blocks, buf
+            )
     acc = acc_dtype(x.dtype)
     return _result(buf, out, x.dtype), mean.astype(acc), rstd.astype(acc)
+
+
+def _single_pass(d: int) -> bool:
+    """Rows that stay cached between their sums and their output and are one long-row segment
+    of the reduction core (whose statistics the single-pass kernel reproduces exactly); shorter
+    rows keep the column-wise short-row sums, which vectorize better across many tiny rows."""
+    return _chunks.SHORT_ROW <= d and _chunks.row_pieces(d) == 1
 
 
 def ln_backward(dy2, x2, mean, rstd, weight, dx=None):
@@ -77,12 +89,16 @@ def ln_backward(dy2, x2, mean, rstd, weight, dx=None):
     row_a, row_b = np.empty(rows), np.empty(rows)
     p_dg, p_db = np.empty((blocks, d)), np.empty((blocks, d))
     dt = xw.dtype
-    with core.threads_for(3 * x.size):
-        _rows.ln_grad_sums(dyw, xw, mu, rs, g, blocks, row_a, row_b, p_dg, p_db)
-        _rows.ln_dx(
-            dyw, xw, mu.astype(dt), rs.astype(dt), g.astype(dt),
-            (row_a / d).astype(dt), (row_b / d).astype(dt), blocks, buf,
-        )  # fmt: skip
+    if _single_pass(d):
+        with core.threads_for(2 * x.size):
+            _rows.ln_backward_rows(dyw, xw, mu, rs, g, g.astype(dt), blocks, p_dg, p_db, buf)
+    else:
+        with core.threads_for(3 * x.size):
+            _rows.ln_grad_sums(dyw, xw, mu, rs, g, blocks, row_a, row_b, p_dg, p_db)
+            _rows.ln_dx(
+                dyw, xw, mu.astype(dt), rs.astype(dt), g.astype(dt),
+                (row_a / d).astype(dt), (row_b / d).astype(dt), blocks, buf,
+            )  # fmt: skip
     dgamma, dbeta = np.empty(d), np.empty(d)
     _reduce.sum_partials(p_dg, dgamma)
     _reduce.sum_partials(p_db, dbeta)
