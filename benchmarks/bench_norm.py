@@ -43,6 +43,7 @@ from _bench_common import (  # noqa: E402
     copy_limit,
     format_table,
     machine_info,
+    malloc_env,
     parallel_copy,
     peak_extra_bytes,
     time_interleaved,
@@ -211,7 +212,6 @@ def family_ops(kind, shape, groups):
     import torch
     import torch.nn.functional as F
 
-    from bnlab import kernels
     from bnlab.functional import (
         group_norm_backward,
         group_norm_forward,
@@ -228,8 +228,6 @@ def family_ops(kind, shape, groups):
     tx = torch.from_numpy(x).requires_grad_(True)
     tw, tb = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
     tdy = torch.from_numpy(dy)
-    x3 = x.reshape(shape[0], shape[1], -1) if kind == "group_norm" else x
-    dy3 = dy.reshape(x3.shape)
 
     def torch_run():
         tx.grad = tw.grad = tb.grad = None
@@ -241,17 +239,17 @@ def family_ops(kind, shape, groups):
 
     def numpy_run():
         if kind == "layer_norm":
-            _, cache = layer_norm_forward(x, p, w, b)
+            _, cache = layer_norm_forward(x, p, w, b, backend="numpy")
             return layer_norm_backward(dy, cache)
-        _, cache = group_norm_forward(x, groups, w, b)
+        _, cache = group_norm_forward(x, groups, w, b, backend="numpy")
         return group_norm_backward(dy, cache)
 
-    def kernel_run():
+    def kernel_run():  # the public API on the kernels, outputs from bnlab.buffers like BN's
         if kind == "layer_norm":
-            _, mean, rstd = kernels.ln_forward(x3, w, b, 1e-5)
-            return kernels.ln_backward(dy3, x3, mean, rstd, w)
-        _, mean, rstd = kernels.gn_forward(x3, groups, w, b, 1e-5)
-        return kernels.gn_backward(dy3, x3, mean, rstd, w, groups)
+            _, cache = layer_norm_forward(x, p, w, b, backend="numba")
+            return layer_norm_backward(dy, cache)
+        _, cache = group_norm_forward(x, groups, w, b, backend="numba")
+        return group_norm_backward(dy, cache)
 
     return x, {"torch": torch_run, "numpy": numpy_run, "bnlab": kernel_run}
 
@@ -430,6 +428,7 @@ def main(argv=None) -> int:
         "machine": machine_info(),
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc_env": malloc_env(),
         "first_call_s": compile_s,
         "rows": rows,
         "family": family,

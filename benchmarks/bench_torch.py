@@ -231,6 +231,7 @@ def main(argv=None) -> int:
         "machine": platform.machine(),
         "copy_gbs": copy_gbs,
         "repeats": args.repeats,
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
     print(markdown(rows, env))
     if args.json:
