@@ -10,11 +10,11 @@ Row blocks follow the fixed chunking of :mod:`._chunks` (``row_blocks``); the pe
 partials are summed in block order, so results do not depend on the thread count.
 
 Rows of ``SHORT_ROW`` to ``SEGMENT`` values (a row fits in L1/L2) run single-pass kernels
-(``ln_forward_rows``, ``ln_backward_rows``): each task reads a row from memory once for its sums
-and reads it again from cache for its output — x once instead of twice in the forward, dy and x
-once instead of twice in the backward (5 passes over memory for forward+backward instead of 8).
-They compute the same expressions as the two-pass path (the row moments exactly as
-``core.channel_moments`` computes a one-segment channel), so the bits are the same.
+(``ln_forward_rows``; ``ln_grad_sums`` with ``write_dx``): each task reads a row from memory
+once for its sums and again from cache for its output — x once instead of twice in the
+forward, dy and x once instead of twice in the backward (5 passes over memory for
+forward+backward instead of 8). They compute the same expressions as the two-pass path (the row
+moments exactly as ``core.channel_moments`` computes a one-segment channel): the same bits.
 """
 
 from __future__ import annotations
@@ -51,32 +51,6 @@ def ln_forward_rows(x, eps, g, b, blocks, mean, rstd, out):
             yr = out[r]
             for j in range(d):
                 yr[j] = (xr[j] - mc) * sc * g[j] + b[j]
-
-
-@njit(parallel=True, cache=True)
-def ln_backward_rows(dy, x, mean, rstd, g64, g, blocks, p_dg, p_db, dx):
-    """Single-pass backward: per row, the sums of :func:`ln_grad_sums` (one read of dy and x),
-    then dx from the cached row as in :func:`ln_dx` (γ as float64 ``g64`` for the sums, in x's
-    dtype ``g`` for dx); per-(block, column) partials of dγ, dβ."""
-    rows, d = x.shape
-    for blk in prange(blocks):
-        dg = np.zeros(d)
-        db = np.zeros(d)
-        acc_a = np.empty(LANES)
-        acc_b = np.empty(LANES)
-        for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-            m, s = mean[r], rstd[r]
-            dyr = dy[r]
-            xr = x[r]
-            a, bsum = _row_grad_sums(dyr, xr, m, s, g64, dg, db, acc_a, acc_b)
-            t = x.dtype.type
-            mc, sc, ca, cb = t(m), t(s), t(a / d), t(bsum / d)
-            dxr = dx[r]
-            for j in range(d):
-                dxr[j] = sc * (dyr[j] * g[j] - ca - (xr[j] - mc) * sc * cb)
-        for j in range(d):
-            p_dg[blk, j] = dg[j]
-            p_db[blk, j] = db[j]
 
 
 @njit(parallel=True, cache=True)
@@ -128,8 +102,11 @@ def _row_grad_sums(dyr, xr, m, s, g64, dg, db, acc_a, acc_b):
 
 
 @njit(parallel=True, cache=True)
-def ln_grad_sums(dy, x, mean, rstd, g, blocks, row_a, row_b, p_dg, p_db):
-    """Per-row a_r, b_r (float64) and per-(block, column) partials of dγ, dβ in one read."""
+def ln_grad_sums(dy, x, mean, rstd, g64, g, blocks, row_a, row_b, p_dg, p_db, dx, write_dx):
+    """Per-row a_r, b_r (float64) and per-(block, column) partials of dγ, dβ in one read of dy
+    and x (γ as float64 ``g64``). With ``write_dx`` (the single-pass backward) each row's dx
+    follows from the cached row as in :func:`ln_dx` (γ in x's dtype ``g``); otherwise
+    :func:`ln_dx` makes a second pass."""
     rows, d = x.shape
     for blk in prange(blocks):
         dg = np.zeros(d)
@@ -137,23 +114,29 @@ def ln_grad_sums(dy, x, mean, rstd, g, blocks, row_a, row_b, p_dg, p_db):
         acc_a = np.empty(LANES)
         acc_b = np.empty(LANES)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-            a, bsum = _row_grad_sums(dy[r], x[r], mean[r], rstd[r], g, dg, db, acc_a, acc_b)
+            m, s = mean[r], rstd[r]
+            a, bsum = _row_grad_sums(dy[r], x[r], m, s, g64, dg, db, acc_a, acc_b)
             row_a[r] = a
             row_b[r] = bsum
+            if write_dx:
+                t = x.dtype.type
+                _row_dx(dy[r], x[r], t(m), t(s), g, t(a / d), t(bsum / d), dx[r])
         for j in range(d):
             p_dg[blk, j] = dg[j]
             p_db[blk, j] = db[j]
 
 
+@njit(cache=True)
+def _row_dx(dyr, xr, m, s, g, ca, cb, dxr):
+    """dx = rstd·(dy·γ − a/D − x̂·b/D) over one row, in x's dtype (all arguments in it)."""
+    for j in range(xr.shape[0]):
+        dxr[j] = s * (dyr[j] * g[j] - ca - (xr[j] - m) * s * cb)
+
+
 @njit(parallel=True, cache=True)
 def ln_dx(dy, x, mean, rstd, g, ca, cb, blocks, dx):
     """dx = rstd_r·(dy·γ − a_r/D − x̂·b_r/D), with ca = a/D, cb = b/D per row; x's dtype."""
-    rows, d = x.shape
+    rows = x.shape[0]
     for blk in prange(blocks):
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-            m, s, a, bb = mean[r], rstd[r], ca[r], cb[r]
-            dyr = dy[r]
-            xr = x[r]
-            dxr = dx[r]
-            for j in range(d):
-                dxr[j] = s * (dyr[j] * g[j] - a - (xr[j] - m) * s * bb)
+            _row_dx(dy[r], x[r], mean[r], rstd[r], g, ca[r], cb[r], dx[r])

@@ -89,12 +89,12 @@ def ln_backward(dy2, x2, mean, rstd, weight, dx=None):
     row_a, row_b = np.empty(rows), np.empty(rows)
     p_dg, p_db = np.empty((blocks, d)), np.empty((blocks, d))
     dt = xw.dtype
-    if _single_pass(d):
-        with core.threads_for(2 * x.size):
-            _rows.ln_backward_rows(dyw, xw, mu, rs, g, g.astype(dt), blocks, p_dg, p_db, buf)
-    else:
-        with core.threads_for(3 * x.size):
-            _rows.ln_grad_sums(dyw, xw, mu, rs, g, blocks, row_a, row_b, p_dg, p_db)
+    single = _single_pass(d)
+    with core.threads_for((2 if single else 3) * x.size):
+        _rows.ln_grad_sums(
+            dyw, xw, mu, rs, g, g.astype(dt), blocks, row_a, row_b, p_dg, p_db, buf, single
+        )
+        if not single:
             _rows.ln_dx(
                 dyw, xw, mu.astype(dt), rs.astype(dt), g.astype(dt),
                 (row_a / d).astype(dt), (row_b / d).astype(dt), blocks, buf,
