@@ -74,7 +74,8 @@ class BufferCache:
         start = (want - offset) % ALIGN
         return block[start : start + nbytes].view(dtype).reshape(shape)
 
-    def _take(self, nbytes: int) -> np.ndarray:
+    def _take(self, nbytes: int) -> tuple[np.ndarray, int]:
+        """(a block of ``nbytes``, its address modulo ALIGN): a reused idle one or a new one."""
         idle = [r == _IDLE_REFS for r in _refcounts(self._blocks)]
         # the most recently used fitting block: the likeliest to be still in cache
         for i in reversed(range(len(idle))):

@@ -1,6 +1,6 @@
 """The running-statistics update of :func:`bnlab.functional.running.update_running_stats` in one
-compiled call, for the numba backend (the NumPy version spends ~15 µs on a dozen small array
-operations, more than a (256, 4096) training forward's whole bookkeeping budget).
+compiled call, for the numba backend (the NumPy version is a dozen small array operations:
+15 µs at C = 4096 and 7.6 µs at C = 64, against 6.7 µs and 1.5 µs compiled).
 
 Same formula, same rounding, same refusal: per channel, in float64,
 
