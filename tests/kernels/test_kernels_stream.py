@@ -66,6 +66,8 @@ def test_streams_only_big_float_outputs_aligned_like_their_inputs(monkeypatch):
     assert not _stream.streams(_at_offset(big[:1023], 0), _at_offset(big[:1023], 0))  # small
     assert not _stream.streams(_at_offset(big, 16), _at_offset(big, 20))  # split loads
     assert not _stream.streams(_at_offset(np.zeros(2048, np.float16), 0))  # no float16 path
+    odd = _at_offset(big, 1)  # float32 at a byte offset of 1: no element starts a line
+    assert not odd.flags.aligned and not _stream.streams(odd, _at_offset(big, 1))
     rows = _at_offset(np.zeros((16, 64), np.float32), 0)  # 256-byte rows: whole lines
     assert _stream.streams_rows(rows, _at_offset(rows, 0))
     odd = _at_offset(np.zeros((16, 65), np.float32), 0)  # 260-byte rows: offsets drift
@@ -167,3 +169,20 @@ def test_functional_outputs_start_where_their_input_starts_within_a_line(monkeyp
         dx, _, _ = batch_norm_backward(np.ones_like(x) * 0.5 + x, cache)
         want = off if streamable else 0
         assert y.ctypes.data % LINE == want and dx.ctypes.data % LINE == want
+
+
+def test_unaligned_arrays_never_stream_and_give_the_plain_results(monkeypatch, spy_streams):
+    """float32 data at an odd byte offset (np.frombuffer of a byte string can do that): the
+    kernels must not issue line stores (they would fault), and compute the same values."""
+    monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(CACHE, "min_bytes", 0)
+    rng = np.random.default_rng(3)
+    shape = (4, 8, 6, 20)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    dy0 = rng.standard_normal(shape).astype(np.float32)
+    x, dy = _at_offset(x0, 1), _at_offset(dy0, 1)
+    assert not x.flags.aligned
+    got = _fwd_bwd(x, dy, "NCHW", True)
+    assert spy_streams and not any(spy_streams)
+    for g, e in zip(got, _fwd_bwd(x0, dy0, "NCHW", True), strict=True):
+        np.testing.assert_array_equal(g, e)

@@ -37,10 +37,13 @@ STREAM_MIN_BYTES = 16 << 20  # outputs at least this big stream (the L3 here is 
 
 def streams(out: np.ndarray, *inputs: np.ndarray) -> bool:
     """Whether a kernel writing ``out`` from ``inputs`` should use non-temporal stores: a big
-    float32/float64 output and every array at the same address modulo :data:`LINE`."""
+    float32/float64 output at an address that is a multiple of its item size, and every array
+    at the same address modulo :data:`LINE`."""
     if out.nbytes < STREAM_MIN_BYTES or out.dtype.type not in (np.float32, np.float64):
         return False
     offset = out.ctypes.data % LINE
+    if offset % out.itemsize:  # elements straddle their natural alignment: no line boundary
+        return False  # is ever reached by whole elements
     return all(a.ctypes.data % LINE == offset for a in inputs)
 
 
