@@ -178,3 +178,19 @@ def test_kernels_single_launch_and_streaming_paths_agree(monkeypatch, shape, cha
     streaming = run()
     for name, a, s in zip(("y", "mean", "var", "dx", "dw", "db"), fused, streaming, strict=True):
         np.testing.assert_allclose(a, s, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NC"])
+def test_kernels_statistics_of_huge_float64_means_stay_finite(layout):
+    """|mean| ~ 1e160: the partial summaries are merged into an empty one first, where δ²·n_a
+    would be inf·0 = NaN (found in review: channels-last float64 returned NaN variances)."""
+    rng = np.random.default_rng(9)
+    shape = {"NHWC": (8, 16, 16, 64), "NCHW": (8, 64, 16, 16), "NC": (4096, 64)}[layout]
+    x = 1e160 + 1e150 * rng.standard_normal(shape)
+    y_ref, c_ref = batch_norm_forward(x, None, None, training=True, layout=layout, backend="numpy")
+    y, c = batch_norm_forward(x, None, None, training=True, layout=layout, backend="numba")
+    assert np.isfinite(c.var).all() and np.isfinite(y).all()
+    # x itself holds its 1e150-sized deviations to ~1e-6 (float64 spacing at 1e160 is ~1e144),
+    # so both sides can only agree to that
+    np.testing.assert_allclose(c.var, c_ref.var, rtol=1e-4)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)

@@ -104,9 +104,14 @@ def _sum8(a):
 
 @njit(cache=True)
 def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Parallel-variance merge of two (count, mean, M2) summaries (Chan, Golub, LeVeque)."""
+    """Parallel-variance merge of two (count, mean, M2) summaries (Chan, Golub, LeVeque).
+
+    An empty side returns the other one unchanged: merging into the empty (0, 0, 0) summary
+    must not evaluate δ²·n_a, which is inf·0 = NaN once |mean| > ~1.3e154 (float64)."""
     if n_b == 0.0:
         return n_a, mean_a, m2_a
+    if n_a == 0.0:
+        return n_b, mean_b, m2_b
     n = n_a + n_b
     delta = mean_b - mean_a
     f = n_b / n
