@@ -98,8 +98,11 @@ def acc_dtype(dtype) -> np.dtype:
 
 
 def _compute_dtype(a: np.ndarray) -> np.ndarray:
-    """float16 is computed in float32 (a staging copy); float32/64 pass through untouched."""
-    return a.astype(np.float32) if a.dtype == np.float16 else a
+    """float16 is computed in float32 (a staging copy), byte-swapped data in native order (a
+    copy: numba cannot type it); native float32/64 pass through untouched."""
+    if a.dtype == np.float16:
+        return a.astype(np.float32)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def _result(y: np.ndarray, out: np.ndarray | None, dtype) -> np.ndarray:

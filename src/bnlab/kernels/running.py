@@ -8,7 +8,8 @@ Same formula, same rounding, same refusal: per channel, in float64,
     r_var  ← (1 − w)·r_var  + w·v,    v = σ²_B·f  (f = n/(n−1) in σ²_B's dtype, or v = σ²_B)
 
 each rounded to the buffer's dtype; nothing is written unless every new value is finite there.
-Buffers and statistics must be float32 or float64 (float16 buffers take the NumPy path).
+Buffers and statistics must be float32 or float64 in native byte order (others take the NumPy
+path).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def blend_running(running_mean, running_var, mean, var, w: float, count: int, un
     """Apply the update in place; returns True (written), False (refused: not finite in the
     buffers' dtype) or None (dtypes this kernel does not take: use the NumPy version)."""
     arrays = (running_mean, running_var, mean, var)
-    if any(a.dtype.type not in _FAST for a in arrays):
-        return None
+    if any(a.dtype.type not in _FAST or not a.dtype.isnative for a in arrays):
+        return None  # float16 or byte-swapped arrays: numba takes neither
     factor = var.dtype.type(count / (count - 1)) if unbiased else var.dtype.type(1.0)
     return bool(_blend_into(running_mean, running_var, mean, var, float(w), factor, unbiased))
