@@ -20,7 +20,8 @@ inputs are unaligned loads, so inputs that are not aligned like the output would
 across two lines: :func:`streams` asks for the same address modulo 64 of every array.
 
 Non-temporal stores are weakly ordered: a task ends with :func:`store_fence` (an LLVM seq_cst
-fence: ``mfence`` on x86, ``dmb`` on ARM) before another thread may read what it wrote.
+fence: on x86 a locked instruction or ``mfence``, either of which orders them; ``dmb`` on ARM)
+before another thread may read what it wrote.
 """
 
 from __future__ import annotations

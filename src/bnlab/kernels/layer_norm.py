@@ -1,11 +1,17 @@
 """Layer-norm kernels on a (M, D) view (M rows = samples, D = prod(normalized_shape)), through the
-same reduction core as batch norm: the row statistics are ``core.channel_moments`` of the view
-(1, M, D) — each row is a "channel" — so they are shifted, chunked, merged and deterministic alike.
+same reduction core as batch norm: the row statistics are those of ``core.channel_moments`` of the
+view (1, M, D) — each row is a "channel" — so they are shifted, chunked, merged and deterministic
+alike.
 
     forward   μ_r, σ²_r = moments of row r;  rstd_r = 1/sqrt(σ²_r + ε)
-              y = (x − μ_r)·rstd_r·γ_j + β_j                  2 passes: read x; read x, write y
+              y = (x − μ_r)·rstd_r·γ_j + β_j
     backward  dγ_j = Σ_r dy·x̂,  dβ_j = Σ_r dy
-              dx = rstd_r·(dy·γ − mean_j(dy·γ) − x̂·mean_j(dy·γ·x̂))   2 passes over dy and x
+              dx = rstd_r·(dy·γ − mean_j(dy·γ) − x̂·mean_j(dy·γ·x̂))
+
+Rows of 512..16384 values take one pass over memory per direction (the row is read again from
+cache for its output: ``_rows.ln_forward_rows``, ``_rows.ln_grad_sums`` with ``write_dx``); other
+rows take two (``core.channel_moments`` then the affine; the sums, then ``_rows.ln_dx``). Both
+give the same bits.
 
 Called by ``bnlab.functional.layer_norm_forward`` on the "numba" backend (see docs/kernels.md).
 """
