@@ -54,6 +54,10 @@ def test_row_helpers_equal_the_plain_expressions_bit_for_bit(dtype, n, y_off, x_
     np.testing.assert_array_equal(y, (x - mc) * ac + bc)
     _stream.backward_row_scalar(dy, x, mc, ac, bc, dc, y)
     np.testing.assert_array_equal(y, ac * dy + bc * (x - mc) + dc)
+    _stream.ln_affine_row(x, mc, ac, a, b, y)  # layer norm: (x − μ)·rstd·γ + β
+    np.testing.assert_array_equal(y, (x - mc) * ac * a + b)
+    _stream.ln_dx_row(dy, x, mc, ac, a, bc, dc, y)  # rstd·(dy·γ − ca − (x − μ)·rstd·cb)
+    np.testing.assert_array_equal(y, ac * (dy * a - bc - (x - mc) * ac * dc))
 
 
 # --------------------------------------------------------------------------- the decision
@@ -186,3 +190,45 @@ def test_unaligned_arrays_never_stream_and_give_the_plain_results(monkeypatch, s
     assert spy_streams and not any(spy_streams)
     for g, e in zip(got, _fwd_bwd(x0, dy0, "NCHW", True), strict=True):
         np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("d", "x_off"), [(64, 0), (64, 16), (48, 16), (60, 0)])
+def test_layer_norm_streaming_rows_give_the_bits_of_ordinary_stores(monkeypatch, dtype, d, x_off):
+    """The single-pass layer-norm kernels with streaming y and dx (rows of whole lines; d = 60
+    float32 rows are not, and must not stream) against ordinary stores."""
+    from bnlab.kernels import _rows
+    from bnlab.kernels import layer_norm as ln_module
+
+    monkeypatch.setattr(_chunks, "SHORT_ROW", 1)  # small rows take the single-pass kernels
+    seen = []
+    for name, flag in (("ln_forward_rows", 5), ("ln_grad_sums", 13)):
+        kernel = getattr(_rows, name)
+
+        def spy(*args, kernel=kernel, flag=flag):
+            seen.append(args[flag])
+            return kernel(*args)
+
+        monkeypatch.setattr(_rows, name, spy)
+    rng = np.random.default_rng(d)
+    x = _at_offset((2.0 + rng.standard_normal((37, d))).astype(dtype), x_off)
+    dy = _at_offset(rng.standard_normal((37, d)).astype(dtype), x_off)
+    g = rng.standard_normal(d).astype(dtype)
+    b = rng.standard_normal(d).astype(dtype)
+
+    def run():
+        y = _at_offset(np.zeros_like(x), x_off)
+        dx = _at_offset(np.zeros_like(x), x_off)
+        _, mean, rstd = ln_module.ln_forward(x, g, b, 1e-5, out=y)
+        _, dg, db = ln_module.ln_backward(dy, x, mean, rstd, g, dx=dx)
+        return [y, mean, rstd, dx, dg, db]
+
+    monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 1 << 62)
+    plain = run()
+    assert seen == [False, False]
+    seen.clear()
+    monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 0)
+    streamed = run()
+    assert seen == [d * np.dtype(dtype).itemsize % LINE == 0] * 2
+    for p, q in zip(plain, streamed, strict=True):
+        np.testing.assert_array_equal(q, p)

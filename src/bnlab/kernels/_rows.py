@@ -23,13 +23,15 @@ import numpy as np
 from numba import njit, prange
 
 from ._reduce import LANES, _shifted_sums_in
+from ._stream import ln_affine_row, ln_dx_row, store_fence
 
 
 @njit(parallel=True, cache=True)
-def ln_forward_rows(x, eps, g, b, blocks, mean, rstd, out):
+def ln_forward_rows(x, eps, g, b, blocks, stream, mean, rstd, out):
     """Single-pass forward: per row r, μ_r and rstd_r (float64, into ``mean``/``rstd``) from the
     shifted sums of the row (shift = its first value), then out = (x − μ_r)·rstd_r·γ_j + β_j in
-    x's dtype (μ_r, rstd_r rounded to it; g, b already in it)."""
+    x's dtype (μ_r, rstd_r rounded to it; g, b already in it); non-temporal stores when
+    ``stream`` (:mod:`._stream`, same bits)."""
     rows, d = x.shape
     m = np.float64(d)
     for blk in prange(blocks):
@@ -49,8 +51,13 @@ def ln_forward_rows(x, eps, g, b, blocks, mean, rstd, out):
             mc = x.dtype.type(mu)
             sc = x.dtype.type(rs)
             yr = out[r]
-            for j in range(d):
-                yr[j] = (xr[j] - mc) * sc * g[j] + b[j]
+            if stream:
+                ln_affine_row(xr, mc, sc, g, b, yr)
+            else:
+                for j in range(d):
+                    yr[j] = (xr[j] - mc) * sc * g[j] + b[j]
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, cache=True)
@@ -102,11 +109,11 @@ def _row_grad_sums(dyr, xr, m, s, g64, dg, db, acc_a, acc_b):
 
 
 @njit(parallel=True, cache=True)
-def ln_grad_sums(dy, x, mean, rstd, g64, g, blocks, row_a, row_b, p_dg, p_db, dx, write_dx):
+def ln_grad_sums(dy, x, mean, rstd, g64, g, blocks, row_a, row_b, p_dg, p_db, dx, write_dx, stream):
     """Per-row a_r, b_r (float64) and per-(block, column) partials of dγ, dβ in one read of dy
     and x (γ as float64 ``g64``). With ``write_dx`` (the single-pass backward) each row's dx
-    follows from the cached row as in :func:`ln_dx` (γ in x's dtype ``g``); otherwise
-    :func:`ln_dx` makes a second pass."""
+    follows from the cached row as in :func:`ln_dx` (γ in x's dtype ``g``; non-temporal stores
+    when ``stream``); otherwise :func:`ln_dx` makes a second pass."""
     rows, d = x.shape
     for blk in prange(blocks):
         dg = np.zeros(d)
@@ -120,7 +127,13 @@ def ln_grad_sums(dy, x, mean, rstd, g64, g, blocks, row_a, row_b, p_dg, p_db, dx
             row_b[r] = bsum
             if write_dx:
                 t = x.dtype.type
-                _row_dx(dy[r], x[r], t(m), t(s), g, t(a / d), t(bsum / d), dx[r])
+                args = (dy[r], x[r], t(m), t(s), g, t(a / d), t(bsum / d), dx[r])
+                if stream:
+                    ln_dx_row(*args)
+                else:
+                    _row_dx(*args)
+        if stream:
+            store_fence()
         for j in range(d):
             p_dg[blk, j] = dg[j]
             p_db[blk, j] = db[j]

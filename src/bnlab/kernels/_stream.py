@@ -12,6 +12,7 @@ without fused multiply-adds, so both paths give the same bits:
 
     affine      y  = (x − m)·a + b
     backward    dx = (A·dy + B·(x − μ)) + D
+    layer norm  y  = ((x − m)·s)·γ + β,   dx = s·((dy·γ − ca) − ((x − m)·s)·cb)
 
 Coefficients are per-element (C,)-like rows (channels-last) or scalars (channels-first). A row
 is written with ordinary stores up to the first 64-byte boundary of the output, then one line
@@ -147,6 +148,42 @@ def _nt_backward(typingctx, dx, dy, x, mu, ca, cb, cd, i):
 
 
 @intrinsic
+def _nt_ln_affine(typingctx, y, x, m, s, g, b, i):
+    """Layer norm's forward, y[i:i+L] = ((x − m)·s)·g + b, one non-temporal line (m, s scalars
+    of the row; g, b read at i)."""
+
+    def codegen(context, builder, sig, args):
+        tys = sig.args
+        vecty = _vector_type(context, tys[0])
+        xv, mv, sv, gv, bv = (
+            _operand(context, builder, tys[k], args[k], args[6], vecty) for k in range(1, 6)
+        )
+        value = builder.fadd(builder.fmul(builder.fmul(builder.fsub(xv, mv), sv), gv), bv)
+        _store_line(context, builder, tys[0], args[0], args[6], value)
+        return context.get_dummy_value()
+
+    return types.void(y, x, m, s, g, b, i), codegen
+
+
+@intrinsic
+def _nt_ln_dx(typingctx, dx, dy, x, m, s, g, ca, cb, i):
+    """Layer norm's dx[i:i+L] = s·((dy·g − ca) − ((x − m)·s)·cb), one non-temporal line."""
+
+    def codegen(context, builder, sig, args):
+        tys = sig.args
+        vecty = _vector_type(context, tys[0])
+        dyv, xv, mv, sv, gv, av, bv = (
+            _operand(context, builder, tys[k], args[k], args[8], vecty) for k in range(1, 8)
+        )
+        xhat_b = builder.fmul(builder.fmul(builder.fsub(xv, mv), sv), bv)
+        value = builder.fmul(sv, builder.fsub(builder.fsub(builder.fmul(dyv, gv), av), xhat_b))
+        _store_line(context, builder, tys[0], args[0], args[8], value)
+        return context.get_dummy_value()
+
+    return types.void(dx, dy, x, m, s, g, ca, cb, i), codegen
+
+
+@intrinsic
 def store_fence(typingctx):
     """Order this thread's non-temporal stores before anything it does next."""
 
@@ -223,3 +260,29 @@ def backward_row_scalar(dy, x, mu, ca, cb, cd, dx):
         _nt_backward(dx, dy, x, mu, ca, cb, cd, j)
     for j in range(e, dx.shape[0]):
         dx[j] = ca * dy[j] + cb * (x[j] - mu) + cd
+
+
+@njit(cache=True)
+def ln_affine_row(x, m, s, g, b, y):
+    """Layer norm's y = (x − m)·s·γ + β over one row (m, s scalars; g, b (n,) rows)."""
+    h = _head(y)
+    e = _body_end(y, h)
+    for j in range(h):
+        y[j] = (x[j] - m) * s * g[j] + b[j]
+    for j in range(h, e, LINE // y.itemsize):
+        _nt_ln_affine(y, x, m, s, g, b, j)
+    for j in range(e, y.shape[0]):
+        y[j] = (x[j] - m) * s * g[j] + b[j]
+
+
+@njit(cache=True)
+def ln_dx_row(dy, x, m, s, g, ca, cb, dx):
+    """Layer norm's dx = s·(dy·γ − ca − (x − m)·s·cb) over one row (m, s, ca, cb scalars)."""
+    h = _head(dx)
+    e = _body_end(dx, h)
+    for j in range(h):
+        dx[j] = s * (dy[j] * g[j] - ca - (x[j] - m) * s * cb)
+    for j in range(h, e, LINE // dx.itemsize):
+        _nt_ln_dx(dx, dy, x, m, s, g, ca, cb, j)
+    for j in range(e, dx.shape[0]):
+        dx[j] = s * (dy[j] * g[j] - ca - (x[j] - m) * s * cb)

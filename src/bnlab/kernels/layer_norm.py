@@ -22,7 +22,7 @@ import numpy as np
 
 from bnlab.errors import ShapeError
 
-from . import _chunks, _reduce, _rows, core
+from . import _chunks, _reduce, _rows, _stream, core
 from .batch_norm import (
     _check_array,
     _check_eps,
@@ -57,8 +57,9 @@ def ln_forward(x2, weight, bias, eps, out=None):
     blocks = _chunks.row_blocks(rows, d)
     if _single_pass(d):
         mean, rstd = np.empty(rows), np.empty(rows)
+        stream, (gw, bw) = _streaming(buf, [xw], [g.astype(dt), b.astype(dt)])
         with core.threads_for(x.size):
-            _rows.ln_forward_rows(xw, eps, g.astype(dt), b.astype(dt), blocks, mean, rstd, buf)
+            _rows.ln_forward_rows(xw, eps, gw, bw, blocks, stream, mean, rstd, buf)
     else:
         mean, var = core.channel_moments(xw.reshape(1, rows, d), False)
         rstd = 1.0 / np.sqrt(var + eps)
@@ -68,6 +69,14 @@ def ln_forward(x2, weight, bias, eps, out=None):
             )
     acc = acc_dtype(x.dtype)
     return _result(buf, out, x.dtype), mean.astype(acc), rstd.astype(acc)
+
+
+def _streaming(out, inputs, rows):
+    """(stream?, the (D,) coefficient rows) for a single-pass kernel writing ``out``: streaming
+    stores when :func:`._stream.streams_rows` allows, with the rows aligned like out's."""
+    if not _stream.streams_rows(out, *inputs):
+        return False, rows
+    return True, [_stream.aligned_like(v, out) for v in rows]
 
 
 def _single_pass(d: int) -> bool:
@@ -96,9 +105,11 @@ def ln_backward(dy2, x2, mean, rstd, weight, dx=None):
     p_dg, p_db = np.empty((blocks, d)), np.empty((blocks, d))
     dt = xw.dtype
     single = _single_pass(d)
+    g_dt = g.astype(dt)
+    stream, (gw,) = _streaming(buf, [dyw, xw], [g_dt]) if single else (False, [g_dt])
     with core.threads_for((2 if single else 3) * x.size):
         _rows.ln_grad_sums(
-            dyw, xw, mu, rs, g, g.astype(dt), blocks, row_a, row_b, p_dg, p_db, buf, single
+            dyw, xw, mu, rs, g, gw, blocks, row_a, row_b, p_dg, p_db, buf, single, stream
         )
         if not single:
             _rows.ln_dx(
