@@ -124,6 +124,16 @@ def _check_bytes(value, name: str) -> int:
 CACHE = BufferCache()
 
 
+def output_like(a: np.ndarray) -> np.ndarray:
+    """An uninitialised array of a's shape and dtype for a numba kernel's result, from
+    :data:`CACHE`; one big enough for the kernels' streaming stores starts at a's offset within
+    a cache line (:mod:`bnlab.kernels._stream`; looking up a's address costs ~30 µs in a cold
+    cache, so smaller ones do not)."""
+    from bnlab.kernels._stream import STREAM_MIN_BYTES  # the numba backend's own threshold
+
+    return CACHE.empty(a.shape, a.dtype, like=a if a.nbytes >= STREAM_MIN_BYTES else None)
+
+
 def set_buffer_cache_limit(limit: int) -> None:
     """How many bytes of freed fast-path outputs bnlab.torch keeps for reuse (0: none)."""
     CACHE.set_limit(limit)

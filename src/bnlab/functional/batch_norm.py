@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnlab.backend import resolve_backend
-from bnlab.buffers import CACHE
+from bnlab.buffers import output_like
 from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
@@ -163,12 +163,8 @@ def _eval_forward(x, lay, scale, shift, backend, out):
 def _output_like(x: np.ndarray) -> np.ndarray:
     """A new C-contiguous array for a kernel's result, from :mod:`bnlab.buffers` (the memory of a
     large result that nobody holds any more is handed out again: no page faults, often still in
-    cache; small ones come from NumPy's allocator); one big enough for the kernels' streaming
-    stores starts at x's offset within a cache line (:mod:`bnlab.kernels._stream`)."""
-    from bnlab.kernels._stream import STREAM_MIN_BYTES
-
-    like = x if x.nbytes >= STREAM_MIN_BYTES else None
-    return CACHE.empty(x.shape, x.dtype, like=like)
+    cache; small ones come from NumPy's allocator), aligned for streaming stores when big."""
+    return output_like(x)
 
 
 def _kernel_out(out, lay):

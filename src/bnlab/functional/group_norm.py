@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnlab.backend import resolve_backend
-from bnlab.buffers import CACHE
+from bnlab.buffers import output_like
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
 from bnlab.functional._layout import accumulation_dtype, check_input
@@ -91,7 +91,7 @@ def _group_norm_kernel(x, groups, gamma, beta, eps, acc):
     x3 = np.ascontiguousarray(x).reshape(n, c, -1)
     g = None if gamma is None else gamma.astype(acc, copy=False)
     b = None if beta is None else beta.astype(acc, copy=False)
-    out = CACHE.empty(x3.shape, x3.dtype)  # reused memory, as batch norm's outputs
+    out = output_like(x3)  # reused memory, as batch norm's outputs
     y3, mean, rstd = kernels.gn_forward(x3, groups, g, b, eps, out=out)
     cache = NormKernelCache("group_norm", x3, mean, rstd, g, groups, (c,), x.shape, x.dtype)
     return y3.reshape(x.shape), cache

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnlab.backend import resolve_backend
-from bnlab.buffers import CACHE
+from bnlab.buffers import output_like
 from bnlab.errors import ShapeError
 from bnlab.functional import _validate as v
 from bnlab.functional._layout import accumulation_dtype, check_float_array
@@ -103,7 +103,7 @@ def _kernel_backward(dout, cache: NormKernelCache):
     from bnlab import kernels
 
     d = np.ascontiguousarray(dout).reshape(cache.x.shape)
-    dx = CACHE.empty(cache.x.shape, cache.x.dtype)  # reused memory, as batch norm's outputs
+    dx = output_like(cache.x)  # reused memory, as batch norm's outputs
     if cache.kind == "layer_norm":
         dx, dgamma, dbeta = kernels.ln_backward(
             d, cache.x, cache.mean, cache.rstd, cache.gamma, dx=dx
@@ -184,7 +184,7 @@ def _layer_norm_kernel(x, shape, g, b, eps):
     x2 = np.ascontiguousarray(x).reshape(-1, d)
     flat_g = None if g is None else g.reshape(d)
     flat_b = None if b is None else b.reshape(d)
-    out = CACHE.empty(x2.shape, x2.dtype)  # reused memory, as batch norm's outputs
+    out = output_like(x2)  # reused memory, as batch norm's outputs
     y2, mean, rstd = kernels.ln_forward(x2, flat_g, flat_b, eps, out=out)
     cache = NormKernelCache("layer_norm", x2, mean, rstd, flat_g, None, shape, x.shape, x.dtype)
     return y2.reshape(x.shape), cache
