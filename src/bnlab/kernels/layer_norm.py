@@ -113,7 +113,7 @@ def ln_backward(dy2, x2, mean, rstd, weight, dx=None):
         )
         if not single:
             _rows.ln_dx(
-                dyw, xw, mu.astype(dt), rs.astype(dt), g.astype(dt),
+                dyw, xw, mu.astype(dt), rs.astype(dt), g_dt,
                 (row_a / d).astype(dt), (row_b / d).astype(dt), blocks, buf,
             )  # fmt: skip
     dgamma, dbeta = np.empty(d), np.empty(d)
