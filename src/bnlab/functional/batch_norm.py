@@ -136,7 +136,7 @@ def _train_forward(x, lay, g, b, eps, backend, out):
         return _into(out, y, x.dtype), mean, var, xhat
     from bnlab import kernels
 
-    out = _output_like(x) if out is None else out
+    out = output_like(x) if out is None else out
     out3 = _kernel_out(out, lay)
     y3, mean, var = kernels.bn_train_forward(
         _canonical_3d(x, lay), g, b, eps, _is_channel_last_3d(lay), out=out3
@@ -152,19 +152,12 @@ def _eval_forward(x, lay, scale, shift, backend, out):
         return _into(out, y, x.dtype)
     from bnlab import kernels
 
-    out = _output_like(x) if out is None else out
+    out = output_like(x) if out is None else out
     out3 = _kernel_out(out, lay)
     y3 = kernels.bn_eval_forward(
         _canonical_3d(x, lay), scale, shift, _is_channel_last_3d(lay), out=out3
     )
     return _deliver(y3, out3, out, x.shape)
-
-
-def _output_like(x: np.ndarray) -> np.ndarray:
-    """A new C-contiguous array for a kernel's result, from :mod:`bnlab.buffers` (the memory of a
-    large result that nobody holds any more is handed out again: no page faults, often still in
-    cache; small ones come from NumPy's allocator), aligned for streaming stores when big."""
-    return output_like(x)
 
 
 def _kernel_out(out, lay):
@@ -348,7 +341,7 @@ def _kernel_backward(dout, cache: BatchNormCache, out):
     lay = cache.layout
     cl = _is_channel_last_3d(lay)
     x3, d3 = _canonical_3d(cache.x, lay), _canonical_3d(dout, lay)
-    out = _output_like(cache.x) if out is None else out
+    out = output_like(cache.x) if out is None else out
     out3 = _kernel_out(out, lay)
     fn = kernels.bn_backward if cache.training else kernels.bn_eval_backward
     dx3, dgamma, dbeta = fn(d3, x3, cache.mean, cache.rstd, cache.gamma, cl, dx=out3)
