@@ -264,6 +264,26 @@ def _column_grad_sums(dy, x, mu, r0, r1, c0, c1):
     return acc1, acc2
 
 
+@njit(cache=True)
+def _whole_row_grad_sums(dy, x, mu, r0, r1):
+    """:func:`_column_grad_sums` over whole rows [r0, r1) of (R, W) arrays, one row per
+    accumulator update. On contiguous rows two input streams ran at the speed of a plain read of
+    dy and x, where four rows per update (eight load streams) did not: NHWC (64,56,56,64) viewed
+    as rows of 1024 lanes, 2 threads: 2.26 ms against 2.97 ms with four rows (the tile kernels
+    are the other way round: on column tiles of long rows four rows per update are faster)."""
+    w = x.shape[1]
+    acc1 = np.zeros(w)
+    acc2 = np.zeros(w)
+    for r in range(r0, r1):
+        dyr = dy[r]
+        xr = x[r]
+        for j in range(w):
+            g = np.float64(dyr[j])
+            acc1[j] += g
+            acc2[j] += g * (np.float64(xr[j]) - mu[j])
+    return acc1, acc2
+
+
 @njit(parallel=True, cache=True)
 def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
     """Partial (count, mean, M2) per (row block, channel) of x (R, C), one task per (block,
@@ -399,7 +419,7 @@ def grad_sums_wide(dy, x, mean, k, blocks, p_dy, p_dyxmu):
     for b in prange(blocks):
         r0 = b * rows // blocks
         r1 = (b + 1) * rows // blocks
-        acc1, acc2 = _column_grad_sums(dy, x, mean, r0, r1, 0, w)
+        acc1, acc2 = _whole_row_grad_sums(dy, x, mean, r0, r1)
         for ch in range(c):
             s1, s2 = 0.0, 0.0
             for lane in range(k):
