@@ -129,9 +129,14 @@ def output_like(a: np.ndarray) -> np.ndarray:
     :data:`CACHE`; one big enough for the kernels' streaming stores starts at a's offset within
     a cache line (:mod:`bnlab.kernels._stream`; looking up a's address costs ~30 µs in a cold
     cache, so smaller ones do not)."""
-    from bnlab.kernels._stream import STREAM_MIN_BYTES  # the numba backend's own threshold
+    global _stream
+    if _stream is None:  # imported on first use: bnlab.buffers itself must not import numba
+        from bnlab.kernels import _stream
+    big = a.nbytes >= _stream.STREAM_MIN_BYTES  # the numba backend's own threshold
+    return CACHE.empty(a.shape, a.dtype, like=a if big else None)
 
-    return CACHE.empty(a.shape, a.dtype, like=a if a.nbytes >= STREAM_MIN_BYTES else None)
+
+_stream = None  # bnlab.kernels._stream once output_like has run
 
 
 def set_buffer_cache_limit(limit: int) -> None:

@@ -85,6 +85,7 @@ BN_CASES = {
     "out of the wrong dtype": (
         {"out": np.zeros((4, 3, 2, 5), np.float32)}, ShapeError, r"out must be an ndarray"
     ),
+    "read-only out": ({"_readonly_out": True}, ValueError, r"out must be writable"),
 }  # fmt: skip
 
 
@@ -95,6 +96,9 @@ def test_batch_norm_bad_input(rng, case, backend):
     kw.update({k: v for k, v in changes.items() if not k.startswith("_")})
     if changes.get("_readonly"):
         kw["running_mean"].flags.writeable = False
+    if changes.get("_readonly_out"):
+        kw["out"] = np.zeros_like(kw["x"])
+        kw["out"].flags.writeable = False
     buffers = {k: kw[k] for k in ("running_mean", "running_var", "num_batches_tracked")}
     before = {k: np.copy(v) for k, v in buffers.items() if isinstance(v, np.ndarray)}
     x = kw.pop("x")
@@ -134,6 +138,21 @@ def test_backward_checks_dout(rng):
         F.batch_norm_backward_graph(np.ones((4, 3), np.int64), cache)
     with pytest.raises(TypeError, match=r"cache must be the BatchNormCache"):
         F.batch_norm_backward(np.ones((4, 3)), {"x": 1})
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_refuses_a_read_only_out(rng, backend, training):
+    """The kernels write dx straight into ``out``: a read-only one is an error naming it (the
+    numba backend would otherwise fail to compile a write into it)."""
+    x = rng.standard_normal((4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    _, cache = F.batch_norm_forward(x, None, None, training=training, running_mean=rm,
+                                    running_var=rv, layout="NC", backend=backend)  # fmt: skip
+    out = np.zeros_like(x)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out must be writable"):
+        F.batch_norm_backward(rng.standard_normal((4, 3)), cache, out=out)
+    np.testing.assert_array_equal(out, 0)
 
 
 def test_torch_style_wrapper_validates_too(rng):

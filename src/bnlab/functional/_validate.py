@@ -81,4 +81,6 @@ def check_out(out, like: np.ndarray, name: str = "out") -> np.ndarray | None:
         raise ShapeError(
             f"{name} must be an ndarray of shape {like.shape} and dtype {like.dtype}, got {got}"
         )
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable: the result is written into it")
     return out

@@ -134,13 +134,13 @@ def _train_forward(x, lay, g, b, eps, backend, out):
     if backend == "numpy":
         y, mean, var, xhat = _reference_train(x, lay, g, b, eps)
         return _into(out, y, x.dtype), mean, var, xhat
-    from bnlab import kernels
+    from bnlab.kernels.batch_norm import bn_train_forward_unchecked
 
     out = output_like(x) if out is None else out
     out3 = _kernel_out(out, lay)
-    y3, mean, var = kernels.bn_train_forward(
-        _canonical_3d(x, lay), g, b, eps, _is_channel_last_3d(lay), out=out3
-    )
+    g64, b64 = g.astype(np.float64), b.astype(np.float64)
+    x3, cl = _canonical_3d(x, lay), _is_channel_last_3d(lay)
+    y3, mean, var = bn_train_forward_unchecked(x3, g64, b64, eps, cl, out3)
     return _deliver(y3, out3, out, x.shape), mean, var, None
 
 
@@ -150,14 +150,13 @@ def _eval_forward(x, lay, scale, shift, backend, out):
         acc = scale.dtype
         y = x.astype(acc, copy=False) * lay.per_channel(scale) + lay.per_channel(shift)
         return _into(out, y, x.dtype)
-    from bnlab import kernels
+    from bnlab.kernels.batch_norm import bn_eval_forward_unchecked
 
     out = output_like(x) if out is None else out
     out3 = _kernel_out(out, lay)
-    y3 = kernels.bn_eval_forward(
-        _canonical_3d(x, lay), scale, shift, _is_channel_last_3d(lay), out=out3
-    )
-    return _deliver(y3, out3, out, x.shape)
+    a64, b64 = scale.astype(np.float64), shift.astype(np.float64)
+    x3, cl = _canonical_3d(x, lay), _is_channel_last_3d(lay)
+    return _deliver(bn_eval_forward_unchecked(x3, a64, b64, cl, out3), out3, out, x.shape)
 
 
 def _kernel_out(out, lay):
@@ -336,15 +335,16 @@ def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache, *, out: np.ndar
 
 
 def _kernel_backward(dout, cache: BatchNormCache, out):
-    from bnlab import kernels
+    from bnlab.kernels import batch_norm as kb
 
     lay = cache.layout
     cl = _is_channel_last_3d(lay)
     x3, d3 = _canonical_3d(cache.x, lay), _canonical_3d(dout, lay)
     out = output_like(cache.x) if out is None else out
     out3 = _kernel_out(out, lay)
-    fn = kernels.bn_backward if cache.training else kernels.bn_eval_backward
-    dx3, dgamma, dbeta = fn(d3, x3, cache.mean, cache.rstd, cache.gamma, cl, dx=out3)
+    vectors = [v.astype(np.float64) for v in (cache.mean, cache.rstd, cache.gamma)]
+    fn = kb.bn_backward_unchecked if cache.training else kb.bn_eval_backward_unchecked
+    dx3, dgamma, dbeta = fn(d3, x3, *vectors, cl, out3)
     return _deliver(dx3, out3, out, cache.x.shape), dgamma, dbeta
 
 

@@ -15,7 +15,7 @@ These drivers trust their inputs (shapes, contiguity, dtypes); :mod:`.batch_norm
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import numba
 import numpy as np
@@ -27,18 +27,24 @@ from . import _chunks, _elementwise, _fused, _reduce, _stream
 PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
 
 
-@contextmanager
+class _OneThread:
+    """Runs the enclosed kernel launches on one numba thread, then restores the count."""
+
+    def __enter__(self):
+        self.previous = numba.get_num_threads()
+        numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.previous)
+
+
+_ALL_THREADS = nullcontext()
+
+
 def threads_for(values: int):
-    """Run the enclosed kernel launches on one thread when the pass is small."""
-    if values >= PARALLEL_MIN_VALUES:
-        yield
-        return
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+    """A context in which the enclosed kernel launches run: on one thread when the pass is small
+    (a plain class and a shared no-op context, not a generator: this is on every call's path)."""
+    return _ALL_THREADS if values >= PARALLEL_MIN_VALUES else _OneThread()
 
 
 def kernel_view(a: np.ndarray, channels_last: bool) -> tuple[np.ndarray, bool]:

@@ -46,8 +46,8 @@ _FAST = (np.float32, np.float64)
 def blend_running(running_mean, running_var, mean, var, w: float, count: int, unbiased: bool):
     """Apply the update in place; returns True (written), False (refused: not finite in the
     buffers' dtype) or None (dtypes this kernel does not take: use the NumPy version)."""
-    arrays = (running_mean, running_var, mean, var)
-    if any(a.dtype.type not in _FAST or not a.dtype.isnative for a in arrays):
-        return None  # float16 or byte-swapped arrays: numba takes neither
+    for a in (running_mean, running_var, mean, var):
+        if a.dtype.type not in _FAST or not a.dtype.isnative:
+            return None  # float16 or byte-swapped arrays: numba takes neither
     factor = var.dtype.type(count / (count - 1)) if unbiased else var.dtype.type(1.0)
     return bool(_blend_into(running_mean, running_var, mean, var, float(w), factor, unbiased))
