@@ -12,6 +12,7 @@ Timing rules (the machine is shared and noisy):
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -175,6 +176,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def result_name(name: str) -> str:
+    """An argparse type for ``--name``: a plain file name for ``benchmarks/results/NAME.json``,
+    checked before the benchmark runs (not after minutes of timing, when the write would fail)."""
+    stem = name[:-5] if name.endswith(".json") else name
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise argparse.ArgumentTypeError(
+            f"must be a plain file name (written to benchmarks/results/NAME.json), got {name!r}"
+        )
+    return stem
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS_DIR) -> Path:

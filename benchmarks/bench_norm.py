@@ -46,6 +46,7 @@ from _bench_common import (  # noqa: E402
     malloc_env,
     parallel_copy,
     peak_extra_bytes,
+    result_name,
     time_interleaved,
     write_json,
 )
@@ -388,7 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=15, help="interleaved rounds per measurement")
     p.add_argument("--numpy-repeat", type=int, default=3, help="rounds for the slow reference")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and numba threads")
-    p.add_argument("--name", default=None, help="JSON file name in benchmarks/results/")
+    p.add_argument(
+        "--name", default=None, type=result_name, help="JSON file name in benchmarks/results/"
+    )
     args = p.parse_args(argv)
 
     import numba
