@@ -182,7 +182,8 @@ def result_name(name: str) -> str:
     """An argparse type for ``--name``: a plain file name for ``benchmarks/results/NAME.json``,
     checked before the benchmark runs (not after minutes of timing, when the write would fail)."""
     stem = name[:-5] if name.endswith(".json") else name
-    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+    bad = any(ch in stem for ch in "/\\\0") or stem.startswith(".") or len(stem) > 200
+    if not stem or bad:
         raise argparse.ArgumentTypeError(
             f"must be a plain file name (written to benchmarks/results/NAME.json), got {name!r}"
         )

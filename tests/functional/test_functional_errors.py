@@ -263,3 +263,31 @@ def test_float16_buffers_never_overflow_to_inf(policy):
     np.testing.assert_array_equal(rv, before[1])
     assert int(counter) == 3
     assert np.isfinite(rv).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "training"),
+    [
+        ((0, 3, 2, 5), "NCHW", False),  # empty batch, inference
+        ((0, 2, 5, 3), "NHWC", False),
+        ((4, 3, 0, 5), "NCHW", False),  # empty feature map
+        ((4, 0, 2, 5), "NCHW", True),  # no channels: nothing to normalize, even when training
+        ((4, 2, 5, 0), "NHWC", True),
+        ((4, 0), "NC", True),
+    ],
+)
+def test_batch_norm_of_an_empty_tensor_is_the_same_on_both_backends(shape, layout, training):
+    """An empty tensor has nothing to compute: the numba backend hands it to the reference (the
+    kernels take non-empty arrays; it used to fail reshaping (0, C, -1))."""
+    x = np.zeros(shape, np.float32)
+    c = shape[1] if layout == "NCHW" or layout == "NC" else shape[-1]
+    results = []
+    for be in ("numba", "numpy"):
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        y, cache = F.batch_norm_forward(x, None, None, training=training, running_mean=rm,
+                                        running_var=rv, layout=layout, backend=be)  # fmt: skip
+        results.append((y, *F.batch_norm_backward(np.zeros_like(x), cache)))
+    for ours, ref in zip(*results, strict=True):
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        np.testing.assert_array_equal(ours, ref)
+    assert results[0][0].shape == shape

@@ -229,6 +229,8 @@ def batch_norm_forward(
     eps = v.check_eps(eps)
     v.check_policy(on_nonfinite)
     backend = resolve_backend(backend)
+    if x.size == 0:
+        backend = "numpy"  # nothing to compute, and the kernels take non-empty arrays only
     c = x.shape[lay.channel_axis]
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
