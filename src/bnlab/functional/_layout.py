@@ -14,6 +14,7 @@ NHWC   4     3            (0, 1, 2)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -31,16 +32,17 @@ class Layout:
         """``"(N, C, H, W)"`` for NCHW: the expected shape spelled out for error messages."""
         return "(" + ", ".join(self.name) + ")"
 
-    @property
+    # Cached: these are read on every call of every norm (a layout is one of five constants).
+    @cached_property
     def channels_last(self) -> bool:
         return self.channel_axis == self.ndim - 1 and self.ndim > 2
 
-    @property
+    @cached_property
     def reduce_axes(self) -> tuple[int, ...]:
         """Every axis but the channel axis: what batch norm averages over."""
         return tuple(a for a in range(self.ndim) if a != self.channel_axis)
 
-    @property
+    @cached_property
     def spatial_axes(self) -> tuple[int, ...]:
         return tuple(a for a in self.reduce_axes if a != 0)
 

@@ -337,7 +337,7 @@ def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache, *, out: np.ndar
 
 
 def _kernel_backward(dout, cache: BatchNormCache, out):
-    from bnlab.kernels import batch_norm as kb
+    from bnlab.kernels.batch_norm import bn_backward_unchecked, bn_eval_backward_unchecked
 
     lay = cache.layout
     cl = _is_channel_last_3d(lay)
@@ -345,7 +345,7 @@ def _kernel_backward(dout, cache: BatchNormCache, out):
     out = output_like(cache.x) if out is None else out
     out3 = _kernel_out(out, lay)
     vectors = [v.astype(np.float64) for v in (cache.mean, cache.rstd, cache.gamma)]
-    fn = kb.bn_backward_unchecked if cache.training else kb.bn_eval_backward_unchecked
+    fn = bn_backward_unchecked if cache.training else bn_eval_backward_unchecked
     dx3, dgamma, dbeta = fn(d3, x3, *vectors, cl, out3)
     return _deliver(dx3, out3, out, cache.x.shape), dgamma, dbeta
 
