@@ -126,22 +126,24 @@ def _reference_train(x, lay, g, b, eps):
     rstd = inverse_std(var, eps)
     xhat = standardize(x, mean, rstd)
     y = xhat * lay.per_channel(g) + lay.per_channel(b)
-    return y, mean.ravel(), var.ravel(), xhat
+    return y, mean.ravel(), var.ravel(), rstd.ravel(), xhat
 
 
 def _train_forward(x, lay, g, b, eps, backend, out):
-    """Returns (y, mean, var, xhat-or-None)."""
+    """Returns (y, mean, var, rstd, finite, xhat-or-None): the batch statistics in the
+    accumulation dtype, rstd = 1/√(var + ε), finite = whether mean and var are all finite."""
     if backend == "numpy":
-        y, mean, var, xhat = _reference_train(x, lay, g, b, eps)
-        return _into(out, y, x.dtype), mean, var, xhat
+        y, mean, var, rstd, xhat = _reference_train(x, lay, g, b, eps)
+        finite = batch_is_finite(mean, var)
+        return _into(out, y, x.dtype), mean, var, rstd, finite, xhat
     from bnlab.kernels.batch_norm import bn_train_forward_unchecked
 
     out = output_like(x) if out is None else out
     out3 = _kernel_out(out, lay)
     g64, b64 = g.astype(np.float64), b.astype(np.float64)
     x3, cl = _canonical_3d(x, lay), _is_channel_last_3d(lay)
-    y3, mean, var = bn_train_forward_unchecked(x3, g64, b64, eps, cl, out3)
-    return _deliver(y3, out3, out, x.shape), mean, var, None
+    y3, mean, var, rstd, finite = bn_train_forward_unchecked(x3, g64, b64, eps, cl, out3)
+    return _deliver(y3, out3, out, x.shape), mean, var, rstd, finite, None
 
 
 def _eval_forward(x, lay, scale, shift, backend, out):
@@ -253,8 +255,8 @@ def batch_norm_forward(
     count = check_training_batch(x, lay)
     tracking = running_mean is not None
     check_cumulative_counter(momentum, num_batches_tracked, tracking)
-    y, mean, var, xhat = _train_forward(x, lay, g, b, eps, backend, out)
-    if not batch_is_finite(mean, var):
+    y, mean, var, rstd, finite, xhat = _train_forward(x, lay, g, b, eps, backend, out)
+    if not finite:
         report_nonfinite(on_nonfinite)
     elif tracking:
         update_running_stats(
@@ -269,7 +271,6 @@ def batch_norm_forward(
             on_nonfinite,
             blend=_compiled_blend(backend),
         )
-    rstd = inverse_std(var, eps)
     return y, BatchNormCache(backend, lay, True, x, mean, var, rstd, g, eps, xhat)
 
 

@@ -346,6 +346,29 @@ def merge_moments(p_cnt, p_mean, p_m2, mean, var):
         var[ch] = v
 
 
+@njit(cache=True)
+def finish_statistics(mean64, var64, eps, mean, var, rstd):
+    """The per-channel bookkeeping after the statistics, in one compiled loop: mean, var (C,) ←
+    the float64 statistics rounded to their dtype (the accumulation dtype), rstd ← 1/√(var + ε)
+    computed in that dtype (the arithmetic of :func:`bnlab.functional.stats.inverse_std`).
+    Returns whether every rounded mean and variance is finite. (As NumPy calls — two casts, two
+    finiteness tests, three ufuncs for rstd — this took ~60 µs per call in a cold cache at
+    C = 4096.)"""
+    t = rstd.dtype.type
+    e = t(eps)
+    one = t(1.0)
+    finite = True
+    for i in range(mean64.shape[0]):
+        m = t(mean64[i])
+        v = t(var64[i])
+        mean[i] = m
+        var[i] = v
+        rstd[i] = one / np.sqrt(v + e)
+        if not (np.isfinite(m) and np.isfinite(v)):
+            finite = False
+    return finite
+
+
 # --------------------------------------------------------------------------- gradient sums
 
 
