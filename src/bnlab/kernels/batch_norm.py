@@ -115,6 +115,12 @@ def _result(y: np.ndarray, out: np.ndarray | None, dtype) -> np.ndarray:
     return out
 
 
+def _kernel_buffer(x: np.ndarray, xw: np.ndarray, out) -> np.ndarray:
+    """The array the kernel writes: the caller's (checked) ``out`` unless x is staged through
+    another dtype (then a new one, whose result :func:`_result` delivers into ``out``)."""
+    return out if out is not None and xw is x else np.empty_like(xw)
+
+
 def _work_out(x: np.ndarray, xw: np.ndarray, out, name: str = "out") -> np.ndarray | None:
     """The buffer the kernel writes: the caller's ``out`` unless x is staged through float32."""
     if out is None:
@@ -148,7 +154,7 @@ def bn_train_forward_unchecked(x, g, b, eps: float, channels_last: bool, out=Non
     Returns (y3, mean, var, rstd, finite): the statistics in the accumulation dtype, rstd =
     1/√(var + ε) computed in that dtype, finite = whether mean and var are all finite."""
     xw = _compute_dtype(x)
-    buf = out if out is not None and xw is x else np.empty_like(xw)
+    buf = _kernel_buffer(x, xw, out)
     tiles = core.fused_tiles(xw, channels_last)
     if tiles:
         mean, var = core.fused_train_forward(xw, g, b, eps, channels_last, tiles, buf)
@@ -182,7 +188,7 @@ def bn_eval_forward_unchecked(x, a, b, channels_last: bool, out=None):
     """:func:`bn_eval_forward` for a caller that has checked the arguments (as for
     :func:`bn_train_forward_unchecked`; a, b (C,) float64)."""
     xw = _compute_dtype(x)
-    buf = out if out is not None and xw is x else np.empty_like(xw)
+    buf = _kernel_buffer(x, xw, out)
     core.affine(xw, np.zeros(a.shape[0]), a, b, channels_last, buf)
     return _result(buf, out, x.dtype)
 
@@ -217,7 +223,7 @@ def _staged(dy, x, dx):
     """(dy, x) in the compute dtype (dy cast to x's), the buffer the kernel writes, x's dtype."""
     xw = _compute_dtype(x)
     dyw = dy if dy.dtype == xw.dtype else dy.astype(xw.dtype)
-    buf = dx if dx is not None and xw is x else np.empty_like(xw)
+    buf = _kernel_buffer(x, xw, dx)
     return dyw, xw, buf, x.dtype
 
 
