@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bnlab.buffers import CACHE
 from bnlab.functional import batch_norm_backward, batch_norm_forward
-from bnlab.kernels import _chunks, _elementwise, _fused, _stream, core
+from bnlab.kernels import _chunks, _elementwise, _fused, _lanes, _stream, core
 
 LINE = _stream.LINE
 
@@ -103,6 +103,19 @@ def spy_streams(monkeypatch):
         wrap(_elementwise, name, i)
     wrap(_fused, "train_forward_cf", 4)
     wrap(_fused, "backward_cf", 5)
+    for name, i in (("affine", 4), ("backward", 5)):  # the register-coefficient kernels
+        pick = getattr(_lanes, name)
+
+        def spying_pick(width, pick=pick, i=i):
+            kernel = pick(width)
+
+            def spy(*args):
+                seen.append(args[i])
+                return kernel(*args)
+
+            return spy
+
+        monkeypatch.setattr(_lanes, name, spying_pick)
     return seen
 
 
@@ -123,8 +136,10 @@ def _fwd_bwd(x, dy, layout, training, out_off=None):
 CASES = [  # (shape, layout, fused single-launch?) — each big enough for several tasks
     ((3, 5, 6, 31), "NCHW", False),  # channels-first rows, 4-byte-odd length
     ((3, 5, 6, 31), "NCHW", True),  # per-channel single launch
-    ((4, 5, 7, 16), "NHWC", False),  # widened rows of whole lines
-    ((4, 5, 7, 12), "NHWC", False),  # widened rows of 4080 bytes: no streaming, same path
+    ((4, 5, 7, 16), "NHWC", False),  # register coefficients, 64 lanes (_lanes)
+    ((4, 5, 7, 12), "NHWC", False),  # register coefficients, 192 lanes
+    ((2, 3, 5, 80), "NHWC", False),  # no register width: widened rows of whole lines
+    ((4, 5, 7, 10), "NHWC", False),  # widened rows of 240 bytes: no streaming, same path
     ((40, 64), "NC", False),
 ]
 
@@ -151,7 +166,8 @@ def test_streaming_kernels_give_the_bits_of_ordinary_stores(
     spy_streams.clear()
     streamed = _fwd_bwd(x, dy, layout, training)
     row_bytes = 64 // shape[-1] * shape[-1] * np.dtype(dtype).itemsize  # a widened NHWC row
-    expect_stream = layout != "NHWC" or row_bytes % LINE == 0
+    in_registers = _lanes.register_width(shape[-1]) > 0  # streams from any common offset
+    expect_stream = layout != "NHWC" or in_registers or row_bytes % LINE == 0
     assert spy_streams and all(spy_streams) == expect_stream
     spy_streams.clear()
     misaligned = _fwd_bwd(x, dy, layout, training, out_off=x_off + 8)  # out= not like x

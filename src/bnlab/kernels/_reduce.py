@@ -284,6 +284,37 @@ def _whole_row_grad_sums(dy, x, mu, r0, r1):
     return acc1, acc2
 
 
+@njit(cache=True)
+def fold_lane_moments(shift, acc1, acc2, m, k, b, p_cnt, p_mean, p_m2):
+    """Row b of the (blocks, C) moment partials from one block's (W,) lane sums of a widened view
+    (W = k·C, lane l·C + ch is channel ch): each lane's (m, shift + s1/m, s2 − s1²/m) summary,
+    merged per channel in lane order."""
+    c = acc1.shape[0] // k
+    for ch in range(c):
+        cnt, mu, m2 = 0.0, 0.0, 0.0
+        for lane in range(k):
+            j = lane * c + ch
+            s1 = acc1[j]
+            cnt, mu, m2 = _merge(cnt, mu, m2, m, shift[j] + s1 / m, acc2[j] - s1 * s1 / m)
+        p_cnt[b, ch] = cnt
+        p_mean[b, ch] = mu
+        p_m2[b, ch] = m2
+
+
+@njit(cache=True)
+def fold_lane_sums(acc1, acc2, k, b, p_1, p_2):
+    """Row b of two (blocks, C) sum partials from one block's (W,) lane sums of a widened view,
+    added per channel in lane order."""
+    c = acc1.shape[0] // k
+    for ch in range(c):
+        s1, s2 = 0.0, 0.0
+        for lane in range(k):
+            s1 += acc1[lane * c + ch]
+            s2 += acc2[lane * c + ch]
+        p_1[b, ch] = s1
+        p_2[b, ch] = s2
+
+
 @njit(parallel=True, cache=True)
 def moments_cl(x, blocks, tiles, p_cnt, p_mean, p_m2):
     """Partial (count, mean, M2) per (row block, channel) of x (R, C), one task per (block,
@@ -311,21 +342,11 @@ def moments_wide(x, k, blocks, p_cnt, p_mean, p_m2):
     lane partials of each channel are merged in lane order before they are written, so the
     partials are (blocks, C), not (blocks, k·C) — k times less merging afterwards."""
     rows, w = x.shape
-    c = w // k
     for b in prange(blocks):
         r0 = b * rows // blocks
         r1 = (b + 1) * rows // blocks
         shift, acc1, acc2 = _column_shifted_sums(x, r0, r1, 0, w)
-        m = np.float64(r1 - r0)
-        for ch in range(c):
-            cnt, mu, m2 = 0.0, 0.0, 0.0
-            for lane in range(k):
-                j = lane * c + ch
-                s1 = acc1[j]
-                cnt, mu, m2 = _merge(cnt, mu, m2, m, shift[j] + s1 / m, acc2[j] - s1 * s1 / m)
-            p_cnt[b, ch] = cnt
-            p_mean[b, ch] = mu
-            p_m2[b, ch] = m2
+        fold_lane_moments(shift, acc1, acc2, np.float64(r1 - r0), k, b, p_cnt, p_mean, p_m2)
 
 
 @njit(cache=True)
@@ -437,19 +458,12 @@ def grad_sums_cl(dy, x, mean, blocks, tiles, p_dy, p_dyxmu):
 def grad_sums_wide(dy, x, mean, k, blocks, p_dy, p_dyxmu):
     """Like :func:`grad_sums_cl` for widened (R', k·C) views (``mean`` tiled k times): one task
     per row block, its k lane sums of each channel added in lane order: partials (blocks, C)."""
-    rows, w = x.shape
-    c = w // k
+    rows = x.shape[0]
     for b in prange(blocks):
         r0 = b * rows // blocks
         r1 = (b + 1) * rows // blocks
         acc1, acc2 = _whole_row_grad_sums(dy, x, mean, r0, r1)
-        for ch in range(c):
-            s1, s2 = 0.0, 0.0
-            for lane in range(k):
-                s1 += acc1[lane * c + ch]
-                s2 += acc2[lane * c + ch]
-            p_dy[b, ch] = s1
-            p_dyxmu[b, ch] = s2
+        fold_lane_sums(acc1, acc2, k, b, p_dy, p_dyxmu)
 
 
 @njit(cache=True)

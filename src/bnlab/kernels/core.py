@@ -22,7 +22,7 @@ import numpy as np
 
 from bnlab.errors import ShapeError
 
-from . import _chunks, _elementwise, _fused, _reduce, _stream
+from . import _chunks, _elementwise, _fused, _lanes, _reduce, _stream
 
 PARALLEL_MIN_VALUES = 1 << 17  # below this many values per pass, one thread is faster
 
@@ -127,37 +127,58 @@ def _wide_parts(arrays):
     return parts
 
 
+def _register_parts(arrays, width: int):
+    """Channels-last (R, C) arrays as [(views, k)] parts for the register-accumulator kernels
+    (:mod:`._lanes`): the bulk viewed as rows of exactly ``width`` = k·C lanes, the R mod k
+    leftover rows as a narrow part (k = 1)."""
+    rows, c = arrays[0].shape
+    k = width // c
+    bulk = rows // k * k
+    parts = []
+    if bulk:
+        parts.append(([a[:bulk].reshape(bulk // k, width) for a in arrays], k))
+    if bulk < rows:
+        parts.append(([a[bulk:] for a in arrays], 1))
+    return parts
+
+
 def _reduce_cl(kernels, arrays, per_channel, n_partials: int):
     """Run a channels-last reduction over the wide-row parts of ``arrays`` and return its (G, C)
     partials, parts one after the other (no copy for a single part).
 
-    ``kernels`` = (narrow, wide): ``narrow(*views, *vectors, blocks, tiles, *partials)`` for the
-    (R, C) part, partials (blocks, C); ``wide(*views, *vectors, k, blocks, *partials)`` for a part
-    widened k times, one task per row block over whole rows (``wide_row_blocks``), its lanes
-    folded into (blocks, C) partials in the kernel. ``per_channel`` (C,) vectors are tiled k times
-    for a widened part."""
-    narrow, wide = kernels
+    ``kernels`` = (narrow, wide, lanes): ``narrow(*views, *vectors, blocks, tiles, *partials)`` for
+    the (R, C) part, partials (blocks, C); ``wide(*views, *vectors, k, blocks, *partials)`` for a
+    part widened k times, one task per row block over whole rows (``wide_row_blocks``), its lanes
+    folded into (blocks, C) partials in the kernel; ``lanes(width)`` the kernel with the same
+    arguments for rows of a register width (:mod:`._lanes`), used when C has one.
+    ``per_channel`` (C,) vectors are tiled k times for a widened part."""
+    narrow, wide, lanes = kernels
     c = arrays[0].shape[1]
+    width = _lanes.register_width(c)
     parts = []
-    for views, k in _wide_parts(arrays):
-        rows, width = views[0].shape
+    for views, k in _register_parts(arrays, width) if width else _wide_parts(arrays):
+        rows, row_width = views[0].shape
         vectors = [np.tile(v, k) for v in per_channel]
-        if k > 1:
-            blocks = _chunks.wide_row_blocks(rows, width)
+        if width and row_width == width:
+            blocks = _chunks.wide_row_blocks(rows, row_width)
+            p = _partials(blocks, c, n_partials)
+            lanes(width)(*views, *vectors, k, blocks, *p)
+        elif k > 1:
+            blocks = _chunks.wide_row_blocks(rows, row_width)
             p = _partials(blocks, c, n_partials)
             wide(*views, *vectors, k, blocks, *p)
         else:
-            blocks = _chunks.row_blocks(rows, width)
+            blocks = _chunks.row_blocks(rows, row_width)
             p = _partials(blocks, c, n_partials)
-            narrow(*views, *vectors, blocks, _chunks.channel_tiles(width), *p)
+            narrow(*views, *vectors, blocks, _chunks.channel_tiles(row_width), *p)
         parts.append(p)
     if len(parts) == 1:
         return parts[0]
     return [np.concatenate(ps) for ps in zip(*parts, strict=True)]
 
 
-_MOMENTS_CL = (_reduce.moments_cl, _reduce.moments_wide)  # (narrow, widened) kernels
-_GRAD_SUMS_CL = (_reduce.grad_sums_cl, _reduce.grad_sums_wide)
+_MOMENTS_CL = (_reduce.moments_cl, _reduce.moments_wide, _lanes.moments)  # narrow, wide, lanes
+_GRAD_SUMS_CL = (_reduce.grad_sums_cl, _reduce.grad_sums_wide, _lanes.grad_sums)
 
 
 def channel_moments(x3: np.ndarray, channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +251,17 @@ def _wide_rows(arrays, coefs):
     return parts
 
 
+def _lane_layout(coefs, width: int, inputs, out):
+    """(rotated coefficient rows, head, blocks, stream) for the register-coefficient elementwise
+    kernels (:mod:`._lanes`) on channels-last (R, C) arrays with C dividing ``width``: the arrays
+    are walked flat, in line-aligned stretches of ``width`` values after out's ``head``."""
+    rows, c = out.shape
+    head = _lanes.head(out)
+    rot = _lanes.lane_rows(coefs, width // c, head)
+    blocks = _chunks.row_blocks(rows * c // width, width)
+    return rot, head, blocks, _stream.streams(out, *inputs)
+
+
 def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
     """out = (x − m)·a + b per channel, computed in x's dtype; one read, one write (non-temporal
     when out is big and aligned like x: :func:`._stream.streams`)."""
@@ -240,6 +272,11 @@ def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
         if not cl:
             stream = _stream.streams(o, x)
             _elementwise.affine_cf(x, *coefs, _chunks.row_pieces(x.shape[2]), stream, o)
+            return out
+        width = _lanes.register_width(x.shape[1])
+        if width:
+            rot, head, blocks, stream = _lane_layout(coefs, width, [x], o)
+            _lanes.affine(width)(x.reshape(-1), rot, head, blocks, stream, o.reshape(-1))
             return out
         for (xp, op), (mp, ap, bp), stream in _wide_rows([x, o], coefs):
             _elementwise.affine_cl(xp, mp, ap, bp, _chunks.row_blocks(*xp.shape), stream, op)
@@ -258,6 +295,12 @@ def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> n
             stream = _stream.streams(dx, dy, x)
             pieces = _chunks.row_pieces(x.shape[2])
             _elementwise.backward_cf(dy, x, *coefs, pieces, stream, dx)
+            return dx3
+        width = _lanes.register_width(x.shape[1])
+        if width:
+            rot, head, blocks, stream = _lane_layout(coefs, width, [dy, x], dx)
+            flat = [a.reshape(-1) for a in (dy, x, dx)]
+            _lanes.backward(width)(flat[0], flat[1], rot, head, blocks, stream, flat[2])
             return dx3
         for (dyp, xp, dxp), cp, stream in _wide_rows([dy, x, dx], coefs):
             _elementwise.backward_cl(dyp, xp, *cp, _chunks.row_blocks(*xp.shape), stream, dxp)
