@@ -3,11 +3,11 @@
 A channels-last (R, C) tensor with few channels is walked in rows of W = k·C lanes (k
 consecutive rows of C channels are the same memory as one row of W values; lane l·C + ch is
 channel ch), W one of :data:`REGISTER_WIDTHS`, the narrowest that C divides. The per-lane state
-of a task lives in *stack* arrays of a compile-time size (:func:`_stack`): LLVM unrolls the lane
-loop, can see that nothing else reaches those arrays, and keeps them in vector registers for the
-whole row loop. The same loops over heap arrays (``np.zeros``, or the (W,) coefficient rows of
-:mod:`._elementwise`) load every lane's state from memory for every row (and, for accumulators,
-store it back), since LLVM cannot rule out that they alias the data.
+of a task lives in *stack* arrays of a compile-time size (:func:`._stack.stack`): LLVM unrolls
+the lane loop, can see that nothing else reaches those arrays, and keeps them in vector registers
+for the whole row loop. The same loops over heap arrays (``np.zeros``, or the (W,) coefficient
+rows of :mod:`._elementwise`) load every lane's state from memory for every row (and, for
+accumulators, store it back), since LLVM cannot rule out that they alias the data.
 
 Reductions (training statistics, gradient sums): one task per block of rows, one row per update,
 the W-lane float64 accumulators in registers; the shifted sums and merges of :mod:`._reduce`
@@ -33,12 +33,11 @@ independent of the thread count; the elementwise passes compute the expressions 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 from numba.np.numpy_support import carray
 
 from ._reduce import fold_lane_moments, fold_lane_sums
+from ._stack import stack as _stack
 from ._stream import LINE, _nt_affine, _nt_backward, store_fence
 
 REGISTER_WIDTHS = (64, 128, 192, 256)  # lanes per row: multiples of a 64-byte float32 line
@@ -48,26 +47,6 @@ def register_width(c: int) -> int:
     """The narrowest of :data:`REGISTER_WIDTHS` that whole rows of c channels fill exactly, or 0
     when there is none (c > 256, or c divides none of them: the heap-accumulator kernels)."""
     return next((w for w in REGISTER_WIDTHS if w % c == 0), 0) if c > 0 else 0
-
-
-@intrinsic
-def _stack(typingctx, n, dtype):
-    """A pointer to n values of ``dtype`` (``np.float64``, or an array's ``.dtype``) on the stack
-    of the calling function; n a compile-time constant. Wrap it with ``carray``. Uninitialized."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    if isinstance(dtype, types.NumberClass):
-        elem = dtype.instance_type
-    elif isinstance(dtype, types.DType):
-        elem = dtype.dtype
-    else:
-        return None
-    size = n.literal_value
-
-    def codegen(context, builder, sig, args):
-        return cgutils.alloca_once(builder, context.get_value_type(elem), size=size)
-
-    return types.CPointer(elem)(n, dtype), codegen
 
 
 def _kernels(width: int):
@@ -146,7 +125,7 @@ def _kernels(width: int):
 
 def _elementwise_kernels(width: int):
     """The (affine, backward) parallel elementwise kernels for channels-last arrays whose
-    channels repeat every ``width`` values (see :func:`elementwise_layout`)."""
+    channels repeat every ``width`` values (laid out by :func:`.core._lane_layout`)."""
 
     @njit(cache=True)
     def block_range(blk, blocks, n):
