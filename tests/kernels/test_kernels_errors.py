@@ -170,16 +170,18 @@ def test_kernels_rejected_out_is_untouched():
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_kernels_take_byte_swapped_arrays_like_native_ones(layout):
-    """Big-endian float32 data (e.g. read from a file) is valid input: the numba backend gives the
-    reference's results for x, dout, out= and running buffers in that byte order (numba itself
-    cannot type such arrays, so they are staged through native copies)."""
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_kernels_take_byte_swapped_arrays_like_native_ones(layout, dtype):
+    """Big-endian data (e.g. read from a file) is valid input: the numba backend gives the
+    results of native data for x, dout, out= and running buffers in that byte order (numba itself
+    cannot type such arrays, so they are staged through native copies) — in the same
+    accumulation dtype (">f8" is not == np.float64: float64 data once got float32 statistics)."""
     rng = np.random.default_rng(7)
     shape = (4, 3, 5, 6) if layout == "NCHW" else (4, 5, 6, 3)
-    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
     results = {}
     for order in ("<", ">"):
-        dt = np.dtype(np.float32).newbyteorder(order)
+        dt = np.dtype(dtype).newbyteorder(order)
         rm, rv = np.zeros(3, dt), np.ones(3, dt)
         out = np.empty(shape, dt)
         y, cache = batch_norm_forward(

@@ -177,7 +177,7 @@ def batch_moments(x: np.ndarray, lay: Layout, backend: str | None) -> tuple[np.n
 
         acc = accumulation_dtype(x.dtype)
         native = x.dtype.newbyteorder("=")  # numba takes no byte-swapped arrays
-        xc = np.ascontiguousarray(x, np.float32 if x.dtype == np.float16 else native)
+        xc = np.ascontiguousarray(x, np.float32 if x.dtype.type is np.float16 else native)
         n, c = x.shape[0], x.shape[lay.channel_axis]
         last = lay.channels_last or lay.ndim == 2
         x3 = xc.reshape(n, -1, c) if last else xc.reshape(n, c, -1)

@@ -91,7 +91,7 @@ def _check_nonempty(x3: np.ndarray, name: str = "x3") -> None:
 
 
 def acc_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if np.dtype(dtype).type is np.float64 else np.dtype(np.float32)
 
 
 # --------------------------------------------------------------------------- float16 staging
@@ -100,7 +100,7 @@ def acc_dtype(dtype) -> np.dtype:
 def _compute_dtype(a: np.ndarray) -> np.ndarray:
     """float16 is computed in float32 (a staging copy), byte-swapped data in native order (a
     copy: numba cannot type it); native float32/64 pass through untouched."""
-    if a.dtype == np.float16:
+    if a.dtype.type is np.float16:  # either byte order
         return a.astype(np.float32)
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 

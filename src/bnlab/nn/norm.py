@@ -27,7 +27,7 @@ def _buffer_dtype(dtype) -> np.dtype:
     """Running statistics of float16 modules are kept in float32: a batch variance above 65504
     (float16's maximum) would otherwise turn running_var into inf for good."""
     dt = np.dtype(dtype)
-    return np.dtype(np.float32) if dt == np.float16 else dt
+    return np.dtype(np.float32) if dt.type is np.float16 else dt
 
 
 class _BatchNorm(Module):
