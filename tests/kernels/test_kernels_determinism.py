@@ -49,8 +49,8 @@ CASES = [  # (x3 shape, channels_last)
     ((9, 2, 13), False),  # short rows, several groups
     ((3, 7, 20), False),  # short rows, several channels per task
     ((4, 37, 11), True),  # several row blocks and channel tiles
-    ((4, 37, 16), True),  # register accumulators (_lanes): 64-lane rows, a leftover row
-    ((3, 50, 3), True),  # register accumulators: 192-lane rows, leftover rows
+    ((4, 37, 24), True),  # register accumulators (_lanes): 192-lane rows, 6 blocks, 4 leftover rows
+    ((8, 50, 3), True),  # register accumulators: 192-lane rows, 2 blocks, 16 leftover rows
     ((2, 50, 1), True),  # C = 1 channels-last: run as channels-first
     ((6, 9, 1), False),  # S = 1 channels-first: run as channels-last
 ]

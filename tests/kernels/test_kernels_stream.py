@@ -103,7 +103,7 @@ def spy_streams(monkeypatch):
         wrap(_elementwise, name, i)
     wrap(_fused, "train_forward_cf", 4)
     wrap(_fused, "backward_cf", 5)
-    for name, i in (("affine", 4), ("backward", 5)):  # the register-coefficient kernels
+    for name, i in (("affine", 6), ("backward", 8)):  # the register-coefficient kernels
         pick = getattr(_lanes, name)
 
         def spying_pick(width, pick=pick, i=i):

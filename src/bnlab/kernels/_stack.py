@@ -4,8 +4,8 @@ Numba has no local arrays of a compile-time size on the CPU: ``np.empty``/``np.z
 on the heap, and LLVM cannot prove that such an array does not alias the kernel's inputs, so a
 loop that updates it loads and stores every element on every iteration. An ``alloca`` of a
 constant size is visibly private to the function: after the loops over it are unrolled, LLVM
-promotes it to vector registers. Used for per-lane accumulators and coefficient rows
-(:mod:`._lanes`, :mod:`._reduce`).
+promotes it to vector registers. Used for the per-lane accumulators and coefficient rows of
+:mod:`._lanes`.
 """
 
 from __future__ import annotations

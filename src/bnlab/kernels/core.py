@@ -151,26 +151,26 @@ def _reduce_cl(kernels, arrays, per_channel, n_partials: int):
     part widened k times, one task per row block over whole rows (``wide_row_blocks``), its lanes
     folded into (blocks, C) partials in the kernel; ``lanes(width)`` the kernel with the same
     arguments for rows of a register width (:mod:`._lanes`), used when C has one.
-    ``per_channel`` (C,) vectors are tiled k times for a widened part."""
+    ``per_channel`` (C,) vectors are tiled k times for a part of the widened kernel (the register
+    kernels take them as they are)."""
     narrow, wide, lanes = kernels
     c = arrays[0].shape[1]
     width = _lanes.register_width(c)
     parts = []
     for views, k in _register_parts(arrays, width) if width else _wide_parts(arrays):
         rows, row_width = views[0].shape
-        vectors = [np.tile(v, k) for v in per_channel]
         if width and row_width == width:
             blocks = _chunks.wide_row_blocks(rows, row_width)
             p = _partials(blocks, c, n_partials)
-            lanes(width)(*views, *vectors, k, blocks, *p)
+            lanes(width)(*views, *per_channel, k, blocks, *p)
         elif k > 1:
             blocks = _chunks.wide_row_blocks(rows, row_width)
             p = _partials(blocks, c, n_partials)
-            wide(*views, *vectors, k, blocks, *p)
+            wide(*views, *[np.tile(v, k) for v in per_channel], k, blocks, *p)
         else:
             blocks = _chunks.row_blocks(rows, row_width)
             p = _partials(blocks, c, n_partials)
-            narrow(*views, *vectors, blocks, _chunks.channel_tiles(row_width), *p)
+            narrow(*views, *per_channel, blocks, _chunks.channel_tiles(row_width), *p)
         parts.append(p)
     if len(parts) == 1:
         return parts[0]
@@ -251,15 +251,13 @@ def _wide_rows(arrays, coefs):
     return parts
 
 
-def _lane_layout(coefs, width: int, inputs, out):
-    """(rotated coefficient rows, head, blocks, stream) for the register-coefficient elementwise
-    kernels (:mod:`._lanes`) on channels-last (R, C) arrays with C dividing ``width``: the arrays
-    are walked flat, in line-aligned stretches of ``width`` values after out's ``head``."""
+def _lane_layout(width: int, inputs, out):
+    """(head, blocks, stream) for the register-coefficient elementwise kernels (:mod:`._lanes`)
+    on channels-last (R, C) arrays with C dividing ``width``: the arrays are walked flat, in
+    line-aligned stretches of ``width`` values after out's ``head``."""
     rows, c = out.shape
-    head = _lanes.head(out)
-    rot = _lanes.lane_rows(coefs, width // c, head)
     blocks = _chunks.row_blocks(rows * c // width, width)
-    return rot, head, blocks, _stream.streams(out, *inputs)
+    return _lanes.head(out), blocks, _stream.streams(out, *inputs)
 
 
 def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
@@ -275,8 +273,8 @@ def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
             return out
         width = _lanes.register_width(x.shape[1])
         if width:
-            rot, head, blocks, stream = _lane_layout(coefs, width, [x], o)
-            _lanes.affine(width)(x.reshape(-1), rot, head, blocks, stream, o.reshape(-1))
+            head, blocks, stream = _lane_layout(width, [x], o)
+            _lanes.affine(width)(x.reshape(-1), *coefs, head, blocks, stream, o.reshape(-1))
             return out
         for (xp, op), (mp, ap, bp), stream in _wide_rows([x, o], coefs):
             _elementwise.affine_cl(xp, mp, ap, bp, _chunks.row_blocks(*xp.shape), stream, op)
@@ -298,9 +296,9 @@ def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> n
             return dx3
         width = _lanes.register_width(x.shape[1])
         if width:
-            rot, head, blocks, stream = _lane_layout(coefs, width, [dy, x], dx)
+            head, blocks, stream = _lane_layout(width, [dy, x], dx)
             flat = [a.reshape(-1) for a in (dy, x, dx)]
-            _lanes.backward(width)(flat[0], flat[1], rot, head, blocks, stream, flat[2])
+            _lanes.backward(width)(flat[0], flat[1], *coefs, head, blocks, stream, flat[2])
             return dx3
         for (dyp, xp, dxp), cp, stream in _wide_rows([dy, x, dx], coefs):
             _elementwise.backward_cl(dyp, xp, *cp, _chunks.row_blocks(*xp.shape), stream, dxp)
