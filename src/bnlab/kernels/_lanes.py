@@ -20,12 +20,13 @@ build the lane rows themselves (tiling and rotating them with NumPy cost ~0.1 ms
 after a 51 MB pass has evicted NumPy's own working set from the caches).
 
 Measured (NHWC (64,56,56,64) float32, 2 threads, paired rounds in one process, against the
-previous kernels: 1024-lane widened rows, heap state): statistics 1.30 -> 0.89 ms (PyTorch's
-plain ``torch.sum`` of the same x: 0.85 ms), gradient sums 2.34 -> 2.00 ms, backward elementwise
-3.31 -> 2.72 ms (the channels-first pass on the same data: 3.06 ms). At C = 256 (two float64
-accumulators of 256 lanes spill part of the register file) the statistics were still faster than
-the heap version (1.34 -> 1.10 ms); column tiles of 64 lanes of longer rows, each task striding
-through memory, were slower, so wider channel counts keep :mod:`._reduce`'s kernels.
+kernels before: 1024-lane widened rows, heap state): statistics 1.20 -> 0.95 ms (PyTorch's plain
+``torch.sum`` of the same x: 0.87 ms), gradient sums 2.15 -> 1.92 ms, affine 2.04 -> 1.73 ms,
+backward elementwise 2.94 -> 2.51 ms; forward+backward 8.94 -> 8.05 ms, and 0.65-0.97x the time
+at every other channels-last shape tried (C = 3, 32, 64, 128, 192, 256; float64). At C = 256 two
+float64 accumulators of 256 lanes spill part of the register file and were still faster than
+the heap version; column tiles of 64 lanes of longer rows, each task striding through memory,
+were slower, so wider channel counts keep :mod:`._reduce`'s kernels.
 
 Everything runs in a fixed order (blocks by shape, lanes in order): deterministic and
 independent of the thread count; the elementwise passes compute the expressions of
