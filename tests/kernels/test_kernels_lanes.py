@@ -8,12 +8,11 @@ separate unaligned kernels; they were checked by hand, not here.)"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernels_patching import attributes_set
 from kernels_tolerances import assert_matches
 
 from bnlab.kernels import _chunks, _lanes, _stream, core
@@ -43,7 +42,6 @@ def _at_offset(values: np.ndarray, offset_values: int) -> np.ndarray:
     return out
 
 
-@contextmanager
 def _many_blocks_and_streams(stream: bool):
     """Several row blocks even for small tensors, in parallel, streaming stores on or off."""
     names = {
@@ -53,14 +51,7 @@ def _many_blocks_and_streams(stream: bool):
         (core, "PARALLEL_MIN_VALUES"): 0,
         (_stream, "STREAM_MIN_BYTES"): 0 if stream else 1 << 62,
     }
-    saved = {key: getattr(*key) for key in names}
-    try:
-        for (mod, attr), value in names.items():
-            setattr(mod, attr, value)
-        yield
-    finally:
-        for (mod, attr), value in saved.items():
-            setattr(mod, attr, value)
+    return attributes_set(names)
 
 
 @settings(max_examples=150, deadline=None)

@@ -7,11 +7,11 @@ two tests give every kernel >= 1000 examples under CI.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernels_patching import attributes_set
 from kernels_tolerances import assert_matches
 
 from bnlab.conventions import PRESETS
@@ -105,7 +105,6 @@ def test_kernels_inference_forward_backward_match_reference(case):
     _compare(case, training=False)
 
 
-@contextmanager
 def _small_chunks(segment, short_row, block_rows, tile, fused):
     """Shrink the chunk sizes so that tiny tensors take every code path (long and short rows,
     several segments, groups, row blocks, channel tiles, widened rows with leftover rows; for
@@ -127,14 +126,7 @@ def _small_chunks(segment, short_row, block_rows, tile, fused):
         (_chunks, "FUSED_CHANNEL_BYTES"): (1 << 30) if fused else 0,
         (_chunks, "FUSED_MIN_CHANNELS"): 1,
     }
-    saved = {key: getattr(*key) for key in names}
-    try:
-        for (mod, attr), value in names.items():
-            setattr(mod, attr, value)
-        yield
-    finally:
-        for (mod, attr), value in saved.items():
-            setattr(mod, attr, value)
+    return attributes_set(names)
 
 
 @settings(max_examples=EXAMPLES // 2)
