@@ -99,7 +99,8 @@ def spy_streams(monkeypatch):
 
         monkeypatch.setattr(module, name, spy)
 
-    for name, i in (("affine_cf", 5), ("affine_cl", 5), ("backward_cf", 7), ("backward_cl", 7)):
+    for name, i in (("affine_cf", 5), ("affine_cl", 5), ("backward_cf", 7), ("backward_cl", 7),
+                    ("affine_cf_short", 5), ("backward_cf_short", 7)):  # fmt: skip
         wrap(_elementwise, name, i)
     wrap(_fused, "train_forward_cf", 4)
     wrap(_fused, "backward_cf", 5)
@@ -134,8 +135,9 @@ def _fwd_bwd(x, dy, layout, training, out_off=None):
 
 
 CASES = [  # (shape, layout, fused single-launch?) — each big enough for several tasks
-    ((3, 5, 6, 31), "NCHW", False),  # channels-first rows, 4-byte-odd length
-    ((3, 5, 6, 31), "NCHW", True),  # per-channel single launch
+    ((3, 5, 6, 31), "NCHW", False),  # short channels-first rows (S < SHORT_ROW), 4-byte-odd length
+    ((2, 4, 8, 81), "NCHW", False),  # long channels-first rows, 4-byte-odd length
+    ((2, 4, 8, 81), "NCHW", True),  # per-channel single launch
     ((4, 5, 7, 16), "NHWC", False),  # register coefficients, 64 lanes (_lanes)
     ((4, 5, 7, 12), "NHWC", False),  # register coefficients, 192 lanes
     ((2, 3, 5, 80), "NHWC", False),  # no register width: widened rows of whole lines
@@ -159,6 +161,9 @@ def test_streaming_kernels_give_the_bits_of_ordinary_stores(
     rng = np.random.default_rng(0)
     x = _at_offset((3.0 + rng.standard_normal(shape)).astype(dtype), x_off)
     dy = _at_offset(rng.standard_normal(shape).astype(dtype), x_off)
+    if layout == "NCHW":  # the case runs the path its label says
+        x3 = x.reshape(shape[0], shape[1], -1)
+        assert (core.fused_tiles(x3, False) == -1) == fused
     monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 1 << 62)
     plain = _fwd_bwd(x, dy, layout, training)
     assert not any(spy_streams)

@@ -53,6 +53,12 @@ def short_channel_blocks(c: int, groups: int) -> int:
     return max(1, min(c, MAX_SHORT_TASKS // groups))
 
 
+def short_row_blocks(n: int, c: int) -> int:
+    """Channels-first short rows, elementwise passes: channels per sample are grouped into this
+    many blocks, one task per (sample, block), about MAX_SHORT_TASKS tasks in all."""
+    return max(1, min(c, MAX_SHORT_TASKS // max(n, 1)))
+
+
 def row_blocks(rows: int, c: int) -> int:
     """How many consecutive row ranges a channels-last (rows, C) tensor is split into."""
     by_size = _ceil_div(rows * c, MIN_BLOCK_VALUES)

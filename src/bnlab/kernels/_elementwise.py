@@ -5,9 +5,10 @@ coefficients are passed in that dtype), like the NumPy reference.
     affine:    out = (x − m)·a + b                    (normalize; m = 0 gives x·a + b)
     backward:  dx  = A·dy + B·(x − μ) + D             (the closed-form BN input gradient)
 
-Shapes: channels-first (N, C, S) with ``pieces`` segments per row; channels-last (R, C) cut into
-``blocks`` row ranges. Coefficients (C,). ``stream``: write with non-temporal stores
-(:mod:`._stream`, same bits; for outputs much larger than the cache).
+Shapes: channels-first (N, C, S) with ``pieces`` segments per row (short rows: ``cblocks`` blocks
+of channels per sample); channels-last (R, C) cut into ``blocks`` row ranges. Coefficients (C,).
+``stream``: write with non-temporal stores (:mod:`._stream`, same bits; for outputs much larger
+than the cache).
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ def affine_cf(x, m, a, b, pieces, stream, out):
 
 
 @njit(parallel=True, cache=True)
+def affine_cf_short(x, m, a, b, cblocks, stream, out):
+    """:func:`affine_cf` for short rows (S < ``SHORT_ROW``): one task per (sample, block of
+    channels), so the divisions that find a task's row and the parallel loop's per-iteration
+    cost are paid per block, not per row of a few dozen values ((8, 2048, 7, 7) eval: 0.18 ->
+    0.09 ms)."""
+    n, c, s = x.shape
+    for t in prange(n * cblocks):
+        i = t // cblocks
+        cb = t % cblocks
+        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
+            mc, ac, bc = m[ch], a[ch], b[ch]
+            xr = x[i, ch]
+            yr = out[i, ch]
+            if stream:
+                affine_row_scalar(xr, mc, ac, bc, yr)
+            else:
+                for k in range(s):
+                    yr[k] = (xr[k] - mc) * ac + bc
+        if stream:
+            store_fence()
+
+
+@njit(parallel=True, cache=True)
 def affine_cl(x, m, a, b, blocks, stream, out):
     rows, c = x.shape
     for blk in prange(blocks):
@@ -76,6 +100,27 @@ def backward_cf(dy, x, mu, ca, cb, cd, pieces, stream, dx):
         else:
             for k in range(hi - lo):
                 dxr[k] = a * dyr[k] + b * (xr[k] - m) + d
+
+
+@njit(parallel=True, cache=True)
+def backward_cf_short(dy, x, mu, ca, cb, cd, cblocks, stream, dx):
+    """:func:`backward_cf` for short rows, one task per (sample, block of channels)."""
+    n, c, s = x.shape
+    for t in prange(n * cblocks):
+        i = t // cblocks
+        blk = t % cblocks
+        for ch in range(blk * c // cblocks, (blk + 1) * c // cblocks):
+            m, a, b, d = mu[ch], ca[ch], cb[ch], cd[ch]
+            dyr = dy[i, ch]
+            xr = x[i, ch]
+            dxr = dx[i, ch]
+            if stream:
+                backward_row_scalar(dyr, xr, m, a, b, d, dxr)
+            else:
+                for k in range(s):
+                    dxr[k] = a * dyr[k] + b * (xr[k] - m) + d
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, cache=True)

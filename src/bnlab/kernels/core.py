@@ -269,7 +269,12 @@ def affine(x3, m, a, b, channels_last: bool, out: np.ndarray) -> np.ndarray:
     with threads_for(2 * x.size):
         if not cl:
             stream = _stream.streams(o, x)
-            _elementwise.affine_cf(x, *coefs, _chunks.row_pieces(x.shape[2]), stream, o)
+            n, c, s = x.shape
+            if s < _chunks.SHORT_ROW:
+                blocks = _chunks.short_row_blocks(n, c)
+                _elementwise.affine_cf_short(x, *coefs, blocks, stream, o)
+            else:
+                _elementwise.affine_cf(x, *coefs, _chunks.row_pieces(s), stream, o)
             return out
         width = _lanes.register_width(x.shape[1])
         if width:
@@ -291,8 +296,12 @@ def backward_elementwise(dy3, x3, mu, ca, cb, cd, channels_last: bool, dx3) -> n
     with threads_for(3 * x.size):
         if not cl:
             stream = _stream.streams(dx, dy, x)
-            pieces = _chunks.row_pieces(x.shape[2])
-            _elementwise.backward_cf(dy, x, *coefs, pieces, stream, dx)
+            n, c, s = x.shape
+            if s < _chunks.SHORT_ROW:
+                blocks = _chunks.short_row_blocks(n, c)
+                _elementwise.backward_cf_short(dy, x, *coefs, blocks, stream, dx)
+            else:
+                _elementwise.backward_cf(dy, x, *coefs, _chunks.row_pieces(s), stream, dx)
             return dx3
         width = _lanes.register_width(x.shape[1])
         if width:
