@@ -85,16 +85,30 @@ def test_streams_only_big_float_outputs_aligned_like_their_inputs(monkeypatch):
 # --------------------------------------------------------------------------- every kernel
 
 
+class _Launches(list):
+    """The recorded ``stream`` flags; ``kernels``: the names of the spied kernels that ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+    def clear(self):
+        super().clear()
+        self.kernels.clear()
+
+
 @pytest.fixture
 def spy_streams(monkeypatch):
-    """Record the ``stream`` flag every streaming-capable kernel is launched with."""
-    seen = []
+    """Record the ``stream`` flag every streaming-capable kernel is launched with (and, in
+    ``.kernels``, which elementwise/single-launch kernel ran)."""
+    seen = _Launches()
 
     def wrap(module, name, flag_index):
         kernel = getattr(module, name)
 
         def spy(*args):
             seen.append(args[flag_index])
+            seen.kernels.append(name)
             return kernel(*args)
 
         monkeypatch.setattr(module, name, spy)
@@ -107,11 +121,12 @@ def spy_streams(monkeypatch):
     for name, i in (("affine", 6), ("backward", 8)):  # the register-coefficient kernels
         pick = getattr(_lanes, name)
 
-        def spying_pick(width, pick=pick, i=i):
+        def spying_pick(width, pick=pick, i=i, name=name):
             kernel = pick(width)
 
             def spy(*args):
                 seen.append(args[i])
+                seen.kernels.append(f"_lanes.{name}")
                 return kernel(*args)
 
             return spy
@@ -135,8 +150,8 @@ def _fwd_bwd(x, dy, layout, training, out_off=None):
 
 
 CASES = [  # (shape, layout, fused single-launch?) — each big enough for several tasks
-    ((3, 5, 6, 31), "NCHW", False),  # short channels-first rows (S < SHORT_ROW), 4-byte-odd length
-    ((2, 4, 8, 81), "NCHW", False),  # long channels-first rows, 4-byte-odd length
+    ((3, 5, 6, 31), "NCHW", False),  # short channels-first rows (S = 186 < SHORT_ROW)
+    ((2, 4, 8, 81), "NCHW", False),  # long channels-first rows (S = 648), two passes
     ((2, 4, 8, 81), "NCHW", True),  # per-channel single launch
     ((4, 5, 7, 16), "NHWC", False),  # register coefficients, 64 lanes (_lanes)
     ((4, 5, 7, 12), "NHWC", False),  # register coefficients, 192 lanes
@@ -161,7 +176,7 @@ def test_streaming_kernels_give_the_bits_of_ordinary_stores(
     rng = np.random.default_rng(0)
     x = _at_offset((3.0 + rng.standard_normal(shape)).astype(dtype), x_off)
     dy = _at_offset(rng.standard_normal(shape).astype(dtype), x_off)
-    if layout == "NCHW":  # the case runs the path its label says
+    if layout == "NCHW":  # the single launch runs exactly when the label says so
         x3 = x.reshape(shape[0], shape[1], -1)
         assert (core.fused_tiles(x3, False) == -1) == fused
     monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 1 << 62)
@@ -170,6 +185,9 @@ def test_streaming_kernels_give_the_bits_of_ordinary_stores(
     monkeypatch.setattr(_stream, "STREAM_MIN_BYTES", 0)
     spy_streams.clear()
     streamed = _fwd_bwd(x, dy, layout, training)
+    if layout == "NCHW":  # and the short-row kernels exactly for short rows
+        short = np.prod(shape[2:]) < _chunks.SHORT_ROW
+        assert any(k.endswith("_cf_short") for k in spy_streams.kernels) == short
     row_bytes = 64 // shape[-1] * shape[-1] * np.dtype(dtype).itemsize  # a widened NHWC row
     in_registers = _lanes.register_width(shape[-1]) > 0  # streams from any common offset
     expect_stream = layout != "NHWC" or in_registers or row_bytes % LINE == 0

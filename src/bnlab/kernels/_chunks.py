@@ -55,7 +55,8 @@ def short_channel_blocks(c: int, groups: int) -> int:
 
 def short_row_blocks(n: int, c: int) -> int:
     """Channels-first short rows, elementwise passes: channels per sample are grouped into this
-    many blocks, one task per (sample, block), about MAX_SHORT_TASKS tasks in all."""
+    many blocks, one task per (sample, block): N·blocks tasks, at most MAX_SHORT_TASKS (fewer
+    when C is small), or N (one block per sample) when N itself is larger."""
     return max(1, min(c, MAX_SHORT_TASKS // max(n, 1)))
 
 
