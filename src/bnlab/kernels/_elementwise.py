@@ -24,6 +24,30 @@ from ._stream import (
 )
 
 
+# inline="always" (numba inlines the IR): as an ordinary call per row, the short-row kernels'
+# rows of 49 values ran 1.6-1.9x slower ((8, 2048, 7, 7) affine 0.089 -> 0.144 ms).
+@njit(cache=True, inline="always")
+def scalar_affine_row(x, mc, ac, bc, stream, y):
+    """y = (x − mc)·ac + bc over one 1-D row with scalar coefficients (a channels-first row),
+    with streaming stores if ``stream`` (the caller fences, once per task)."""
+    if stream:
+        affine_row_scalar(x, mc, ac, bc, y)
+    else:
+        for k in range(y.shape[0]):
+            y[k] = (x[k] - mc) * ac + bc
+
+
+@njit(cache=True, inline="always")
+def scalar_backward_row(dy, x, m, a, b, d, stream, dx):
+    """dx = A·dy + B·(x − μ) + D over one 1-D row with scalar coefficients, streaming if
+    ``stream`` (the caller fences)."""
+    if stream:
+        backward_row_scalar(dy, x, m, a, b, d, dx)
+    else:
+        for k in range(dx.shape[0]):
+            dx[k] = a * dy[k] + b * (x[k] - m) + d
+
+
 @njit(parallel=True, cache=True)
 def affine_cf(x, m, a, b, pieces, stream, out):
     n, c, s = x.shape
@@ -34,14 +58,9 @@ def affine_cf(x, m, a, b, pieces, stream, out):
         ch = row % c
         mc, ac, bc = m[ch], a[ch], b[ch]
         lo, hi = p * s // pieces, (p + 1) * s // pieces
-        xr = x[i, ch, lo:hi]
-        yr = out[i, ch, lo:hi]
+        scalar_affine_row(x[i, ch, lo:hi], mc, ac, bc, stream, out[i, ch, lo:hi])
         if stream:
-            affine_row_scalar(xr, mc, ac, bc, yr)
             store_fence()
-        else:
-            for k in range(hi - lo):
-                yr[k] = (xr[k] - mc) * ac + bc
 
 
 @njit(parallel=True, cache=True)
@@ -55,14 +74,7 @@ def affine_cf_short(x, m, a, b, cblocks, stream, out):
         i = t // cblocks
         cb = t % cblocks
         for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
-            mc, ac, bc = m[ch], a[ch], b[ch]
-            xr = x[i, ch]
-            yr = out[i, ch]
-            if stream:
-                affine_row_scalar(xr, mc, ac, bc, yr)
-            else:
-                for k in range(s):
-                    yr[k] = (xr[k] - mc) * ac + bc
+            scalar_affine_row(x[i, ch], m[ch], a[ch], b[ch], stream, out[i, ch])
         if stream:
             store_fence()
 
@@ -91,15 +103,9 @@ def backward_cf(dy, x, mu, ca, cb, cd, pieces, stream, dx):
         ch = row % c
         m, a, b, d = mu[ch], ca[ch], cb[ch], cd[ch]
         lo, hi = p * s // pieces, (p + 1) * s // pieces
-        dyr = dy[i, ch, lo:hi]
-        xr = x[i, ch, lo:hi]
-        dxr = dx[i, ch, lo:hi]
+        scalar_backward_row(dy[i, ch, lo:hi], x[i, ch, lo:hi], m, a, b, d, stream, dx[i, ch, lo:hi])
         if stream:
-            backward_row_scalar(dyr, xr, m, a, b, d, dxr)
             store_fence()
-        else:
-            for k in range(hi - lo):
-                dxr[k] = a * dyr[k] + b * (xr[k] - m) + d
 
 
 @njit(parallel=True, cache=True)
@@ -111,14 +117,7 @@ def backward_cf_short(dy, x, mu, ca, cb, cd, cblocks, stream, dx):
         blk = t % cblocks
         for ch in range(blk * c // cblocks, (blk + 1) * c // cblocks):
             m, a, b, d = mu[ch], ca[ch], cb[ch], cd[ch]
-            dyr = dy[i, ch]
-            xr = x[i, ch]
-            dxr = dx[i, ch]
-            if stream:
-                backward_row_scalar(dyr, xr, m, a, b, d, dxr)
-            else:
-                for k in range(s):
-                    dxr[k] = a * dyr[k] + b * (xr[k] - m) + d
+            scalar_backward_row(dy[i, ch], x[i, ch], m, a, b, d, stream, dx[i, ch])
         if stream:
             store_fence()
 

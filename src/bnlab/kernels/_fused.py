@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._elementwise import scalar_affine_row, scalar_backward_row
 from ._reduce import (
     LANES,
     _column_grad_sums,
@@ -37,7 +38,7 @@ from ._reduce import (
     _shifted_sums_in,
     _tile,
 )
-from ._stream import affine_row_scalar, backward_row_scalar, store_fence
+from ._stream import store_fence
 
 
 @njit(parallel=True, cache=True)
@@ -125,13 +126,7 @@ def train_forward_cf(x, g, b, eps, stream, mean, var, out):
         ac = x.dtype.type(g[ch] * (1.0 / np.sqrt(v + eps)))
         bc = x.dtype.type(b[ch])
         for i in range(n):
-            xr = x[i, ch]
-            yr = out[i, ch]
-            if stream:
-                affine_row_scalar(xr, mc, ac, bc, yr)
-            else:
-                for j in range(s):
-                    yr[j] = (xr[j] - mc) * ac + bc
+            scalar_affine_row(x[i, ch], mc, ac, bc, stream, out[i, ch])
         if stream:
             store_fence()
 
@@ -159,13 +154,6 @@ def backward_cf(dy, x, mean, rstd, g, stream, dx, dgamma, dbeta):
         t = x.dtype.type
         ca, cb, cd, mc = t(a), t(-a * r_ * dg / m), t(-a * sum_dy / m), t(mu)
         for i in range(n):
-            dyr = dy[i, ch]
-            xr = x[i, ch]
-            dxr = dx[i, ch]
-            if stream:
-                backward_row_scalar(dyr, xr, mc, ca, cb, cd, dxr)
-            else:
-                for j in range(s):
-                    dxr[j] = ca * dyr[j] + cb * (xr[j] - mc) + cd
+            scalar_backward_row(dy[i, ch], x[i, ch], mc, ca, cb, cd, stream, dx[i, ch])
         if stream:
             store_fence()
