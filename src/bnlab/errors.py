@@ -30,3 +30,7 @@ class DataFormatError(BNLabError, ValueError):
 
 class NonFiniteBatchWarning(RuntimeWarning):
     """A training batch had non-finite statistics; running statistics were left unchanged."""
+
+
+class UsageError(BNLabError, ValueError):
+    """A command-line argument or a named file cannot be used (the CLI exits with status 2)."""
