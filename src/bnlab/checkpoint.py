@@ -65,6 +65,33 @@ def paths(path) -> tuple[Path, Path]:
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
 
 
+def existing_paths(path) -> tuple[Path, Path]:
+    """:func:`paths` of a checkpoint that must exist; errors name the path as the user gave it.
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (or a folder without checkpoint.safetensors).
+        DataFormatError: ``path`` is a file of another kind (e.g. ``model.pt``).
+    """
+    given = Path(path)
+    weights, sidecar = paths(given)
+    if weights.is_file():
+        return weights, sidecar
+    if given.is_dir():
+        raise FileNotFoundError(
+            f"{given}: not a bnlab run folder (no checkpoint.safetensors in it)"
+        )
+    if given.suffix not in ("", ".safetensors", ".json"):
+        if given.exists():
+            raise DataFormatError(
+                f"{given}: not a bnlab checkpoint (give a run folder, NAME.safetensors or "
+                "NAME.json written by bnlab train)"
+            )
+        raise FileNotFoundError(f"{given}: no such file")
+    if given.suffix == "":
+        raise FileNotFoundError(f"{given}: no such run folder or checkpoint")
+    raise FileNotFoundError(f"{given}: no such checkpoint (missing {weights.name})")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,16 +137,14 @@ def load_checkpoint(path, *, expect_model: str | None = None) -> Checkpoint:
     """Read and validate a checkpoint (see the module docstring for what is checked).
 
     Raises:
-        FileNotFoundError: the weights file is missing.
-        DataFormatError: truncated/corrupt file (including a tensor checksum mismatch), or not a
+        FileNotFoundError: the weights file is missing (see :func:`existing_paths`).
+        DataFormatError: not a checkpoint, truncated/corrupt file (including a tensor checksum mismatch), or not a
             bnlab checkpoint. A stale sidecar only warns (StaleSidecarWarning).
         ValueError: ``expect_model`` is given and the checkpoint is of another model.
     """
     from bnlab.io import load_safetensors
 
-    weights, sidecar = paths(path)
-    if not weights.exists():
-        raise FileNotFoundError(f"checkpoint weights not found: {weights}")
+    weights, sidecar = existing_paths(path)
     tensors, header = load_safetensors(weights)
     meta = _parse_meta(weights, header)
     if tensors_sha256(tensors) != meta.get("tensors_sha256"):

@@ -34,3 +34,8 @@ class NonFiniteBatchWarning(RuntimeWarning):
 
 class UsageError(BNLabError, ValueError):
     """A command-line argument or a named file cannot be used (the CLI exits with status 2)."""
+
+
+class TrainingDiverged(BNLabError, ArithmeticError):
+    """The training loss or the weights became NaN/Inf; the run folder keeps the last finite
+    epoch (the CLI exits with status 1)."""

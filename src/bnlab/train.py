@@ -5,9 +5,15 @@ One epoch = one pass over the training set in the seeded order of :mod:`bnlab.da
 mode. After every epoch the run folder gets, each written atomically:
 
     checkpoint.safetensors + checkpoint.json   model, optimizer, epoch, RNG key (resumable)
-    metrics.json   {"config": {...}, "epochs": [{"epoch", "train_loss", "train_acc", "test_acc",
+    metrics.json   {"config": {...}, "data": {folder, files with bytes and sha256},
+                   "epochs": [{"epoch", "train_loss", "train_acc", "test_acc",
                    "examples_per_s", "seconds"}, ...]}
     report.md      curves (loss.png, accuracy.png) and the learned BN γ and β
+
+The folder's rules (one owner at a time, --overwrite acting only once the new run has something
+to write, writability checked first) are :mod:`bnlab.runs`'. A loss or weight that stops being
+finite ends the run with :class:`bnlab.errors.TrainingDiverged`; the folder then holds the last
+finite epoch's files, all valid JSON.
 
 ``train(config, out, resume=True)`` continues from the checkpoint bit-identically: the model,
 BN buffers, momentum buffers and the epoch counter are restored and batches depend only on
@@ -27,10 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from bnlab import nn
-from bnlab.checkpoint import load_checkpoint, paths, save_checkpoint
+from bnlab.checkpoint import load_checkpoint, save_checkpoint
+from bnlab.errors import TrainingDiverged
 from bnlab.models import MODELS, build_model
 from bnlab.optim import SGD
 from bnlab.progress import Progress
+from bnlab.runs import RunFolder, resume_error
+
+ENGINES = ("numpy", "torch")
 
 
 @dataclass
@@ -50,10 +60,13 @@ class TrainConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     eval_batch_size: int = 1000
+    engine: str = "numpy"
 
     def validate(self) -> TrainConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         _int(self.epochs, "epochs", 0)
         _int(self.batch_size, "batch_size", 1)
         _int(self.seed, "seed", 0)
@@ -69,11 +82,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         return self
 
-    def resumable_with(self, other: dict) -> list[str]:
-        """Fields (other than ``epochs``) that differ from a stored config."""
-        mine = asdict(self)
-        return [k for k in mine if k != "epochs" and other.get(k) != mine[k]]
-
 
 def _int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -86,26 +94,51 @@ def _int(value, name: str, minimum: int) -> int:
 
 @dataclass
 class Splits:
-    """uint8 images (N, 28, 28) and integer labels (N,) of both splits."""
+    """uint8 images (N, 28, 28) and integer labels (N,) of both splits; ``source`` says where
+    they came from (folder, files, sizes, sha256) when they were read from disk."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    source: dict | None = None
 
 
 def load_splits(config: TrainConfig, root=None) -> Splits:
-    """Fashion-MNIST from disk (never downloaded), cut to the config's limits."""
-    from bnlab.data import load_fashion_mnist
+    """Fashion-MNIST from disk (never downloaded), cut to the config's limits. ``root`` (or
+    ``$BNLAB_DATA``), when given, is the only folder used (see :func:`find_fashion_mnist`)."""
+    from bnlab.data import find_fashion_mnist, load_fashion_mnist
+    from bnlab.data.fashion_mnist import data_source
 
-    tr_x, tr_y = load_fashion_mnist("train", root)
-    te_x, te_y = load_fashion_mnist("test", root)
-    return limit_splits(Splits(tr_x, tr_y, te_x, te_y), config)
+    folder = find_fashion_mnist(root)
+    tr_x, tr_y = load_fashion_mnist("train", folder)
+    te_x, te_y = load_fashion_mnist("test", folder)
+    return limit_splits(Splits(tr_x, tr_y, te_x, te_y, data_source(folder)), config)
 
 
 def limit_splits(s: Splits, config: TrainConfig) -> Splits:
     a, b = config.train_limit, config.test_limit
-    return Splits(s.train_images[:a], s.train_labels[:a], s.test_images[:b], s.test_labels[:b])
+    return Splits(
+        s.train_images[:a], s.train_labels[:a], s.test_images[:b], s.test_labels[:b], s.source
+    )
+
+
+def short_last_batch(n: int, batch_size: int, world: int = 1) -> int:
+    """Size of a final partial batch too small for batch-norm statistics (fewer than 2 examples,
+    or fewer than one per data-parallel process), which training drops; 0 when there is none."""
+    rest = n % batch_size
+    return rest if n > batch_size and 0 < rest < max(2, world) else 0
+
+
+def data_record(splits: Splits, config: TrainConfig, world: int = 1) -> dict:
+    """metrics.json's "data" entry: provenance plus the examples actually used."""
+    record = dict(splits.source or {"folder": None, "files": {}})
+    record["train_examples"] = int(len(splits.train_labels))
+    record["test_examples"] = int(len(splits.test_labels))
+    dropped = short_last_batch(len(splits.train_labels), config.batch_size, world)
+    if dropped:
+        record["dropped_last_batch"] = dropped
+    return record
 
 
 # --------------------------------------------------------------------------- steps
@@ -149,21 +182,45 @@ def train_epoch(
     """One epoch (``epoch`` counts from 0); returns its metrics row (without test_acc)."""
     from bnlab.data import batches
 
+    drop = short_last_batch(len(splits.train_labels), config.batch_size) > 0
     it = batches(
-        splits.train_images, splits.train_labels, config.batch_size, seed=config.seed, epoch=epoch
+        splits.train_images,
+        splits.train_labels,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        drop_last=drop,
     )
     loss_sum, correct, seen = 0.0, 0, 0
     model.train()
     desc = f"epoch {epoch + 1}/{config.epochs}"
     start = time.perf_counter()
     with Progress(len(it), desc, enabled=progress) as bar:
-        for x, y in it:
+        for step, (x, y) in enumerate(it):
             loss, ok = train_step(model, loss_fn, optimizer, x, y)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(divergence_message(config, epoch, f"step {step + 1}"))
             loss_sum += loss * len(y)
             correct += ok
             seen += len(y)
             bar.update(1, loss=loss)
+    if not weights_finite(p.data for p in model.parameters()):
+        raise TrainingDiverged(divergence_message(config, epoch, "the end of the epoch"))
     return epoch_row(epoch, loss_sum, correct, seen, time.perf_counter() - start)
+
+
+def weights_finite(arrays) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+def divergence_message(config: TrainConfig, epoch: int, where: str) -> str:
+    """What happened, where, and what to change (the run folder keeps the last finite epoch)."""
+    kept = f"epoch {epoch}'s checkpoint is the last one kept" if epoch else "no epoch was saved"
+    return (
+        f"training diverged: the loss or the weights became NaN/Inf in epoch {epoch + 1} at "
+        f"{where} (lr {config.lr:g}, momentum {config.momentum:g}); {kept}. Start again "
+        "with a smaller --lr (with --overwrite in the same --out)."
+    )
 
 
 def epoch_row(epoch: int, loss_sum: float, correct: int, seen: int, seconds: float) -> dict:
@@ -211,19 +268,57 @@ def train(
     """Train (or resume) a run in folder ``out``; returns the metrics dict also in metrics.json.
 
     ``splits`` overrides the data (tests); otherwise Fashion-MNIST is loaded from ``data_root``
-    or the default locations. Raises FileExistsError when ``out`` already holds a checkpoint
-    and neither ``resume`` nor ``overwrite`` is set (``overwrite`` first deletes the files a
-    previous run wrote there), and ValueError when resuming with an incompatible config.
+    (or ``$BNLAB_DATA``, or the default locations). Everything is validated before the folder is
+    changed: UsageError for a folder that holds a checkpoint without ``resume``/``overwrite``,
+    nothing to resume, a config the checkpoint cannot continue, or a folder another process owns;
+    OSError for an unwritable folder; FileNotFoundError/DataFormatError for the data. Resuming a
+    run that already has ``config.epochs`` epochs does nothing and returns its metrics.
+    Raises TrainingDiverged when the loss or the weights stop being finite.
     """
     config.validate()
     log = log or (lambda s: print(s, flush=True))
-    out = Path(out)
-    model, opt = prepare_model(config)
-    metrics = {"config": asdict(config), "epochs": []}
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
-    start_epoch = _restore(config, out, model, opt, metrics) if resume else _fresh(out, overwrite)
-    splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
+    with RunFolder.claim(out, resume=resume, overwrite=overwrite) as run:
+        model, opt = prepare_model(config)
+        metrics = {"config": asdict(config), "epochs": []}
+        start_epoch = _restore(config, run.path, model, opt, metrics) if resume else 0
+        if resume and start_epoch >= config.epochs:
+            log(
+                f"nothing to do: {run.path} already has {start_epoch} epochs (--epochs "
+                f"{config.epochs}); the run is left as it is"
+            )
+            return read_metrics(run.path)
+        if splits is None:
+            splits = load_splits(config, data_root)
+        else:
+            splits = limit_splits(splits, config)
+        metrics["data"] = data_record(splits, config)
+        _announce_dropped(metrics["data"], log)
+        _train_epochs(model, opt, splits, config, run, metrics, start_epoch, progress, log)
+        if metrics["epochs"] and has_batch_norm(model):
+            metrics["population_stats"] = population_stats_accuracy(model, splits, config)
+            _write_metrics(run.path, metrics)
+            log(
+                f"test_acc with population statistics (BN paper, Alg. 2): "
+                f"{metrics['population_stats']['test_acc']:.4f}"
+            )
+        if report:
+            from bnlab.report import write_report
+
+            write_report(run.path, metrics, bn_parameters(model))
+            run.wrote()
+    return metrics
+
+
+def _announce_dropped(data: dict, log) -> None:
+    if data.get("dropped_last_batch"):
+        log(
+            f"note: the last training batch would hold {data['dropped_last_batch']} example(s), "
+            "too few for batch-norm statistics; it is dropped every epoch (like drop_last). "
+            "Choose another --batch-size or --train-limit to keep it."
+        )
+
+
+def _train_epochs(model, opt, splits, config, run, metrics, start_epoch, progress, log) -> None:
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start_epoch, config.epochs):
         row = train_epoch(model, loss_fn, opt, splits, config, epoch, progress)
@@ -232,18 +327,9 @@ def train(
         )
         metrics["epochs"].append(row)
         metrics["peak_rss_mb"] = peak_rss_mb()
-        _save_epoch(out, model, opt, config, metrics, epoch + 1)
+        _save_epoch(run.path, model, opt, config, metrics, epoch + 1)
+        run.wrote()
         log(format_epoch(row, config.epochs))
-    if metrics["epochs"] and has_batch_norm(model):
-        metrics["population_stats"] = population_stats_accuracy(model, splits, config)
-        _write_metrics(out, metrics)
-        log(
-            f"test_acc with population statistics (BN paper, Alg. 2): "
-            f"{metrics['population_stats']['test_acc']:.4f}"
-        )
-    if report:
-        write_report(out, metrics, model)
-    return metrics
 
 
 def has_batch_norm(model: nn.Module) -> bool:
@@ -274,38 +360,13 @@ def population_stats_accuracy(model: nn.Module, splits: Splits, config: TrainCon
     return {"test_acc": acc, "batches": summary.batches_used, "method": "population"}
 
 
-RUN_FILES = (
-    "checkpoint.safetensors",
-    "checkpoint.json",
-    "metrics.json",
-    "report.md",
-    "loss.png",
-    "accuracy.png",
-)
-
-
-def _fresh(out: Path, overwrite: bool) -> int:
-    weights, _ = paths(out)
-    if weights.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a checkpoint; pass --resume to continue it, --overwrite to "
-            "start again, or choose a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # only the files a run writes; anything else in the folder is left alone
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    return 0
-
-
 def _restore(config: TrainConfig, out: Path, model, opt, metrics: dict) -> int:
+    from bnlab.errors import UsageError
+
     ckpt = load_checkpoint(out, expect_model=config.model)
-    bad = config.resumable_with(ckpt.meta.get("config", {}))
-    if bad:
-        raise ValueError(
-            f"cannot resume {out}: these settings differ from the checkpoint's: {bad} "
-            f"(stored: { {k: ckpt.meta.get('config', {}).get(k) for k in bad} })"
-        )
+    problem = resume_error(out, asdict(config), ckpt.meta.get("config", {}))
+    if problem:
+        raise UsageError(problem)
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optim_state)
     metrics["epochs"] = list(ckpt.meta.get("epochs", []))[: ckpt.epoch]
@@ -313,17 +374,29 @@ def _restore(config: TrainConfig, out: Path, model, opt, metrics: dict) -> int:
 
 
 def _save_epoch(out: Path, model, opt, config: TrainConfig, metrics: dict, epochs_done: int):
-    extra = {
-        "config": asdict(config),
+    save_checkpoint(
+        out,
+        model,
+        opt,
+        model_name=config.model,
+        epoch=epochs_done,
+        extra=checkpoint_extra(asdict(config), metrics, epochs_done),
+    )
+    _write_metrics(out, metrics)
+
+
+def checkpoint_extra(config: dict, metrics: dict, epochs_done: int) -> dict:
+    """The metadata both engines store next to the weights: config, data order, metrics."""
+    return {
+        "config": config,
         "rng": {
             "data_order": "numpy default_rng([seed, epoch]).permutation",
-            "seed": config.seed,
+            "seed": config["seed"],
             "next_epoch": epochs_done,
         },
         "epochs": metrics["epochs"],
+        "data": metrics.get("data"),
     }
-    save_checkpoint(out, model, opt, model_name=config.model, epoch=epochs_done, extra=extra)
-    _write_metrics(out, metrics)
 
 
 def _write_metrics(out: Path, metrics: dict) -> None:
@@ -340,9 +413,6 @@ def format_epoch(row: dict, total: int) -> str:
     )
 
 
-# --------------------------------------------------------------------------- report
-
-
 def bn_parameters(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, γ, β) of every affine batch-norm layer, in model order."""
     out = []
@@ -350,146 +420,6 @@ def bn_parameters(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
             out.append((name, m.weight.data.copy(), m.bias.data.copy()))
     return out
-
-
-def plot_curves(out: Path, epochs: list[dict]) -> list[str]:
-    """loss.png and accuracy.png in ``out``; no figures (an empty list) without matplotlib, which
-    is the optional ``plots`` extra: training must not fail at its very end for a plot."""
-    if not epochs:
-        return []
-    try:
-        import matplotlib
-    except ImportError:
-        return []
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bnlab.io import atomic_open
-
-    x = [e["epoch"] for e in epochs]
-    files = []
-    for name, keys, ylabel in (
-        ("loss.png", ["train_loss"], "cross-entropy"),
-        ("accuracy.png", ["train_acc", "test_acc"], "accuracy"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for k in keys:
-            ax.plot(x, [e[k] for e in epochs], marker="o", label=k.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_open(out / name, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-        files.append(name)
-    return files
-
-
-def _vector(v: np.ndarray) -> str:
-    return "[" + ", ".join(f"{float(a):.3f}" for a in v) + "]"
-
-
-_CLI_FLAGS = (
-    "model",
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "seed",
-    "train_limit",
-    "test_limit",
-)
-
-
-def reproduce_command(cfg: dict, out) -> str:
-    """The ``bnlab train`` command line that reruns this configuration (either engine)."""
-    flags = " ".join(
-        f"--{k.replace('_', '-')} {cfg[k]}" for k in _CLI_FLAGS if cfg.get(k) is not None
-    )
-    if cfg.get("engine") == "torch":
-        flags += f" --engine torch --nproc {cfg.get('world_size', 1)}"
-    return f"bnlab train {flags} --out {out}"
-
-
-def _population_sentence(pop: dict, final_acc: float | None) -> str:
-    text = (
-        "With the BN paper's population statistics instead of the moving averages "
-        f"(Ioffe & Szegedy 2015, Algorithm 2: mean of the {pop['batches']} training-batch "
-        "means and unbiased variances, computed on a copy of the final model): test "
-        f"accuracy **{pop['test_acc']:.4f}**."
-    )
-    if final_acc is None:
-        return text
-    diff = pop["test_acc"] - final_acc
-    if diff > 0:
-        return text + (
-            f" That is {100 * diff:.2f} points above the moving averages: their statistics lag "
-            "behind the weights of the final epochs."
-        )
-    return text + f" That is {100 * -diff:.2f} points below (or equal to) the moving averages."
-
-
-def render_report(metrics: dict, bn: list, figures: list[str], out=".") -> str:
-    cfg = metrics["config"]
-    rows = metrics["epochs"]
-    lines = [
-        f"# bnlab training report: {cfg['model']}",
-        "",
-        f"Command: `{reproduce_command(cfg, out)}`",
-        "",
-    ]
-    if rows:
-        last = rows[-1]
-        lines += [
-            f"Final test accuracy: **{last['test_acc']:.4f}** after {last['epoch']} epochs "
-            f"(peak RSS {metrics.get('peak_rss_mb', float('nan')):.0f} MiB).",
-            "",
-        ]
-    pop = metrics.get("population_stats")
-    if pop:
-        final = rows[-1]["test_acc"] if rows else None
-        lines += [_population_sentence(pop, final), ""]
-    lines += [
-        "| epoch | train loss | train acc | test acc | examples/s | seconds |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | "
-            f"{r['test_acc']:.4f} | {r['examples_per_s']:,.0f} | {r['seconds']:.1f} |"
-        )
-    lines += [""] + [f"![{f[:-4]}]({f})" for f in figures] + [""]
-    if bn:
-        lines += [
-            "## Learned batch-norm scale γ and shift β",
-            "",
-            "As d2l prints them: one value per channel (per feature for the linear layers).",
-            "",
-        ]
-        for name, g, b in bn:
-            lines += [
-                f"### layer `{name}` ({g.size} channels)",
-                "",
-                f"- γ: {_vector(g)}",
-                f"- β: {_vector(b)}",
-                "",
-            ]
-    return "\n".join(lines)
-
-
-def write_report(out: Path, metrics: dict, model: nn.Module) -> Path:
-    """report.md (+ loss.png, accuracy.png) in ``out``; returns the report path."""
-    from bnlab.io import atomic_write_text
-
-    figures = plot_curves(out, metrics["epochs"])
-    text = render_report(metrics, bn_parameters(model), figures, out)
-    path = out / "report.md"
-    atomic_write_text(path, text)
-    return path
 
 
 def read_metrics(out) -> dict:

@@ -69,17 +69,43 @@ def isolated(tmp_path, monkeypatch):
     clear_cache()
 
 
-def test_missing_data_error_lists_every_place_and_the_install_command(isolated, monkeypatch):
-    monkeypatch.setenv("BNLAB_DATA", str(isolated / "env"))
+def test_missing_data_error_lists_every_place_and_the_install_command(isolated):
     with pytest.raises(FileNotFoundError) as err:
-        find_fashion_mnist(isolated / "given")
+        find_fashion_mnist()
     msg = str(err.value)
     assert INSTALL_COMMAND == "sudo apt-get install dataset-fashion-mnist"
-    assert INSTALL_COMMAND in msg
-    for place in fm.candidate_dirs(isolated / "given"):
+    assert INSTALL_COMMAND in msg and "never downloads" in msg
+    for place in fm.candidate_dirs():
         assert str(place) in msg
-    assert str(isolated / "given") in msg and str(isolated / "env") in msg
     assert str(isolated / "cwd" / "data") in msg and str(isolated / "system") in msg
+
+
+@pytest.mark.parametrize("how", ["root", "env"])
+@pytest.mark.parametrize("state", ["missing", "empty", "incomplete", "a file"])
+def test_a_named_folder_without_the_data_is_an_error_naming_it(isolated, monkeypatch, how, state):
+    """A folder the user names is used or refused: never replaced by another copy, even when
+    ./data and the system folder both hold the data set."""
+    make_fake(isolated / "cwd" / "data")
+    make_fake(isolated / "system")
+    named = isolated / "mine"
+    if state == "empty":
+        named.mkdir()
+    elif state == "incomplete":
+        make_fake(named)
+        (named / "train-labels-idx1-ubyte.gz").unlink()
+    elif state == "a file":
+        named.write_text("not a folder")
+    root = named if how == "root" else None
+    if how == "env":
+        monkeypatch.setenv("BNLAB_DATA", str(named))
+    with pytest.raises(FileNotFoundError) as err:
+        find_fashion_mnist(root)
+    msg = str(err.value)
+    assert str(named) in msg and "never falls back" in msg
+    assert ("$BNLAB_DATA" in msg) == (how == "env")
+    assert str(isolated / "system") not in msg
+    with pytest.raises(FileNotFoundError):
+        load_fashion_mnist("test", root=root)
 
 
 @pytest.mark.parametrize("where", ["root", "env", "cwd", "system", "torchvision-layout"])
@@ -92,10 +118,34 @@ def test_found_in_each_place(isolated, monkeypatch, where):
         "torchvision-layout": isolated / "cwd" / "data" / "FashionMNIST" / "raw",
     }[where]
     make_fake(folder, gz=where != "env")
-    monkeypatch.setenv("BNLAB_DATA", str(isolated / "env"))
-    assert find_fashion_mnist(isolated / "given") == folder
-    images, labels = load_fashion_mnist("test", root=isolated / "given")
+    root = folder if where == "root" else None
+    if where == "env":
+        monkeypatch.setenv("BNLAB_DATA", str(folder))
+    assert find_fashion_mnist(root) == folder
+    images, labels = load_fashion_mnist("test", root=root)
     assert images.shape == (5, 28, 28) and labels.shape == (5,)
+
+
+def test_env_is_the_only_place_when_no_root_is_given(isolated, monkeypatch):
+    make_fake(isolated / "env", n_test=3)
+    make_fake(isolated / "cwd" / "data", n_test=4)
+    monkeypatch.setenv("BNLAB_DATA", str(isolated / "env"))
+    assert load_fashion_mnist("test")[0].shape[0] == 3
+    make_fake(isolated / "given", n_test=2)
+    assert load_fashion_mnist("test", root=isolated / "given")[0].shape[0] == 2
+
+
+def test_data_source_records_sizes_and_hashes(isolated):
+    import hashlib
+
+    folder = isolated / "given"
+    make_fake(folder)
+    src = fm.data_source(folder)
+    assert src["folder"] == str(folder.resolve())
+    assert sorted(src["files"]) == sorted(p.name for p in folder.iterdir())
+    for name, info in src["files"].items():
+        data = (folder / name).read_bytes()
+        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_root_takes_precedence(isolated, monkeypatch):

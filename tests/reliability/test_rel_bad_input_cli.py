@@ -113,7 +113,7 @@ def _garbage(folder):
 
 @pytest.mark.parametrize(
     "make, needle",
-    [(lambda d: d / "missing", "not found"), (_garbage, "c.safetensors")],
+    [(lambda d: d / "missing", "missing: no such run folder"), (_garbage, "c.safetensors")],
     ids=["missing", "garbage"],
 )
 def test_evaluate_bad_checkpoint(tmp_path, capsys, make, needle):
@@ -218,7 +218,7 @@ def test_diagnose_bad_values(tmp_path, capsys):
     for args, needle in (
         (["--batch-size", "0"], "--batch-size"),
         (["--batches", "-1"], "--batches"),
-        ([], "not found"),
+        ([], "none: no such run folder"),
     ):
         status, err = run_cli(["diagnose", "--checkpoint", str(tmp_path / "none"), *args], capsys)
         assert status == 2 and needle in err, (args, err)

@@ -52,15 +52,28 @@ def test_batches_bad_arrays(data):
 
 def test_missing_dataset_names_every_place_and_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "SYSTEM_DIRS", [tmp_path / "usr-share"])
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    err = expect_clean_error(
+        find_fashion_mnist,
+        FileNotFoundError,
+        ["sudo apt-get install dataset-fashion-mnist", "never downloads", "--data"],
+        [tmp_path],
+    )
+    assert str(tmp_path / "usr-share") in str(err) and str(tmp_path / "data") in str(err)
+
+
+def test_a_named_folder_is_named_in_the_error_and_nothing_else_is_tried(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "SYSTEM_DIRS", [tmp_path / "usr-share"])
     monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
     monkeypatch.chdir(tmp_path)
     err = expect_clean_error(
         lambda: find_fashion_mnist(tmp_path / "given"),
         FileNotFoundError,
-        ["sudo apt-get install dataset-fashion-mnist", "never downloads", "given", "env"],
+        ["given", "does not exist", "never falls back", "dataset-fashion-mnist"],
         [tmp_path],
     )
-    assert str(tmp_path / "usr-share") in str(err) and str(tmp_path / "data") in str(err)
+    assert str(tmp_path / "usr-share") not in str(err) and "env" not in str(err)
 
 
 def test_bad_split_name():

@@ -75,9 +75,15 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     return (BNLabError, ValueError, OSError, EOFError, MemoryError, OverflowError)
 
 
+MAX_MESSAGE = 600  # characters: an error line never dumps data
+
+
 def describe(err: BaseException) -> str:
-    """One line for the user: the message (the first line of it), never the repr of data."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The exception's message as one line of at most MAX_MESSAGE characters."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text or type(err).__name__
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 1] + "…"
     if isinstance(err, MemoryError):
         return f"out of memory{': ' + text if text != 'MemoryError' else ''}"
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:

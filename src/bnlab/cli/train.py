@@ -145,6 +145,8 @@ def run(args) -> int:
 
 def _run_numpy(args) -> int:
     from bnlab.backend import set_backend
+    from bnlab.cli import EXIT_FAILED
+    from bnlab.errors import TrainingDiverged
     from bnlab.train import TrainConfig, train
 
     if args.backend is not None:
@@ -175,8 +177,9 @@ def _run_numpy(args) -> int:
             data_root=args.data,
             progress=False if args.no_progress else None,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        return _error(str(err))
+    except TrainingDiverged as err:
+        print(f"bnlab train: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     if metrics["epochs"]:
         print(
             f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; "

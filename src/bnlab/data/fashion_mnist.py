@@ -7,6 +7,7 @@ works, including torchvision's ``FashionMNIST/raw`` layout.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,38 +33,90 @@ IMAGE_SHAPE = (28, 28)
 _cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def candidate_dirs(root=None) -> list[Path]:
-    """Every folder :func:`find_fashion_mnist` looks in, in order."""
-    bases: list[Path] = []
+def named_folder(root=None) -> tuple[Path, str] | None:
+    """The folder the user named, and how (``root``/--data, else ``$BNLAB_DATA``), or None."""
     if root is not None:
-        bases.append(Path(root))
+        return Path(root), "the data folder given (--data / root=)"
     if os.environ.get("BNLAB_DATA"):
-        bases.append(Path(os.environ["BNLAB_DATA"]))
-    bases.append(Path.cwd() / "data")
+        return Path(os.environ["BNLAB_DATA"]), "$BNLAB_DATA"
+    return None
+
+
+def candidate_dirs(root=None) -> list[Path]:
+    """Every folder :func:`find_fashion_mnist` looks in, in order: only the named folder (and its
+    usual sub-folders) when one is named, else ``./data`` and the system folders."""
+    named = named_folder(root)
+    bases = [named[0]] if named else [Path.cwd() / "data"]
     out = [base / sub if sub else base for base in bases for sub in _SUBDIRS]
-    return out + list(SYSTEM_DIRS)
+    return out if named else out + list(SYSTEM_DIRS)
 
 
 def find_fashion_mnist(root=None) -> Path:
     """The first folder holding all four Fashion-MNIST IDX files (raw or ``.gz``).
 
-    Looks in ``root``, ``$BNLAB_DATA``, ``./data`` (each also in the sub-folders ``fashion-mnist``,
-    ``FashionMNIST/raw`` and ``fashion_mnist``) and ``/usr/share/datasets/fashion-mnist``.
+    A folder the user names (``root``, else ``$BNLAB_DATA``) is the only place looked in (also
+    its sub-folders ``fashion-mnist``, ``FashionMNIST/raw`` and ``fashion_mnist``): bnlab uses it
+    or fails, never another copy. With nothing named: ``./data`` (and those sub-folders), then
+    ``/usr/share/datasets/fashion-mnist``.
 
     Raises:
-        FileNotFoundError: listing every folder looked in and the install command.
+        FileNotFoundError: naming the folder given (or listing every folder looked in) and the
+            install command.
     """
     looked = candidate_dirs(root)
     for folder in looked:
         if all(_locate(folder, stem) is not None for pair in FILES.values() for stem in pair):
             return folder
-    places = "\n".join(f"  - {p}" for p in looked)
+    wanted = ", ".join(s + "[.gz]" for pair in FILES.values() for s in pair)
+    install = f"`{INSTALL_COMMAND}` (without sudo when root)"
+    named = named_folder(root)
+    if named:
+        path, how = named
+        if not path.exists():
+            state = "does not exist"
+        elif not path.is_dir():
+            state = "is not a folder"
+        else:
+            state = "does not hold Fashion-MNIST"
+        raise FileNotFoundError(
+            f"{path} ({how}) {state}: expected {wanted} in it or in one of its sub-folders "
+            f"{', '.join(s for s in _SUBDIRS if s)}. bnlab uses the folder you name and never "
+            f"falls back to another copy; to use the system copy, install it with {install} "
+            "and name no folder."
+        )
     raise FileNotFoundError(
-        "Fashion-MNIST not found (bnlab never downloads). Looked for "
-        f"{', '.join(s + '[.gz]' for pair in FILES.values() for s in pair)} in:\n{places}\n"
-        f"Install it with `{INSTALL_COMMAND}` (without sudo when root), or point $BNLAB_DATA "
-        "(or root=) at a folder holding the four files."
+        f"Fashion-MNIST not found (bnlab never downloads): looked for {wanted} in "
+        f"{'; '.join(str(p) for p in looked)}. Install it with {install}, or name a folder "
+        "holding the four files with --data or $BNLAB_DATA."
     )
+
+
+def data_source(folder: Path) -> dict:
+    """Provenance of the data in ``folder`` for metrics.json and the report: the resolved folder
+    and, per file, its size in bytes and sha256 (cached while the files are unchanged)."""
+    folder = Path(folder)
+    files = {}
+    for pair in FILES.values():
+        for stem in pair:
+            path = _locate(folder, stem)
+            if path is None:
+                raise FileNotFoundError(f"{folder}: {stem}[.gz] is missing")
+            files[path.name] = _file_digest(path)
+    return {"folder": str(folder.resolve()), "files": files}
+
+
+_digests: dict[tuple, dict] = {}
+
+
+def _file_digest(path: Path) -> dict:
+    key = (str(path.resolve()), *_stamp(path))
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _digests[key] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return _digests[key]
 
 
 def load_fashion_mnist(split: str = "train", root=None, *, cache: bool = True):

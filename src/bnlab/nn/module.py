@@ -74,6 +74,21 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def _state_problem(value: np.ndarray, slot: np.ndarray) -> str | None:
+    """Shape, kind and finiteness of a loaded value against the slot it goes into: float slots
+    take finite floats only (integers would be cast silently), integer slots integers."""
+    if value.shape != slot.shape:
+        return f"expected shape {slot.shape}, got {value.shape}"
+    if slot.dtype.kind == "f":
+        if value.dtype.kind != "f":
+            return f"expected a floating-point array, got dtype {value.dtype}"
+        if not np.isfinite(value).all():
+            return "contains NaN or Inf"
+    elif value.dtype.kind not in "iu":
+        return f"expected an integer array, got dtype {value.dtype}"
+    return None
+
+
 class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -293,8 +308,10 @@ class Module:
         """Copy ``state_dict`` into this module's arrays (cast to their dtypes).
 
         Every key is checked before anything is written: with ``strict=True`` missing or
-        unexpected keys raise a KeyError listing them all; a shape mismatch always raises a
-        ShapeError listing every mismatch. On any error nothing has been modified.
+        unexpected keys raise a KeyError listing them all; a wrong shape, an integer array for a
+        float slot (or a float for an integer one), NaN/Inf, or a value a module refuses (a
+        negative running variance) raises a ShapeError listing every problem. On any error
+        nothing has been modified.
         Accepts NumPy arrays or torch tensors (converted with ``.detach().cpu().numpy()``).
         """
         if not hasattr(state_dict, "keys"):
@@ -308,16 +325,13 @@ class Module:
                 f"missing keys: {missing}; unexpected keys: {unexpected}"
             )
         values, problems = {}, []
-        for key, (_, _, arr) in slots.items():
+        for key, (mod, name, arr) in slots.items():
             if key not in state_dict:
                 continue
             val = _as_numpy(state_dict[key], key)
-            if val.shape != arr.shape:
-                problems.append(f"{key}: expected shape {arr.shape}, got {val.shape}")
-            elif val.dtype.kind not in "fiub":
-                problems.append(f"{key}: expected a numeric array, got dtype {val.dtype}")
-            elif arr.dtype.kind == "f" and not np.isfinite(val).all():
-                problems.append(f"{key}: contains NaN or Inf")
+            problem = _state_problem(val, arr) or mod._state_value_problem(name, val)
+            if problem:
+                problems.append(f"{key}: {problem}")
             values[key] = val
         if problems:
             raise ShapeError(
@@ -327,6 +341,12 @@ class Module:
             _, _, arr = slots[key]
             np.copyto(arr, val, casting="unsafe")
         return IncompatibleKeys(missing, unexpected)
+
+    def _state_value_problem(self, name: str, value: np.ndarray) -> str | None:
+        """What is wrong with ``value`` for this module's parameter or buffer ``name`` beyond
+        shape and dtype (e.g. a negative variance), or None. Subclasses with constraints
+        override it; :meth:`load_state_dict` refuses the whole state dict on any problem."""
+        return None
 
     # ------------------------------------------------------------------ forward/backward
     def forward(self, *args):

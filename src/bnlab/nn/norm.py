@@ -90,6 +90,13 @@ class _BatchNorm(Module):
             if b is not None and b.dtype != _buffer_dtype(b.dtype):
                 self._buffers[name] = b.astype(_buffer_dtype(b.dtype))
 
+    def _state_value_problem(self, name: str, value: np.ndarray) -> str | None:
+        if name == "running_var" and (value < 0).any():
+            return f"a variance must be >= 0, found {float(value.min()):.4g}"
+        if name == "num_batches_tracked" and (value < 0).any():
+            return f"a batch count must be >= 0, found {int(value.min())}"
+        return None
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean[...] = 0

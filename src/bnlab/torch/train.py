@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -34,16 +35,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnlab.errors import TrainingDiverged, UsageError
+from bnlab.runs import LOCK_HELD_ENV, RunFolder, check_mode, resume_error
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
 from bnlab.train import (
     Splits,
     TrainConfig,
+    checkpoint_extra,
+    data_record,
+    divergence_message,
     epoch_row,
     format_epoch,
     limit_splits,
     load_splits,
     peak_rss_mb,
+    short_last_batch,
+    weights_finite,
 )
 
 MODELS = ("lenet-bn",)
@@ -117,12 +125,16 @@ def train_step(model, opt, x, y, global_batch: int, ctx: Dist) -> tuple[float, i
 
 
 def train_epoch(model, opt, splits: Splits, config: TrainConfig, epoch: int, ctx: Dist) -> dict:
+    """One epoch on this rank's shards. The loss sums are all-reduced, so every rank sees the
+    same non-finite total and stops together (TrainingDiverged) instead of one rank hanging."""
     from bnlab.data import batches
 
     model.train()
+    drop = short_last_batch(len(splits.train_labels), config.batch_size, ctx.world) > 0
     it = batches(
-        splits.train_images, splits.train_labels, config.batch_size, seed=config.seed, epoch=epoch
-    )
+        splits.train_images, splits.train_labels, config.batch_size, seed=config.seed,
+        epoch=epoch, drop_last=drop,
+    )  # fmt: skip
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for xb, yb in it:
@@ -131,6 +143,9 @@ def train_epoch(model, opt, splits: Splits, config: TrainConfig, epoch: int, ctx
         loss, ok = train_step(model, opt, x, y, len(yb), ctx)
         loss_sum, correct, seen = loss_sum + loss, correct + ok, seen + len(y)
     loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], ctx)
+    params = (p.detach().numpy() for p in model.parameters())
+    if not (math.isfinite(loss_sum) and weights_finite(params)):
+        raise TrainingDiverged(divergence_message(config, epoch, "some step"))
     return epoch_row(epoch, loss_sum, correct, seen, time.perf_counter() - start)
 
 
@@ -204,42 +219,29 @@ def save_epoch(out: Path, states: _NumpyStates, config: dict, metrics: dict, don
     from bnlab.checkpoint import save_checkpoint
     from bnlab.io import atomic_write_json
 
-    extra = {
-        "config": config,
-        "rng": {"data_order": "numpy default_rng([seed, epoch]).permutation",
-                "seed": config["seed"], "next_epoch": done},
-        "epochs": metrics["epochs"],
-    }  # fmt: skip
     model = _Holder(states.model_state)
     opt = _Holder(states.optim_state, states.hyperparameters)
+    extra = checkpoint_extra(config, metrics, done)
     save_checkpoint(out, model, opt, model_name=config["model"], epoch=done, extra=extra)
     atomic_write_json(out / "metrics.json", metrics)
 
 
-def write_report(out: Path, metrics: dict, module: nn.Module) -> Path:
-    """report.md with the curves and the learned BN γ, β (the NumPy engine's renderer)."""
-    from bnlab.io import atomic_write_text
-    from bnlab.train import plot_curves, render_report
-
-    bn = [
+def bn_parameters(module: nn.Module) -> list:
+    """(name, γ, β) of every affine batch-norm layer, for the report."""
+    return [
         (name, m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
     ]
-    figures = plot_curves(out, metrics["epochs"])
-    path = out / "report.md"
-    atomic_write_text(path, render_report(metrics, bn, figures, out))
-    return path
 
 
 def _resume(out: Path, config: dict, states: _NumpyStates, metrics: dict) -> int:
     from bnlab.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(out, expect_model=config["model"])
-    stored = ckpt.meta.get("config", {})
-    bad = [k for k in config if k != "epochs" and stored.get(k) != config[k]]
-    if bad:
-        raise ValueError(f"cannot resume {out}: these settings differ from the checkpoint's: {bad}")
+    problem = resume_error(out, config, ckpt.meta.get("config", {}))
+    if problem:
+        raise UsageError(problem)
     states.load(ckpt.model_state, ckpt.optim_state)
     metrics["epochs"] = list(ckpt.meta.get("epochs", []))[: ckpt.epoch]
     return ckpt.epoch
@@ -248,61 +250,49 @@ def _resume(out: Path, config: dict, states: _NumpyStates, metrics: dict) -> int
 # --------------------------------------------------------------------------- the run
 
 
-def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """A new run needs a folder without a checkpoint (or ``overwrite``); ``resume`` needs one."""
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
-    exists = (out / "checkpoint.safetensors").exists()
-    if resume and not exists:
-        raise FileNotFoundError(f"nothing to resume: {out} holds no checkpoint.safetensors")
-    if exists and not (resume or overwrite):
-        raise FileExistsError(
-            f"{out} already holds a checkpoint; pass --resume to continue it, --overwrite to "
-            "start again, or choose a new --out"
-        )
-
-
-def _clear_run_files(out: Path, ctx: Dist) -> None:
-    """--overwrite: rank 0 deletes the files a run writes (anything else stays), then all go on."""
-    from bnlab.train import RUN_FILES
-
-    if ctx.main:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    if ctx.world > 1:
-        dist.barrier()
-
-
 def train(config: TrainConfig, out, *, ctx: Dist | None = None, resume=False, overwrite=False,
           splits=None, data_root=None, log=print, report=True) -> dict:  # fmt: skip
-    """Train (or resume) in folder ``out`` on every rank; rank 0 writes the files. ``overwrite``
-    first deletes a previous run's files (``resume`` and ``overwrite`` exclude each other)."""
+    """Train (or resume) in folder ``out`` on every rank; rank 0 owns the folder (:mod:`bnlab.runs`:
+    locked, validated before anything changes, --overwrite acting at the first save) and writes
+    the files. Resuming a finished run does nothing. Raises TrainingDiverged on a NaN/Inf loss."""
     config.validate()
     ctx = ctx or init_distributed()
     out = Path(out)
+    check_mode(out, resume, overwrite)  # every rank: the same answer before any collective
+    if not ctx.main:
+        return _train_run(config, out, ctx, None, resume, splits, data_root, log, report)
+    with RunFolder.claim(out, resume=resume, overwrite=overwrite) as run:
+        return _train_run(config, out, ctx, run, resume, splits, data_root, log, report)
+
+
+def _train_run(config, out, ctx, run, resume, splits, data_root, log, report) -> dict:
     module, opt = build(config, ctx)
     states = _NumpyStates(module, opt)
     cfg = {**asdict(config), "engine": "torch", "world_size": ctx.world}
     metrics = {"config": cfg, "epochs": []}
-    start = 0
-    check_run_folder(out, resume, overwrite)
-    if resume:
-        start = _resume(out, cfg, states, metrics)
-    elif overwrite:
-        _clear_run_files(out, ctx)
+    start = _resume(out, cfg, states, metrics) if resume else 0
+    if start >= config.epochs and resume:
+        if ctx.main:
+            log(f"nothing to do: {out} already has {start} epochs (--epochs {config.epochs}); "
+                "the run is left as it is")  # fmt: skip
+        return metrics
     model = wrap(module, ctx)
     splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
+    metrics["data"] = data_record(splits, config, ctx.world)
     for epoch in range(start, config.epochs):
         row = train_epoch(model, opt, splits, config, epoch, ctx)
         row["test_acc"] = evaluate(module, splits.test_images, splits.test_labels, ctx)
         metrics["epochs"].append(row)
         metrics["peak_rss_mb"] = peak_rss_mb()  # this process (rank 0 when distributed)
         if ctx.main:
-            out.mkdir(parents=True, exist_ok=True)
             save_epoch(out, states, cfg, metrics, epoch + 1)
+            run.wrote()
             log(format_epoch(row, config.epochs))
     if ctx.main and report:
-        write_report(out, metrics, module)
+        from bnlab.report import write_report
+
+        write_report(out, metrics, bn_parameters(module))
+        run.wrote()
     if ctx.world > 1:
         dist.barrier()  # nobody tears the group down while rank 0 is still writing
     return metrics
@@ -348,29 +338,35 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, momentum=args.momentum, weight_decay=args.weight_decay,
-        train_limit=args.train_limit, test_limit=args.test_limit,
+        train_limit=args.train_limit, test_limit=args.test_limit, engine="torch",
     )  # fmt: skip
 
 
-def preflight(argv: list[str]) -> str | None:
-    """The error every rank would hit (bad settings, run folder, missing data), found once before
-    torchrun starts the processes; None when the run can start."""
+def preflight(argv: list[str]) -> None:
+    """Raise the error every rank would hit (bad settings, run folder, missing data) once,
+    before torchrun starts the processes."""
     from bnlab.data import find_fashion_mnist
 
     args = parse_args(argv)
-    try:
-        config_of(args).validate()
-        check_run_folder(Path(args.out), args.resume, args.overwrite)
-        find_fashion_mnist(args.data)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        return str(err)
-    return None
+    config_of(args).validate()
+    check_mode(Path(args.out), args.resume, args.overwrite)
+    find_fashion_mnist(args.data)
+
+
+#: Set by :func:`launch` for its torchrun workers: the file where rank 0 leaves its exit status.
+STATUS_ENV = "BNLAB_TRAIN_STATUS_FILE"
 
 
 def main(argv=None) -> int:
+    """Run one rank; returns the CLI exit status (0, 1 diverged, 2 bad input, 3 internal). Under
+    :func:`launch`, the status goes to STATUS_ENV's file and the process exits 0, so torchrun
+    does not print its own failure report on top of bnlab's one-line error."""
+    from bnlab.cli import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE, describe, usage_errors
+
     args = parse_args(argv)
-    config = config_of(args)
+    ctx, code, metrics = Dist(), 0, None
     try:
+        config = config_of(args)
         config.validate()
         if args.backend is not None:
             from bnlab.backend import set_backend
@@ -382,17 +378,34 @@ def main(argv=None) -> int:
             config, args.out, ctx=ctx, resume=args.resume, overwrite=args.overwrite,
             data_root=args.data,
         )  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"bnlab.torch.train: error: {err}", file=sys.stderr)
-        return 2
+    except TrainingDiverged as err:
+        code, message = EXIT_FAILED, f"error: {err}"
+    except usage_errors() as err:
+        code, message = EXIT_USAGE, f"error: {describe(err)}"
+    except Exception as err:
+        if os.environ.get("BNLAB_DEBUG"):
+            raise
+        code = EXIT_INTERNAL
+        message = f"internal error: {type(err).__name__}: {describe(err)} (a bug in bnlab)"
     finally:
         if dist.is_initialized():
             # free DDP's reducer (held in reference cycles) while its group is still alive, so
             # nothing touches a destroyed group at interpreter exit
             gc.collect()
             dist.destroy_process_group()
-    if ctx.main and metrics["epochs"]:
+    if code and (ctx.main or code == EXIT_INTERNAL):
+        print(f"bnlab train: {message}", file=sys.stderr)
+    elif ctx.main and metrics and metrics["epochs"]:
         print(f"final test accuracy {metrics['epochs'][-1]['test_acc']:.4f}; outputs in {args.out}")
+    return _report_status(code, ctx)
+
+
+def _report_status(code: int, ctx: Dist) -> int:
+    status_file = os.environ.get(STATUS_ENV)
+    if not status_file:
+        return code
+    if ctx.main or code:
+        Path(f"{status_file}.{ctx.rank}").write_text(str(code))
     return 0
 
 
@@ -410,19 +423,39 @@ def torchrun_command(argv: list[str], nproc: int, port: int | None = None) -> li
 
 def launch(argv: list[str], nproc: int = 1) -> int:
     """Run the trainer in this process (nproc = 1) or under torchrun (for ``bnlab train --engine
-    torch --nproc N``); returns the exit status."""
+    torch --nproc N``); returns the exit status. With torchrun, this process validates the
+    arguments and owns the run folder (its lock) while the workers run."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
     if nproc == 1:
         return main(argv)
-    problem = preflight(argv)
-    if problem:
-        print(f"bnlab.torch.train: error: {problem}", file=sys.stderr)
-        return 2
-    import subprocess
+    preflight(argv)
+    args = parse_args(argv)
+    with RunFolder.claim(args.out, resume=args.resume, overwrite=args.overwrite) as run:
+        code = _run_torchrun(argv, nproc, run)
+        run.adopt_files()
+    return code
 
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(torchrun_command(argv, nproc), env=env, stdin=subprocess.DEVNULL)
+
+def _run_torchrun(argv: list[str], nproc: int, run: RunFolder) -> int:
+    import subprocess
+    import tempfile
+
+    from bnlab.cli import EXIT_INTERNAL
+
+    with tempfile.TemporaryDirectory(prefix="bnlab-train-") as tmp:
+        status = Path(tmp) / "status"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            LOCK_HELD_ENV: str(run.path.resolve()),
+            STATUS_ENV: str(status),
+        }
+        code = subprocess.call(torchrun_command(argv, nproc), env=env, stdin=subprocess.DEVNULL)
+        codes = [int(p.read_text() or EXIT_INTERNAL) for p in Path(tmp).glob("status.*")]
+    if code:  # a worker crashed outside main(): torchrun has reported it
+        return EXIT_INTERNAL
+    return max(codes, default=EXIT_INTERNAL)
 
 
 if __name__ == "__main__":
