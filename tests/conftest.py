@@ -66,3 +66,32 @@ def require_fashion_mnist() -> Path:
 @pytest.fixture
 def fashion_mnist_dir() -> Path:
     return require_fashion_mnist()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """``small_fs(size="64k", read_only=False) -> Path``: a fresh tmpfs of that size mounted under
+    tmp_path (a real ENOSPC / EROFS, which root's permissions cannot bypass). Needs root (CI runs
+    as root); unmounted after the test."""
+    import subprocess
+
+    mounts = []
+
+    def make(size: str = "64k", read_only: bool = False) -> Path:
+        point = tmp_path / f"fs{len(mounts)}"
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True
+        )
+        if done.returncode != 0:
+            if IN_CI:
+                pytest.fail(f"CI=true but tmpfs cannot be mounted: {done.stderr.decode()}")
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode()}")
+        mounts.append(point)
+        return point
+
+    yield make
+    for point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+

@@ -292,7 +292,7 @@ def train(
         else:
             splits = limit_splits(splits, config)
         metrics["data"] = data_record(splits, config)
-        _announce_dropped(metrics["data"], log)
+        announce_dropped(metrics["data"], log)
         _train_epochs(model, opt, splits, config, run, metrics, start_epoch, progress, log)
         if metrics["epochs"] and has_batch_norm(model):
             metrics["population_stats"] = population_stats_accuracy(model, splits, config)
@@ -309,7 +309,7 @@ def train(
     return metrics
 
 
-def _announce_dropped(data: dict, log) -> None:
+def announce_dropped(data: dict, log) -> None:
     if data.get("dropped_last_batch"):
         log(
             f"note: the last training batch would hold {data['dropped_last_batch']} example(s), "

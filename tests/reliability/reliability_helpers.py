@@ -54,3 +54,10 @@ def expect_clean_error(fn, exc, needles, state=()):
     for i, (obj, old) in enumerate(zip(state, before, strict=True)):
         assert snapshot(obj) == old, f"state object #{i} ({type(obj).__name__}) was modified"
     return info.value
+
+
+def remount_read_only(point: Path) -> None:
+    """Make a :func:`small_fs` mount read-only (after the test has put files on it)."""
+    import subprocess  # noqa: PLC0415
+
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True, capture_output=True)

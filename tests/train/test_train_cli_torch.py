@@ -44,15 +44,19 @@ def test_two_process_torch_run_writes_a_sane_run_folder(fashion_mnist_dir, tmp_p
 
     out = tmp_path / "run"
     argv = ["train", "--engine", "torch", "--nproc", "2", "--epochs", "1", "--batch-size", "128"]
-    argv += ["--train-limit", "1024", "--test-limit", "500", "--lr", "0.5", "--threads", "1"]
+    # 1025 = 8 batches of 128 + a last batch of 1, which SyncBN cannot normalize: dropped
+    argv += ["--train-limit", "1025", "--test-limit", "500", "--lr", "0.5", "--threads", "1"]
     argv += ["--data", str(fashion_mnist_dir), "--out", str(out), "--no-progress"]
     done = _run_cli(argv)
     assert done.returncode == 0, done.stdout
+    assert "dropped every epoch" in done.stdout and "Traceback" not in done.stdout
 
     metrics = json.loads((out / "metrics.json").read_text())
     cfg = metrics["config"]
     assert (cfg["engine"], cfg["world_size"], cfg["batch_size"]) == ("torch", 2, 128)
-    assert (cfg["train_limit"], cfg["test_limit"], cfg["lr"]) == (1024, 500, 0.5)
+    assert (cfg["train_limit"], cfg["test_limit"], cfg["lr"]) == (1025, 500, 0.5)
+    assert metrics["data"]["dropped_last_batch"] == 1
+    assert metrics["data"]["folder"] == str(fashion_mnist_dir.resolve())
     (row,) = metrics["epochs"]
     assert set(row) == EPOCH_KEYS and row["epoch"] == 1
     assert math.isfinite(row["train_loss"]) and 0 < row["train_loss"] < 10
@@ -69,6 +73,16 @@ def test_two_process_torch_run_writes_a_sane_run_folder(fashion_mnist_dir, tmp_p
     assert running_var and all((v > 0).all() and not np.allclose(v, 1) for v in running_var)
     report = (out / "report.md").read_text()
     assert "--engine torch --nproc 2" in report and (out / "loss.png").is_file()
+
+    # a diverging --overwrite run: exit 1, bnlab's one line and no torchrun report, old run kept
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    lr_at = argv.index("--lr") + 1
+    diverging = [*argv[:lr_at], "3e38", *argv[lr_at + 1 :], "--overwrite"]
+    done = _run_cli(diverging)
+    assert done.returncode == 1, done.stdout
+    assert "Traceback" not in done.stdout and "ChildFailedError" not in done.stdout
+    assert "bnlab train: error: training diverged" in done.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def _parse(argv):

@@ -42,6 +42,7 @@ from bnlab.torch.sync import convert_sync_batchnorm
 from bnlab.train import (
     Splits,
     TrainConfig,
+    announce_dropped,
     checkpoint_extra,
     data_record,
     divergence_message,
@@ -279,6 +280,8 @@ def _train_run(config, out, ctx, run, resume, splits, data_root, log, report) ->
     model = wrap(module, ctx)
     splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
     metrics["data"] = data_record(splits, config, ctx.world)
+    if ctx.main:
+        announce_dropped(metrics["data"], log)
     for epoch in range(start, config.epochs):
         row = train_epoch(model, opt, splits, config, epoch, ctx)
         row["test_acc"] = evaluate(module, splits.test_images, splits.test_labels, ctx)
