@@ -138,8 +138,8 @@ def load_checkpoint(path, *, expect_model: str | None = None) -> Checkpoint:
 
     Raises:
         FileNotFoundError: the weights file is missing (see :func:`existing_paths`).
-        DataFormatError: not a checkpoint, truncated/corrupt file (including a tensor checksum mismatch), or not a
-            bnlab checkpoint. A stale sidecar only warns (StaleSidecarWarning).
+        DataFormatError: not a bnlab checkpoint, or a truncated/corrupt one (including a tensor
+            checksum mismatch). A stale sidecar only warns (StaleSidecarWarning).
         ValueError: ``expect_model`` is given and the checkpoint is of another model.
     """
     from bnlab.io import load_safetensors
