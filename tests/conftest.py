@@ -94,4 +94,3 @@ def small_fs(tmp_path):
     yield make
     for point in reversed(mounts):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 BACKENDS = ("numpy", "numba")
 
@@ -52,3 +53,11 @@ def resolve_backend(name: str | None) -> str:
     if name == "numba" and not numba_available():
         raise ValueError("backend='numba' was requested but numba is not installed")
     return name
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

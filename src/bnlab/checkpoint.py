@@ -77,19 +77,18 @@ def existing_paths(path) -> tuple[Path, Path]:
     if weights.is_file():
         return weights, sidecar
     if given.is_dir():
-        raise FileNotFoundError(
-            f"{given}: not a bnlab run folder (no checkpoint.safetensors in it)"
-        )
-    if given.suffix not in ("", ".safetensors", ".json"):
-        if given.exists():
-            raise DataFormatError(
-                f"{given}: not a bnlab checkpoint (give a run folder, NAME.safetensors or "
-                "NAME.json written by bnlab train)"
-            )
-        raise FileNotFoundError(f"{given}: no such file")
-    if given.suffix == "":
-        raise FileNotFoundError(f"{given}: no such run folder or checkpoint")
-    raise FileNotFoundError(f"{given}: no such checkpoint (missing {weights.name})")
+        raise FileNotFoundError(f"{given}: not a run folder (no checkpoint.safetensors in it)")
+    if not given.exists():
+        what = "run folder or checkpoint" if given.suffix == "" else "file"
+        raise FileNotFoundError(f"{given}: no such {what}")
+    if not given.is_file():
+        raise DataFormatError(f"{given}: not a regular file")
+    if given.suffix == ".json":
+        raise FileNotFoundError(f"{given}: the checkpoint's {weights.name} is missing")
+    raise DataFormatError(
+        f"{given}: not a bnlab checkpoint (give a run folder, NAME.safetensors or NAME.json "
+        "written by bnlab train)"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -113,18 +112,36 @@ def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
 def save_checkpoint(path, model, optimizer, *, model_name: str, epoch: int, extra=None) -> Path:
     """Write ``model`` and ``optimizer`` state after ``epoch`` completed epochs; returns the
     weights path. ``extra`` (JSON-serialisable dict) is stored in the metadata."""
+    return save_state(
+        path,
+        model.state_dict(),
+        optimizer.state_dict(),
+        {"type": type(optimizer).__name__, **optimizer.hyperparameters()},
+        model_name=model_name,
+        epoch=epoch,
+        extra=extra,
+    )
+
+
+def save_state(
+    path, model_state: dict, optim_state: dict, optimizer: dict, *, model_name: str, epoch: int,
+    extra=None,
+) -> Path:  # fmt: skip
+    """:func:`save_checkpoint` from plain state dicts (name -> ndarray) and the optimizer's
+    description (``{"type": ..., hyper-parameters}``): for callers without bnlab objects (the
+    torch engine, recalibration, a loaded :class:`Checkpoint` written elsewhere)."""
     from bnlab.io import atomic_write_json, save_safetensors
 
     weights, sidecar = paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    tensors.update({OPTIM_PREFIX + k: v for k, v in optimizer.state_dict().items()})
+    tensors = {MODEL_PREFIX + k: v for k, v in model_state.items()}
+    tensors.update({OPTIM_PREFIX + k: v for k, v in optim_state.items()})
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "model": model_name,
         "epoch": int(epoch),
-        "optimizer": {"type": type(optimizer).__name__, **optimizer.hyperparameters()},
+        "optimizer": dict(optimizer),
         **(extra or {}),
         "tensors_sha256": tensors_sha256(tensors),
     }

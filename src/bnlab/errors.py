@@ -39,3 +39,10 @@ class UsageError(BNLabError, ValueError):
 class TrainingDiverged(BNLabError, ArithmeticError):
     """The training loss or the weights became NaN/Inf; the run folder keeps the last finite
     epoch (the CLI exits with status 1)."""
+
+
+class StateDictError(BNLabError, KeyError):
+    """A state dict's keys do not fit the model (missing or unexpected keys)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

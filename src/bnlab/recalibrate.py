@@ -258,3 +258,66 @@ def _torch_hook(name: str, sink: dict):
         sink[name] = (mean.numpy(), var.numpy(), count)
 
     return hook
+
+
+# --------------------------------------------------------------------------- a run folder
+
+
+def recalibrate_run(
+    checkpoint, out, *, data_root=None, batch_size=None, max_batches=None,
+    method: str = "population", overwrite: bool = False,
+) -> dict:  # fmt: skip
+    """Recalibrate a ``bnlab train`` run into a new run folder ``out`` (the CLI's
+    ``bnlab recalibrate``): the run's model with population statistics from the training split
+    (the run's own ``train_limit``; batches in file order, ``batch_size`` defaulting to the
+    run's), test accuracy before and after, and the same checkpoint format, so every command
+    that takes a run takes ``out``. Returns the record also stored in ``out/metrics.json``.
+    """
+    import itertools
+
+    from bnlab import nn
+    from bnlab.checkpoint import load_checkpoint, save_state
+    from bnlab.data import batches, find_fashion_mnist, load_fashion_mnist
+    from bnlab.data.fashion_mnist import data_source
+    from bnlab.errors import UsageError
+    from bnlab.io import atomic_write_json
+    from bnlab.models import build_model
+    from bnlab.runs import RunFolder
+    from bnlab.train import evaluate, has_batch_norm
+
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt.model_name, seed=0)
+    model.load_state_dict(ckpt.model_state)
+    if not has_batch_norm(model):
+        raise UsageError(f"{checkpoint}: model {ckpt.model_name!r} has no batch-norm layer")
+    cfg = ckpt.meta.get("config", {})
+    b = batch_size or int(cfg.get("batch_size", 256))
+    folder = find_fashion_mnist(data_root)
+    train_x, train_y = (a[: cfg.get("train_limit")] for a in load_fashion_mnist("train", folder))
+    test_x, test_y = (a[: cfg.get("test_limit")] for a in load_fashion_mnist("test", folder))
+    it = batches(train_x, train_y, b, shuffle=False, drop_last=len(train_y) > b)
+    with RunFolder.claim(out, overwrite=overwrite, can_resume=False) as run:
+        before = evaluate(model, test_x, test_y)
+        with nn.no_grad():
+            summary = recalibrate(model, itertools.islice(it, max_batches), method=method)
+        record = {
+            "from": str(checkpoint),
+            "method": method,
+            "batches": summary.batches_used,
+            "batches_skipped": summary.batches_skipped,
+            "batch_size": b,
+            "layers": summary.layers,
+            "test_acc_before": before,
+            "test_acc_after": evaluate(model, test_x, test_y),
+        }
+        data = data_source(folder)
+        extra = {k: v for k, v in ckpt.meta.items() if k in ("config", "rng", "epochs")}
+        extra |= {"data": data, "recalibration": record}
+        save_state(
+            run.path, model.state_dict(), ckpt.optim_state, ckpt.meta["optimizer"],
+            model_name=ckpt.model_name, epoch=ckpt.epoch, extra=extra,
+        )  # fmt: skip
+        metrics = {"config": cfg, "data": data, "epochs": ckpt.meta.get("epochs", [])}
+        atomic_write_json(run.path / "metrics.json", {**metrics, "recalibration": record})
+        run.wrote()
+    return record

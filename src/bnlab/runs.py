@@ -67,7 +67,7 @@ class RunFolder:
 
     @classmethod
     @contextlib.contextmanager
-    def claim(cls, path, *, resume: bool = False, overwrite: bool = False):
+    def claim(cls, path, *, resume: bool = False, overwrite: bool = False, can_resume=True):
         """Validate the mode against the folder, create it, lock it, prove it writable.
 
         Raises UsageError (resume + overwrite; a path that is a file), FileExistsError (a
@@ -75,7 +75,7 @@ class RunFolder:
         RunFolderBusy, or OSError (not writable, disk full).
         """
         path = Path(path)
-        check_mode(path, resume, overwrite)
+        check_mode(path, resume, overwrite, can_resume)
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,9 @@ class RunFolder:
                 (self.path / name).unlink(missing_ok=True)
 
 
-def check_mode(path: Path, resume: bool, overwrite: bool) -> None:
-    """The --resume / --overwrite rules against what the folder holds (nothing is changed)."""
+def check_mode(path: Path, resume: bool, overwrite: bool, can_resume: bool = True) -> None:
+    """The --resume / --overwrite rules against what the folder holds (nothing is changed);
+    ``can_resume``: whether the command offers --resume (for the error's advice)."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if path.exists() and not path.is_dir():
@@ -122,9 +123,10 @@ def check_mode(path: Path, resume: bool, overwrite: bool) -> None:
     if resume and not has_checkpoint:
         raise FileNotFoundError(f"nothing to resume: {path} holds no checkpoint.safetensors")
     if has_checkpoint and not (resume or overwrite):
+        resume_hint = "--resume to continue it, " if can_resume else ""
         raise FileExistsError(
-            f"{path} already holds a checkpoint; pass --resume to continue it, --overwrite to "
-            "start again, or choose a new --out"
+            f"{path} already holds a checkpoint; pass {resume_hint}--overwrite to replace it, "
+            "or choose a new --out"
         )
 
 

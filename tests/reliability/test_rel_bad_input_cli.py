@@ -26,7 +26,7 @@ def _needs(command: str):
 TRAIN_CASES = [
     ("epochs-negative", ["--epochs", "-1"], ["--epochs", ">= 0"]),
     ("epochs-text", ["--epochs", "ten"], ["--epochs", "integer"]),
-    ("batch-size-zero", ["--batch-size", "0"], ["--batch-size", "> 0"]),
+    ("batch-size-zero", ["--batch-size", "0"], ["--batch-size", ">= 1"]),
     ("batch-size-negative", ["--batch-size", "-256"], ["--batch-size"]),
     ("model-unknown", ["--model", "resnet50"], ["--model", "invalid choice"]),
     ("lr-zero", ["--lr", "0"], ["--lr", "> 0"]),

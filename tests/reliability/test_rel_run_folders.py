@@ -212,26 +212,14 @@ def test_numpy_engine_refuses_to_resume_a_torch_run(tmp_path, fake_data, capsys)
 
 def _forge_engine(out, engine):
     """Rewrite a checkpoint's stored config as if another engine had written it (valid sums)."""
-    from bnlab.checkpoint import load_checkpoint, save_checkpoint
+    from bnlab.checkpoint import load_checkpoint, save_state
 
     ckpt = load_checkpoint(out)
     meta = dict(ckpt.meta)
     meta["config"] = {**meta["config"], "engine": engine, "world_size": 1}
-
-    class _State:
-        def __init__(self, state, hyper=None):
-            self._s, self._h = state, hyper
-
-        def state_dict(self):
-            return self._s
-
-        def hyperparameters(self):
-            return self._h
-
     extra = {k: meta[k] for k in ("config", "rng", "epochs", "data") if k in meta}
-    hyper = {k: v for k, v in meta["optimizer"].items() if k != "type"}
-    save_checkpoint(
-        out, _State(ckpt.model_state), _State(ckpt.optim_state, hyper),
+    save_state(
+        out, ckpt.model_state, ckpt.optim_state, meta["optimizer"],
         model_name=meta["model"], epoch=meta["epoch"], extra=extra,
     )  # fmt: skip
 

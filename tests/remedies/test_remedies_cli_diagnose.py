@@ -92,8 +92,9 @@ def test_nan_running_statistics_load_and_fail(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--batch-size", "0"], "--batch-size must be > 0"),
-        (["--batches", "-1"], "--batches must be > 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be an integer >= 2, got 0"),
+        (["--batch-size", "1"], "argument --batch-size: must be an integer >= 2, got 1"),
+        (["--batches", "-1"], "argument --batches: must be an integer >= 1, got -1"),
         (["--batch-size", "1000"], "fewer than --batch-size"),
     ],
 )
@@ -105,8 +106,11 @@ def test_bad_arguments_exit_2(run_dir, capsys, extra, match):
 
 @pytest.mark.reliability
 def test_bad_files_exit_2(run_dir, tmp_path, capsys):
-    assert main(["diagnose", "--checkpoint", str(tmp_path / "nope"), "--inputs", "x.npz"]) == 2
-    assert "not found" in capsys.readouterr().err
+    args = ["diagnose", "--checkpoint", str(tmp_path / "nope"), "--inputs", str(run_dir / "x.npz")]
+    assert main(args) == 2
+    assert "nope: no such run folder" in capsys.readouterr().err
+    assert main(["diagnose", "--checkpoint", str(run_dir), "--inputs", "x.npz"]) == 2
+    assert "--inputs: x.npz: no such file" in capsys.readouterr().err
     save_npz(tmp_path / "y.npz", {"y": np.zeros(3)})
     args = ["diagnose", "--checkpoint", str(run_dir), "--inputs", str(tmp_path / "y.npz")]
     assert main(args) == 2

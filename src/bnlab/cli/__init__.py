@@ -33,7 +33,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES_HELP = f"""exit status:
   {EXIT_OK}    success
   {EXIT_FAILED}    the command ran and reports a failure (diagnose: a BAD layer; check: an error
-       over its tolerance)
+       over its tolerance; train: the loss diverged)
   {EXIT_USAGE}    bad arguments, files or data (a one-line error on stderr; nothing was changed)
   {EXIT_INTERNAL}    internal error in bnlab (set BNLAB_DEBUG=1 for the traceback)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
@@ -93,7 +93,10 @@ def describe(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or argparse's usage error (2), already printed
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_USAGE

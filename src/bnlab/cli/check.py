@@ -9,7 +9,11 @@ HELP = (
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    from bnlab.cli._args import nonneg_int
+
+    parser.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of the random inputs (default 0)"
+    )
     parser.add_argument(
         "--no-torch", action="store_true", help="skip the PyTorch comparison even if torch imports"
     )

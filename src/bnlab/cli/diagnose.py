@@ -4,13 +4,22 @@ Runs the checkpoint's model on real batches (Fashion-MNIST, or any ``--inputs x.
 table per BN layer (mean shift in σ, variance ratio, train-vs-eval difference, batch noise, dead
 channels, non-finite running statistics, momentum), a verdict with advice, and optionally writes
 JSON and a PNG plot. ``--shift``/``--scale`` transform the inputs (x·scale + shift) to show what a
-data shift does. Exit status: 0 (ok or warn), 1 (a layer is bad), 2 (bad arguments or files).
+data shift does. Exit status: 0 (ok or warn), 1 (a layer is bad), 2 (bad arguments or files),
+3 (a bug in bnlab).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from bnlab.cli._args import (
+    finite_float,
+    input_file,
+    int_at_least,
+    nonneg_int,
+    output_file,
+    positive_int,
+)
 
 HELP = "compare batch and running statistics of every BN layer of a checkpoint (train vs eval)"
 
@@ -22,64 +31,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the usual places)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="default: test")
     p.add_argument(
-        "--inputs", default=None, metavar="X.npz",
+        "--inputs", default=None, metavar="X.npz", type=input_file,
         help="use the array 'x' of this .npz (N, 1, 28, 28 or N, 28, 28) instead of Fashion-MNIST",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256, help="use your training batch size")
-    p.add_argument("--batches", type=int, default=20, help="number of batches (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
-    p.add_argument("--shift", type=float, default=0.0, help="add this to every input value")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every input value by this")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="plot the per-layer divergence")
-
-
-def _error(msg: str) -> int:
-    print(f"bnlab diagnose: error: {msg}", file=sys.stderr)
-    return 2
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(2),
+        default=256,
+        help="use your training batch size (at least 2: batch statistics of one sample are "
+        "undefined)",
+    )
+    p.add_argument(
+        "--batches", type=positive_int, default=20, help="number of batches (default 20)"
+    )
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the batch order (default 0)")
+    p.add_argument("--shift", type=finite_float, default=0.0, help="add this to every input value")
+    p.add_argument(
+        "--scale", type=finite_float, default=1.0, help="multiply every input value by this"
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="OUT.json",
+        type=output_file,
+        help="write the results as JSON",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="OUT.png", type=output_file,
+        help="plot the per-layer divergence",
+    )  # fmt: skip
 
 
 def load_model_for_diagnosis(path):
-    """The checkpoint's model with its state copied in *as is*.
-
-    ``Module.load_state_dict`` refuses NaN/Inf, but non-finite running statistics are exactly
-    what a diagnosis must be able to look at, so keys and shapes are checked here and the arrays
-    copied directly.
-    """
-    import numpy as np
-
+    """The checkpoint's model with its state loaded *as is*: keys, shapes and dtypes are checked,
+    but not the values (``Module.load_state_dict`` refuses NaN/Inf and negative variances, which
+    are exactly what a diagnosis must be able to look at)."""
     from bnlab.checkpoint import load_checkpoint
-    from bnlab.errors import ShapeError
     from bnlab.models import build_model
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.model_name, seed=0)
-    slots = {k: p.data for k, p in model.named_parameters()}
-    slots.update(dict(model.named_buffers()))
-    state = ckpt.model_state
-    missing, unexpected = sorted(set(slots) - set(state)), sorted(set(state) - set(slots))
-    if missing or unexpected:
-        raise KeyError(
-            f"checkpoint does not fit model {ckpt.model_name!r}: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
-    bad = [
-        f"{k}: {state[k].shape} != {a.shape}" for k, a in slots.items() if state[k].shape != a.shape
-    ]
-    if bad:
-        raise ShapeError(f"checkpoint shapes do not fit model {ckpt.model_name!r}: {bad}")
-    for k, arr in slots.items():
-        np.copyto(arr, state[k], casting="unsafe")
+    model.load_state_dict(ckpt.model_state, check_values=False)
     return model, ckpt
 
 
 def _inputs(args):
+    from bnlab.errors import UsageError
+
     if args.inputs is not None:
         from bnlab.io import load_npz
 
         arrays = load_npz(args.inputs)
         if "x" not in arrays:
-            raise KeyError(f"{args.inputs} has no array 'x' (found {sorted(arrays)})")
+            raise UsageError(f"{args.inputs} has no array 'x' (found {sorted(arrays)})")
         return arrays["x"]
     from bnlab.data import load_fashion_mnist
 
@@ -99,19 +103,14 @@ def _batches(images, args):
 
 
 def run(args) -> int:
+    from bnlab.cli import EXIT_FAILED
     from bnlab.diagnose import diagnose
-    from bnlab.errors import DataFormatError
+    from bnlab.errors import UsageError
 
-    for name in ("batch_size", "batches"):
-        if getattr(args, name) <= 0:
-            return _error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    try:
-        model, ckpt = load_model_for_diagnosis(args.checkpoint)
-        images = _inputs(args)
-    except (FileNotFoundError, DataFormatError, KeyError, ValueError) as err:
-        return _error(str(err))
+    model, ckpt = load_model_for_diagnosis(args.checkpoint)
+    images = _inputs(args)
     if len(images) < args.batch_size:
-        return _error(f"only {len(images)} inputs, fewer than --batch-size {args.batch_size}")
+        raise UsageError(f"only {len(images)} inputs, fewer than --batch-size {args.batch_size}")
     result = diagnose(model, _batches(images, args))
     print(f"checkpoint: {args.checkpoint} (model {ckpt.model_name}, epoch {ckpt.epoch})")
     if args.shift or args.scale != 1.0:
@@ -123,4 +122,4 @@ def run(args) -> int:
     if args.plot:
         result.plot(args.plot)
         print(f"wrote {args.plot}")
-    return 1 if result.verdict == "bad" else 0
+    return EXIT_FAILED if result.verdict == "bad" else 0

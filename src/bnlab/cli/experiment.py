@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 from pathlib import Path
+
+from bnlab.cli._args import positive_int
 
 HELP = "reproduce a textbook claim about batch norm: results.json, PNG plots, report section"
 
@@ -35,7 +36,11 @@ def add_arguments(parser) -> None:
     )
     parser.set_defaults(budget="full")
     parser.add_argument(
-        "--seeds", type=int, default=3, metavar="N", help="number of seeds 0..N-1 (default 3)"
+        "--seeds",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="number of seeds 0..N-1 (default 3)",
     )
     parser.add_argument(
         "--out",
@@ -72,6 +77,8 @@ def _targets(args) -> list[tuple[str, Path, Path]]:
 
 
 def run(args) -> int:
+    from bnlab.cli import EXIT_INTERNAL, EXIT_USAGE, describe, usage_errors  # noqa: PLC0415
+    from bnlab.errors import UsageError  # noqa: PLC0415
     from bnlab.experiments._io import ensure_writable_dir  # noqa: PLC0415
     from bnlab.experiments._runner import (  # noqa: PLC0415
         replot_experiment,
@@ -80,25 +87,18 @@ def run(args) -> int:
     )
 
     try:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be a positive integer, got {args.seeds}")
         targets = _targets(args)
         require_matplotlib()
-        for _, out, report in targets:  # fail before hours of training, not after
-            ensure_writable_dir(out, "--out")
-            ensure_writable_dir(report.parent, "--report")
-    except (ValueError, OSError, ImportError) as err:
-        print(f"bnlab experiment: error: {err}", file=sys.stderr)
-        return 2
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+    for _, out, report in targets:  # fail before hours of training, not after
+        ensure_writable_dir(out, "--out")
+        ensure_writable_dir(report.parent, "--report")
 
     if args.replot:
-        try:
-            for name, out, report in targets:
-                replot_experiment(name, out, report_path=report)
-                print(f"{name}: figures and report re-derived from {out}/results.json")
-        except (ValueError, OSError) as err:
-            print(f"bnlab experiment: error: {err}", file=sys.stderr)
-            return 2
+        for name, out, report in targets:
+            replot_experiment(name, out, report_path=report)
+            print(f"{name}: figures and report re-derived from {out}/results.json")
         return 0
 
     status = 0
@@ -113,9 +113,11 @@ def run(args) -> int:
                 report_path=report,
                 progress=not args.no_progress,
             )
-        except Exception:  # with 'all', one failing experiment must not cost the others
-            print(f"{name}: FAILED\n{traceback.format_exc()}", file=sys.stderr)
-            status = 1
+        except Exception as err:  # with 'all', one failing experiment must not cost the others
+            if len(targets) == 1:
+                raise
+            print(f"{name}: FAILED: {type(err).__name__}: {describe(err)}", file=sys.stderr)
+            status = max(status, EXIT_USAGE if isinstance(err, usage_errors()) else EXIT_INTERNAL)
             continue
         elapsed = time.monotonic() - start
         if result["status"] == "skipped":

@@ -6,47 +6,23 @@ CPU processes started by torchrun's machinery). Both engines write the same run 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+
+from bnlab.backend import usable_cores
+from bnlab.cli._args import nonneg_float, nonneg_int, positive_float, positive_int
 
 HELP = "train LeNet / LeNet-BN on Fashion-MNIST (metrics.json, checkpoints, report.md)"
 TORCH_MODELS = ("lenet-bn",)  # what bnlab.torch.train builds
 
 
-def _number(kind: type, strict: bool):
-    """An argparse type: an int or a finite float that is > 0 (``strict``) or >= 0."""
-    noun = "an integer" if kind is int else "a number"
-    bound = "> 0" if strict else ">= 0"
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if kind is int:
-            if not (v > 0 if strict else v >= 0):
-                raise argparse.ArgumentTypeError(f"must be {bound}, got {v}")
-        elif not ((v > 0 if strict else v >= 0) and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
-        return v
-
-    return parse
-
-
-_positive_int = _number(int, strict=True)
-_nonneg_int = _number(int, strict=False)
-_positive_float = _number(float, strict=True)
-_nonneg_float = _number(float, strict=False)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["lenet-bn", "lenet"], default="lenet-bn")
-    p.add_argument("--epochs", type=_nonneg_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--lr", type=_positive_float, default=1.0)
-    p.add_argument("--momentum", type=_nonneg_float, default=0.0)
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--epochs", type=nonneg_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=1.0)
+    p.add_argument("--momentum", type=nonneg_float, default=0.0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run folder (metrics.json, checkpoint, report.md)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -63,11 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--train-limit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="use only the first N training images (quick runs)",
     )
-    p.add_argument("--test-limit", type=_positive_int, default=None)
+    p.add_argument("--test-limit", type=positive_int, default=None)
     p.add_argument(
         "--backend",
         choices=["numba", "numpy"],
@@ -76,10 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
-        default=1,
-        help="threads for numba kernels and BLAS (default 1: on a shared 2-core machine, "
-        "oversubscribed thread pools were ~10x slower than one thread)",
+        type=positive_int,
+        default=None,
+        help="threads per process: numba's for bnlab's kernels (numpy engine; its small GEMMs "
+        "keep one BLAS thread) or PyTorch's (torch engine). Default: the cores this process may "
+        f"use ({usable_cores()} here), divided by --nproc",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
@@ -91,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nproc",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="data-parallel CPU processes (torch engine: DDP + SyncBatchNorm, --batch-size is the "
         "global batch; --threads is per process)",
@@ -105,6 +82,11 @@ def _error(message: str) -> int:
 
 def engine_problem(args) -> str | None:
     """Why these arguments cannot run on the chosen engine, or None."""
+    if args.threads is not None and args.threads * args.nproc > usable_cores():
+        return (
+            f"--threads {args.threads} x --nproc {args.nproc} is more than the {usable_cores()} "
+            "cores this process may use"
+        )
     if args.engine == "numpy":
         if args.nproc > 1:
             return f"--nproc {args.nproc} needs --engine torch (the NumPy engine is one process)"
@@ -124,8 +106,8 @@ def torch_argv(args) -> list[str]:
     argv = ["--model", args.model, "--epochs", str(args.epochs)]
     argv += ["--batch-size", str(args.batch_size), "--lr", repr(args.lr)]
     argv += ["--momentum", repr(args.momentum), "--weight-decay", repr(args.weight_decay)]
-    argv += ["--seed", str(args.seed), "--out", str(args.out), "--threads", str(args.threads)]
-    optional = {"--data": args.data, "--train-limit": args.train_limit}
+    argv += ["--seed", str(args.seed), "--out", str(args.out)]
+    optional = {"--data": args.data, "--train-limit": args.train_limit, "--threads": args.threads}
     optional |= {"--test-limit": args.test_limit, "--backend": args.backend}
     argv += [a for flag, v in optional.items() if v is not None for a in (flag, str(v))]
     argv += [flag for flag in ("--resume", "--overwrite") if getattr(args, flag[2:])]
@@ -153,7 +135,7 @@ def _run_numpy(args) -> int:
         set_backend(args.backend)
     from bnlab.nn.threads import set_blas_threads, set_num_threads
 
-    set_num_threads(args.threads)
+    set_num_threads(args.threads or usable_cores())
     # The engine's threads are numba's (batch-parallel kernels); LeNet's GEMMs are too small to
     # thread, and a threaded OpenBLAS spins against numba's threads (8x slower at 2 threads).
     set_blas_threads(1)

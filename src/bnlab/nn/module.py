@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bnlab.errors import DTypeError, ShapeError
+from bnlab.errors import DTypeError, ShapeError, StateDictError
 
 _GRAD = {"enabled": True}
 
@@ -74,15 +74,15 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
-def _state_problem(value: np.ndarray, slot: np.ndarray) -> str | None:
-    """Shape, kind and finiteness of a loaded value against the slot it goes into: float slots
-    take finite floats only (integers would be cast silently), integer slots integers."""
+def _state_problem(value: np.ndarray, slot: np.ndarray, finite: bool = True) -> str | None:
+    """Shape, kind and (``finite``) finiteness of a loaded value against the slot it goes into:
+    float slots take floats only (integers would be cast silently), integer slots integers."""
     if value.shape != slot.shape:
         return f"expected shape {slot.shape}, got {value.shape}"
     if slot.dtype.kind == "f":
         if value.dtype.kind != "f":
             return f"expected a floating-point array, got dtype {value.dtype}"
-        if not np.isfinite(value).all():
+        if finite and not np.isfinite(value).all():
             return "contains NaN or Inf"
     elif value.dtype.kind not in "iu":
         return f"expected an integer array, got dtype {value.dtype}"
@@ -304,14 +304,18 @@ class Module:
                 slots[f"{mname}.{name}" if mname else name] = (mod, name, arr)
         return slots
 
-    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state_dict, strict: bool = True, *, check_values: bool = True
+    ) -> IncompatibleKeys:
         """Copy ``state_dict`` into this module's arrays (cast to their dtypes).
 
         Every key is checked before anything is written: with ``strict=True`` missing or
-        unexpected keys raise a KeyError listing them all; a wrong shape, an integer array for a
-        float slot (or a float for an integer one), NaN/Inf, or a value a module refuses (a
-        negative running variance) raises a ShapeError listing every problem. On any error
-        nothing has been modified.
+        unexpected keys raise a StateDictError (a KeyError) listing them all; a wrong shape, an
+        integer array for a float slot (or a float for an integer one), NaN/Inf, or a value a
+        module refuses (a negative running variance) raises a ShapeError listing every problem.
+        On any error nothing has been modified. ``check_values=False`` skips the value checks
+        (NaN/Inf, a module's own rules) but not shapes and dtypes: a diagnosis must be able to
+        load a broken state to look at it.
         Accepts NumPy arrays or torch tensors (converted with ``.detach().cpu().numpy()``).
         """
         if not hasattr(state_dict, "keys"):
@@ -320,7 +324,7 @@ class Module:
         missing = [k for k in slots if k not in state_dict]
         unexpected = [k for k in state_dict if k not in slots]
         if strict and (missing or unexpected):
-            raise KeyError(
+            raise StateDictError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: "
                 f"missing keys: {missing}; unexpected keys: {unexpected}"
             )
@@ -329,7 +333,9 @@ class Module:
             if key not in state_dict:
                 continue
             val = _as_numpy(state_dict[key], key)
-            problem = _state_problem(val, arr) or mod._state_value_problem(name, val)
+            problem = _state_problem(val, arr, check_values) or (
+                check_values and mod._state_value_problem(name, val)
+            )
             if problem:
                 problems.append(f"{key}: {problem}")
             values[key] = val

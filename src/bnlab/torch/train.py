@@ -203,27 +203,15 @@ class _NumpyStates:
             self.opt.state[p]["momentum_buffer"] = torch.from_numpy(np.array(value))
 
 
-class _Holder:
-    """``state_dict()`` / ``hyperparameters()`` shims for save_checkpoint."""
-
-    def __init__(self, state, hyper=None):
-        self._state, self._hyper = state, hyper
-
-    def state_dict(self):
-        return self._state()
-
-    def hyperparameters(self):
-        return self._hyper()
-
-
 def save_epoch(out: Path, states: _NumpyStates, config: dict, metrics: dict, done: int) -> None:
-    from bnlab.checkpoint import save_checkpoint
+    from bnlab.checkpoint import save_state
     from bnlab.io import atomic_write_json
 
-    model = _Holder(states.model_state)
-    opt = _Holder(states.optim_state, states.hyperparameters)
-    extra = checkpoint_extra(config, metrics, done)
-    save_checkpoint(out, model, opt, model_name=config["model"], epoch=done, extra=extra)
+    optimizer = {"type": "SGD", **states.hyperparameters()}
+    save_state(
+        out, states.model_state(), states.optim_state(), optimizer, model_name=config["model"],
+        epoch=done, extra=checkpoint_extra(config, metrics, done),
+    )  # fmt: skip
     atomic_write_json(out / "metrics.json", metrics)
 
 
@@ -328,7 +316,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def set_threads(threads: int | None, ctx: Dist) -> None:
     """Split the cores between the processes (torch intra-op and numba kernels alike)."""
-    n = threads or max(1, (os.cpu_count() or 1) // ctx.world)
+    from bnlab.backend import usable_cores
+
+    n = threads or max(1, usable_cores() // ctx.world)
     torch.set_num_threads(n)
     try:
         import numba
