@@ -52,11 +52,10 @@ def population_statistics(means, variances, counts) -> tuple[np.ndarray, np.ndar
 
 def pooled_statistics(means, variances, counts) -> tuple[np.ndarray, np.ndarray]:
     """Exact mean and unbiased variance of all Σ m_B values from per-batch (μ_B, σ²_B, m_B)."""
-    m = np.asarray(counts, np.float64)[:, None]
-    mu_b, var_b = np.stack(means), np.stack(variances)
-    total = m.sum()
-    mu = (m * mu_b).sum(axis=0) / total
-    return mu, (m * (var_b + (mu_b - mu) ** 2)).sum(axis=0) / (total - 1)
+    from bnlab.functional.stats import pool_moments
+
+    mu, var, total = pool_moments(np.stack(means), np.stack(variances), counts)
+    return mu, var * (total / (total - 1))
 
 
 COMBINE = {"population": population_statistics, "precise": pooled_statistics}
@@ -71,19 +70,18 @@ def recalibrate(model, batches, *, method: str = "population") -> RecalibrationS
     ``batches``: an iterable of input arrays (or of tuples whose first item is the input, as a
     data loader yields). Returns a :class:`RecalibrationSummary`.
     """
+    from bnlab.bn_layers import bn_layers
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if _is_torch_module(model):
-        backend = _TorchBackend(model)
-    else:
-        backend = _BnlabBackend(model)
-    if not backend.layers:
+    layers = bn_layers(model)
+    names = [n for n in layers.layers if layers.info(n).tracks_running_stats]
+    if not names:
         raise ValueError("model has no batch-norm layer with running statistics to recalibrate")
     if isinstance(batches, np.ndarray) or not hasattr(batches, "__iter__"):
         raise TypeError("batches must be an iterable of input batches (e.g. a list or a loader)")
-    stats, skipped = backend.collect(batches)
-    used = len(stats)
-    if used == 0:
+    stats, skipped = _collect(layers, names, batches)
+    if not stats:
         raise ValueError(
             f"no usable batch: {len(skipped)} batches were given and every one had non-finite "
             "values"
@@ -91,173 +89,46 @@ def recalibrate(model, batches, *, method: str = "population") -> RecalibrationS
             else "batches is empty: recalibration needs at least one batch"
         )
     results = {}
-    for name in backend.layers:
-        means = [s[name][0] for s in stats]
-        variances = [s[name][1] for s in stats]
-        counts = [s[name][2] for s in stats]
+    for name in names:
+        means, variances, counts = zip(*(s[name] for s in stats), strict=True)
         if min(counts) < 2:
             raise ValueError(
                 f"BN layer {name!r} saw a batch with {min(counts)} value per channel: the "
                 "unbiased variance needs at least 2 (use larger batches)"
             )
         results[name] = COMBINE[method](means, variances, counts)
-    backend.write(results)
-    return RecalibrationSummary(method, used, len(skipped), skipped, list(backend.layers))
+    for name, (mean, var) in results.items():  # nothing is written unless every layer succeeded
+        layers.write_running(name, mean, var)
+    return RecalibrationSummary(method, len(stats), len(skipped), skipped, names)
 
 
-def _first(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _collect(layers, names, batches) -> tuple[list[dict], list[int]]:
+    """One training-mode pass: per usable batch, {layer: (mean, var, m)}; batches with NaN/Inf in
+    the input or in any layer's statistics are skipped (their indices returned). The pass leaves
+    the model's modes and buffers as they were."""
+    from bnlab.bn_layers import first_item
+
+    stats, skipped = [], []
+    for i, batch in enumerate(batches):
+        x = layers.as_input(first_item(batch), i)
+        record: dict = {}
+        if not _finite(x):
+            skipped.append(i)
+            continue
+        layers.run(x, train="all", record=record)
+        if all(np.isfinite(record[n][0]).all() and np.isfinite(record[n][1]).all() for n in names):
+            stats.append(record)
+        else:
+            skipped.append(i)
+    return stats, skipped
 
 
-def _is_torch_module(model) -> bool:
-    return type(model).__module__.startswith("torch") or any(
-        c.__module__.startswith("torch.nn") for c in type(model).__mro__
+def _finite(x) -> bool:
+    return (
+        bool(np.isfinite(np.asarray(x)).all())
+        if isinstance(x, np.ndarray)
+        else bool(x.isfinite().all())
     )
-
-
-class _BnlabBackend:
-    """Records BN input statistics of a bnlab model by wrapping each BN's forward."""
-
-    def __init__(self, model):
-        from bnlab import nn  # noqa: PLC0415
-        from bnlab.nn.norm import _BatchNorm  # noqa: PLC0415
-
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a bnlab.nn.Module or a torch.nn.Module, got {model!r}")
-        self.model = model
-        self.layers = {
-            name: m
-            for name, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and m.track_running_stats
-        }
-
-    def collect(self, batches):
-        from bnlab import nn  # noqa: PLC0415
-
-        snapshot = {n: (m.running_mean.copy(), m.running_var.copy(),
-                        m.num_batches_tracked.copy()) for n, m in self.layers.items()}  # fmt: skip
-        modes = {id(m): m.training for m in self.model.modules()}
-        current: dict = {}
-        try:
-            for name, bn in self.layers.items():
-                object.__setattr__(bn, "forward", _recording_forward(bn, name, current))
-            self.model.train()
-            stats, skipped = [], []
-            with nn.no_grad():
-                for i, batch in enumerate(batches):
-                    x = _first(batch)
-                    current.clear()
-                    if not np.all(np.isfinite(x)):
-                        skipped.append(i)
-                        continue
-                    self.model(x)
-                    if all(np.isfinite(v[0]).all() and np.isfinite(v[1]).all()
-                           for v in current.values()):  # fmt: skip
-                        stats.append(dict(current))
-                    else:
-                        skipped.append(i)
-        finally:
-            for bn in self.layers.values():
-                bn.__dict__.pop("forward", None)
-            for m in self.model.modules():
-                object.__setattr__(m, "training", modes[id(m)])
-            for n, m in self.layers.items():  # the pass itself must leave no trace
-                m.running_mean[...], m.running_var[...], m.num_batches_tracked[...] = snapshot[n]
-        return stats, skipped
-
-    def write(self, results) -> None:
-        for name, (mu, var) in results.items():
-            bn = self.layers[name]
-            bn.running_mean[...] = mu
-            bn.running_var[...] = var
-
-
-def _recording_forward(bn, name: str, sink: dict):
-    from bnlab.functional import moments  # noqa: PLC0415
-    from bnlab.functional._layout import get_layout  # noqa: PLC0415
-
-    cls_forward = type(bn).forward
-
-    def forward(x):
-        axes = get_layout(bn._layout_for(x)).reduce_axes
-        mean, var = moments(np.asarray(x, np.float64), axes)
-        count = int(np.prod([x.shape[a] for a in axes]))
-        sink[name] = (mean.reshape(-1), var.reshape(-1), count)
-        return cls_forward(bn, x)
-
-    return forward
-
-
-class _TorchBackend:
-    """The same for a PyTorch model, with forward pre-hooks (float64 statistics)."""
-
-    def __init__(self, model):
-        import torch  # noqa: PLC0415
-
-        self.torch = torch
-        self.model = model
-        bn_types = torch.nn.modules.batchnorm._BatchNorm
-        self.layers = {
-            name: m
-            for name, m in model.named_modules()
-            if isinstance(m, bn_types) and m.track_running_stats
-        }
-
-    def collect(self, batches):
-        torch = self.torch
-        snapshot = {n: (m.running_mean.clone(), m.running_var.clone(),
-                        m.num_batches_tracked.clone()) for n, m in self.layers.items()}  # fmt: skip
-        modes = {id(m): m.training for m in self.model.modules()}
-        current: dict = {}
-        hooks = [bn.register_forward_pre_hook(_torch_hook(name, current))
-                 for name, bn in self.layers.items()]  # fmt: skip
-        try:
-            self.model.train()
-            stats, skipped = [], []
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    x = _first(batch)
-                    x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-                    current.clear()
-                    if not torch.isfinite(x).all():
-                        skipped.append(i)
-                        continue
-                    self.model(x)
-                    if all(np.isfinite(v[0]).all() and np.isfinite(v[1]).all()
-                           for v in current.values()):  # fmt: skip
-                        stats.append(dict(current))
-                    else:
-                        skipped.append(i)
-        finally:
-            for h in hooks:
-                h.remove()
-            for m in self.model.modules():
-                m.training = modes[id(m)]
-            with torch.no_grad():
-                for n, m in self.layers.items():
-                    for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked),
-                                        snapshot[n], strict=True):  # fmt: skip
-                        buf.copy_(old)
-        return stats, skipped
-
-    def write(self, results) -> None:
-        with self.torch.no_grad():
-            for name, (mu, var) in results.items():
-                bn = self.layers[name]
-                bn.running_mean.copy_(self.torch.from_numpy(mu))
-                bn.running_var.copy_(self.torch.from_numpy(var))
-
-
-def _torch_hook(name: str, sink: dict):
-    def hook(module, args):
-        x = args[0].detach().double()
-        axes = [a for a in range(x.ndim) if a != 1]  # torch BN: channels on dim 1
-        mean = x.mean(dim=axes)
-        var = x.var(dim=axes, unbiased=False)
-        count = x.numel() // x.shape[1]
-        sink[name] = (mean.numpy(), var.numpy(), count)
-
-    return hook
 
 
 # --------------------------------------------------------------------------- a run folder

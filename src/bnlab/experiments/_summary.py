@@ -48,8 +48,3 @@ def fmt_pm(stat: dict) -> str:
     if stat.get("n_failed"):
         text += f" ({stat['n_failed']} diverged)"
     return text
-
-
-def per_seed_series(per_seed: list[dict], key: str) -> list:
-    """``[run[key] for run in per_seed]``."""
-    return [run[key] for run in per_seed]

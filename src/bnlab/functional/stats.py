@@ -69,3 +69,23 @@ def reduction_size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
     for a in axes:
         n *= int(shape[a])
     return n
+
+
+def pool_moments(
+    means: np.ndarray, variances: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean and biased variance of the union of G groups from their moments (Chan et al.):
+
+        M = Σ_g m_g      μ = Σ_g m_g·μ_g / M      σ² = Σ_g m_g·(σ²_g + (μ_g − μ)²) / M
+
+    ``means``, ``variances``: (G, C) per-group mean and biased variance; ``counts``: (G,) values
+    per channel in each group. Returns (μ (C,), σ² (C,), M), float64. Equal to the moments of the
+    concatenated groups up to rounding (used by diagnosis, recalibration and SyncBN).
+    """
+    m = np.asarray(counts, np.float64).reshape(-1, 1)
+    mu_g = np.asarray(means, np.float64)
+    var_g = np.asarray(variances, np.float64)
+    total = float(m.sum())
+    mean = (m * mu_g).sum(axis=0) / total
+    var = (m * (var_g + (mu_g - mean) ** 2)).sum(axis=0) / total
+    return mean, var, total

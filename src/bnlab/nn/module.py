@@ -36,11 +36,6 @@ def no_grad():
         _GRAD["enabled"] = old
 
 
-def grad_enabled() -> bool:
-    """False inside :func:`no_grad`: forward passes should not keep caches."""
-    return _GRAD["enabled"]
-
-
 class Parameter:
     """A learnable array: ``.data`` (ndarray) and ``.grad`` (ndarray of the same shape, or None)."""
 

@@ -16,6 +16,15 @@ Optional: ``import bnlab`` never imports torch; only ``import bnlab.torch`` does
 
 from __future__ import annotations
 
+import os as _os
+
+# PyTorch's OpenMP threads and numba's (bnlab's kernels) are two runtimes on the same cores. With
+# the default wait policy the idle threads of each spin after every parallel region and steal the
+# cores from the other: alternating PyTorch and bnlab calls ran both 15-100x slower on 2 cores
+# (docs/torch.md). The policy is read when a runtime starts, i.e. at the first parallel op, so
+# importing bnlab.torch before running PyTorch ops sets it (unless you chose one yourself).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     import torch as _torch  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised in a subprocess test
