@@ -18,8 +18,10 @@ mean μ_B, biased variance σ²_B and count m_B (= N·H·W values per channel). 
 
 Batches containing NaN/Inf (in the input, or in any BN's statistics) are skipped and counted.
 Works on bnlab models and on PyTorch models (any ``torch.nn.BatchNorm*d``, including
-:mod:`bnlab.torch`'s drop-ins, which subclass them). On any error the model is left untouched;
-on success only ``running_mean``/``running_var`` change (and the training flags are restored).
+:mod:`bnlab.torch`'s drop-ins, which subclass them, and d2l's module
+:class:`bnlab.torch.BatchNorm`, whose ``moving_mean``/``moving_var`` get the same statistics).
+On any error the model is left untouched; on success only the running (moving) statistics change
+(and the training flags are restored).
 """
 
 from __future__ import annotations
@@ -194,19 +196,27 @@ class _TorchBackend:
     def __init__(self, model):
         import torch  # noqa: PLC0415
 
+        from bnlab.torch.d2l import BatchNorm as D2LBatchNorm  # noqa: PLC0415
+
         self.torch = torch
         self.model = model
         bn_types = torch.nn.modules.batchnorm._BatchNorm
         self.layers = {
             name: m
             for name, m in model.named_modules()
-            if isinstance(m, bn_types) and m.track_running_stats
+            if (isinstance(m, bn_types) and m.track_running_stats) or isinstance(m, D2LBatchNorm)
         }
+
+    @staticmethod
+    def _buffers(m) -> list:
+        """running_mean, running_var, num_batches_tracked; d2l's module: moving_mean, moving_var."""
+        if hasattr(m, "running_mean"):
+            return [m.running_mean, m.running_var, m.num_batches_tracked]
+        return [m.moving_mean, m.moving_var]
 
     def collect(self, batches):
         torch = self.torch
-        snapshot = {n: (m.running_mean.clone(), m.running_var.clone(),
-                        m.num_batches_tracked.clone()) for n, m in self.layers.items()}  # fmt: skip
+        snapshot = {n: [b.clone() for b in self._buffers(m)] for n, m in self.layers.items()}
         modes = {id(m): m.training for m in self.model.modules()}
         current: dict = {}
         hooks = [bn.register_forward_pre_hook(_torch_hook(name, current))
@@ -235,17 +245,16 @@ class _TorchBackend:
                 m.training = modes[id(m)]
             with torch.no_grad():
                 for n, m in self.layers.items():
-                    for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked),
-                                        snapshot[n], strict=True):  # fmt: skip
+                    for buf, old in zip(self._buffers(m), snapshot[n], strict=True):
                         buf.copy_(old)
         return stats, skipped
 
     def write(self, results) -> None:
         with self.torch.no_grad():
             for name, (mu, var) in results.items():
-                bn = self.layers[name]
-                bn.running_mean.copy_(self.torch.from_numpy(mu))
-                bn.running_var.copy_(self.torch.from_numpy(var))
+                mean_buf, var_buf = self._buffers(self.layers[name])[:2]
+                mean_buf.copy_(self.torch.from_numpy(mu).reshape(mean_buf.shape))
+                var_buf.copy_(self.torch.from_numpy(var).reshape(var_buf.shape))
 
 
 def _torch_hook(name: str, sink: dict):
