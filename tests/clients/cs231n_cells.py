@@ -51,12 +51,12 @@ def _two_layer_activations(n, d1, d2, d3):
 
 
 def _moment_rows(cell, out, gamma, beta, axis, stated, what=""):
-    """max |mean − β| and max |std − γ| / γ of out over ``axis``."""
+    """max abs(mean − β) and max abs(std − γ)/γ of out over ``axis``."""
     mean_err = float(np.max(np.abs(out.mean(axis=axis) - beta)))
     std_err = float(np.max(np.abs(out.std(axis=axis) - gamma) / gamma))
     return [
-        Check(cell, f"max |mean − β|{what}", mean_err, 1e-10, stated),
-        Check(cell, f"max |std − γ|/γ{what}", std_err, 1e-6, stated),
+        Check(cell, f"max abs(mean − β){what}", mean_err, 1e-10, stated),
+        Check(cell, f"max abs(std − γ)/γ{what}", std_err, 1e-6, stated),
     ]
 
 
@@ -130,31 +130,33 @@ def _test_time_rows(cell, outs, axes):
     (out, ours), (ref, theirs) = outs
     stated = "means close to 0, stds close to 1, noisier than training (no number)"
     return [
-        Check(cell, "test-time max |mean|", float(np.abs(out.mean(axis=axes)).max()), None, stated),
+        Check(
+            cell, "test-time max abs(mean)", float(np.abs(out.mean(axis=axes)).max()), None, stated
+        ),
         Check(
             cell,
-            "test-time max |std − 1|",
+            "test-time max abs(std − 1)",
             float(np.abs(out.std(axis=axes) - 1).max()),
             None,
             stated,
         ),
         Check(
             cell,
-            "running_mean: max |Δ| vs textbook",
+            "running_mean: max abs(Δ) vs textbook",
             _deviation(ours["running_mean"], theirs["running_mean"]),
             1e-12,
             "running averages (no number)",
         ),
         Check(
             cell,
-            "running_var: max |Δ| vs textbook",
+            "running_var: max abs(Δ) vs textbook",
             _deviation(ours["running_var"], theirs["running_var"]),
             1e-12,
             "running averages (no number)",
         ),
         Check(
             cell,
-            "test-time output: max |Δ| vs textbook",
+            "test-time output: max abs(Δ) vs textbook",
             _deviation(out, ref),
             1e-12,
             "(no number)",
@@ -416,11 +418,15 @@ def gn_forward(norm):
     return [
         Check(f"{CONV_NB} [47]", "output shape", float(out.shape != x.shape), 0, "(2, 6, 4, 5)"),
         Check(
-            f"{CONV_NB} [47]", "max |mean|", float(np.abs(out_g.mean(axis=1)).max()), 1e-10, stated
+            f"{CONV_NB} [47]",
+            "max abs(mean)",
+            float(np.abs(out_g.mean(axis=1)).max()),
+            1e-10,
+            stated,
         ),
         Check(
             f"{CONV_NB} [47]",
-            "max |std − 1|",
+            "max abs(std − 1)",
             float(np.abs(out_g.std(axis=1) - 1).max()),
             1e-6,
             stated,
