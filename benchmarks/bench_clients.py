@@ -1,7 +1,7 @@
 """bnlab where its first users are: cs231n's notebook checks and d2l's LeNet-BN chapter run.
 
-    python benchmarks/bench_clients.py                       # both parts, d2l on 12k images
-    python benchmarks/bench_clients.py --part d2l --train 60000 --recipe 1.0
+    python benchmarks/bench_clients.py                       # both parts, recipe 0.17
+    python benchmarks/bench_clients.py --part d2l --recipe 1.0 --name bench_clients_d2l_1_0
 
 cs231n: every normalization check of BatchNormalization.ipynb / ConvolutionalNetworks.ipynb
 (2021) with the notebooks' seeds and sizes, run on :mod:`bnlab.functional.cs231n` (the harness in
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=("all", "cs231n", "d2l"), default="all")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="0.17")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train", type=int, default=12000, help="training images (<= 60000)")
+    p.add_argument("--train", type=int, default=60000, help="training images (<= 60000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--name", type=result_name, default="bench_clients")
     args = p.parse_args(argv)

@@ -416,7 +416,13 @@ def gn_forward(norm):
     out_g = out.reshape((N * G, -1))
     stated = "means close to 0, stds close to 1 (no number)"
     return [
-        Check(f"{CONV_NB} [47]", "output shape", float(out.shape != x.shape), 0, "(2, 6, 4, 5)"),
+        Check(
+            f"{CONV_NB} [47]",
+            "output shape differs from x (0: no)",
+            float(out.shape != x.shape),
+            0,
+            "(2, 6, 4, 5)",
+        ),
         Check(
             f"{CONV_NB} [47]",
             "max abs(mean)",
