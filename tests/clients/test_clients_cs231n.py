@@ -50,10 +50,7 @@ def test_cells_reproduce_the_notebooks_data():
 
 
 @pytest.fixture(scope="module")
-def small_data():
-    from conftest import require_fashion_mnist
-
-    require_fashion_mnist()
+def small_data(fashion_mnist_session):
     return fashion_mnist_as_cifar(num_train=400, num_val=100)
 
 

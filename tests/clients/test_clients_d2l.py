@@ -19,10 +19,7 @@ from bnlab.torch import d2l  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def data():
-    from conftest import require_fashion_mnist
-
-    require_fashion_mnist()
+def data(fashion_mnist_session):
     return ch.fashion_mnist_subset(num_train=3072, num_test=1000)
 
 

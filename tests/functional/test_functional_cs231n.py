@@ -376,8 +376,11 @@ def test_bad_input_leaves_bn_param(rng):
     bn_param = {"mode": "train", "running_mean": np.zeros(2), "running_var": np.ones(2)}
     with pytest.raises(ShapeError, match=r"gamma of shape \(3,\) must broadcast against x"):
         cs231n.batchnorm_forward(rng.standard_normal((4, 2)), np.ones(3), np.zeros(2), bn_param)
-    with pytest.raises(ValueError, match="eps"):
-        cs231n.batchnorm_forward(rng.standard_normal((4, 2)), 1, 0, {**bn_param, "eps": 0.0})
+    for n in (4, 1):  # bnlab's batch norm, and the batch-of-one path
+        with pytest.raises(ValueError, match="eps must be a finite"):
+            cs231n.batchnorm_forward(rng.standard_normal((n, 2)), 1, 0, {**bn_param, "eps": 0.0})
+        with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+            cs231n.batchnorm_forward(rng.standard_normal((n, 2)), 1, 0, {**bn_param, "momentum": 2})
     np.testing.assert_array_equal(bn_param["running_mean"], 0)
 
 

@@ -37,13 +37,12 @@ The caches are bnlab objects, not cs231n's tuples: use them with this module's b
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from bnlab.errors import DTypeError, NonFiniteBatchWarning, ShapeError
+from bnlab.errors import NonFiniteBatchWarning, ShapeError
 from bnlab.functional import (
     BatchNormCache,
     batch_norm_backward,
@@ -54,164 +53,21 @@ from bnlab.functional import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from bnlab.functional._cs231n_args import (
+    Affine,
+    affine,
+    affine_grads,
+    as_given,
+    as_param,
+    check_cache,
+    check_eps,
+    check_momentum,
+    float_dout,
+    float_input,
+    param_dict,
+)
 
 MODES = ("train", "test")
-_FLOATS = (np.float16, np.float32, np.float64)
-
-# --------------------------------------------------------------------------- arguments
-
-
-def _param_dict(p, name: str) -> dict:
-    if not isinstance(p, dict):
-        raise TypeError(f"{name} must be a dict, got {type(p).__name__}")
-    return p
-
-
-def _as_float(a: np.ndarray, name: str) -> np.ndarray:
-    """Floats keep their dtype; booleans and integers become float64 (what ``x.mean()`` gives)."""
-    if a.dtype.type in _FLOATS:
-        return a
-    if a.dtype.kind in "biu":
-        return a.astype(np.float64)
-    raise DTypeError(f"{name} must hold real numbers (float, int or bool), got dtype {a.dtype}")
-
-
-def _float_input(x, name: str, shape_text: str) -> np.ndarray:
-    """x (or dout) as a float ndarray with as many axes as ``shape_text`` names."""
-    if not isinstance(x, np.ndarray):
-        raise DTypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    ndim = shape_text.count(",") + 1
-    if x.ndim != ndim:
-        raise ShapeError(f"{name} must be {ndim}-D {shape_text}, got shape {x.shape}")
-    return _as_float(x, name)
-
-
-def _dout(dout, shape: tuple) -> np.ndarray:
-    if not isinstance(dout, np.ndarray) or dout.shape != shape:
-        got = getattr(dout, "shape", type(dout).__name__)
-        raise ShapeError(f"dout must be an ndarray of the forward input's shape {shape}, got {got}")
-    return _as_float(dout, "dout")
-
-
-def _check_cache(cache, cls, forward: str):
-    if not isinstance(cache, cls):
-        got = type(cache).__name__
-        raise TypeError(f"cache must be the cache returned by {forward}, got {got}")
-    return cache
-
-
-def _check_number(value, name: str, low: float, high: float, open_low: bool = False) -> float:
-    """eps > 0 / momentum in [0, 1], for the batch-of-one path (bnlab checks the others)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
-        raise ValueError(f"{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {v}")
-    return v
-
-
-# --------------------------------------------------------------------------- gamma and beta
-
-
-@dataclass
-class Affine:
-    """γ, β as the caller gave them and as bnlab applies them.
-
-    ``per_channel``: both hold one value per channel (or one value): bnlab applies them as the
-    (C,) vectors ``gamma``/``beta``. Otherwise ``gamma_b``/``beta_b`` broadcast against x by
-    NumPy's rules and the adapter applies them to bnlab's x̂.
-    """
-
-    dtype: np.dtype  # the dtype of gamma * x_hat + beta
-    per_channel: bool
-    gamma: np.ndarray | None  # (C,) on the per-channel path
-    beta: np.ndarray | None
-    gamma_b: np.ndarray  # broadcastable against x
-    beta_b: np.ndarray
-    gamma_shape: tuple  # as given: dgamma and dbeta come back in these shapes
-    beta_shape: tuple
-
-
-def _as_param(p, name: str) -> np.ndarray:
-    a = p if isinstance(p, np.ndarray) else np.asarray(p)
-    if a.dtype.kind not in "biuf" or (a.dtype.kind == "f" and a.dtype.type not in _FLOATS):
-        raise DTypeError(f"{name} must hold real numbers (float, int or bool), got dtype {a.dtype}")
-    return a
-
-
-def _weak(p, a: np.ndarray):
-    """What NumPy promotes with: a Python number stays weak (NEP 50), anything else its dtype."""
-    return p if isinstance(p, (bool, int, float)) else a.dtype
-
-
-def _channel_vector(a: np.ndarray, c: int, shapes, ndim: int, dtype) -> np.ndarray | None:
-    """``a`` as a (C,) vector if it has one of ``shapes`` or is a single value with at most
-    ``ndim`` axes (more would add axes to the output), else None."""
-    if a.size == 1 and a.ndim <= ndim:
-        return np.full(c, a.reshape(()), dtype=dtype)
-    if a.shape in shapes:
-        return a.reshape(c).astype(dtype, copy=False)
-    return None
-
-
-def _affine(gamma, beta, x: np.ndarray, shapes, channel_shape, unit: str, broadcast: bool):
-    """γ, β for x. ``shapes``: the shapes that mean "one value per channel"; ``channel_shape``
-    views a (C,) vector against x; ``broadcast``: any other shape that broadcasts against x is
-    applied by NumPy's rules (else it is refused)."""
-    c = x.shape[1]
-    g, b = _as_param(gamma, "gamma"), _as_param(beta, "beta")
-    dtype = np.result_type(x.dtype, _weak(gamma, g), _weak(beta, b))
-    gv = _channel_vector(g, c, shapes, x.ndim, dtype)
-    bv = _channel_vector(b, c, shapes, x.ndim, dtype)
-    if gv is not None and bv is not None:
-        gb, bb = gv.reshape(channel_shape), bv.reshape(channel_shape)
-        return Affine(dtype, True, gv, bv, gb, bb, g.shape, b.shape)
-    for a, vector, name in ((g, gv, "gamma"), (b, bv, "beta")):
-        if vector is not None:
-            continue
-        if not broadcast:
-            raise ShapeError(
-                f"{name} must hold one value per {unit} of x: shape "
-                f"{' or '.join(str(s) for s in shapes)}, got {a.shape}"
-            )
-        try:
-            ok = np.broadcast_shapes(a.shape, x.shape) == x.shape
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ShapeError(
-                f"{name} of shape {a.shape} must broadcast against x of shape {x.shape} "
-                f"(cs231n: one value per {unit}, shape ({c},))"
-            )
-    gb = g.astype(dtype, copy=False) if gv is None else gv.reshape(channel_shape)
-    bb = b.astype(dtype, copy=False) if bv is None else bv.reshape(channel_shape)
-    return Affine(dtype, False, None, None, gb, bb, g.shape, b.shape)
-
-
-def _sum_to_shape(g: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum g over the axes along which an array of ``shape`` was broadcast to g's shape."""
-    lead = g.ndim - len(shape)
-    r = g.sum(axis=tuple(range(lead))) if lead else g
-    axes = tuple(i for i, s in enumerate(shape) if s == 1 and r.shape[i] != 1)
-    return r.sum(axis=axes, keepdims=True) if axes else r
-
-
-def _as_given(grad: np.ndarray, shape: tuple, flat_rows: bool) -> np.ndarray:
-    """A parameter gradient in the shape the parameter was given. ``flat_rows``: a row (1, D) or
-    column (D, 1) gets a flat (D,) gradient, the shape cs231n documents for dgamma."""
-    size = math.prod(shape)
-    grad = grad.reshape(shape) if grad.size == size else grad.sum().reshape(shape)
-    if flat_rows and len(shape) == 2 and 1 in shape:
-        return grad.reshape(size)
-    return grad
-
-
-def _affine_grads(dout, xhat, aff: Affine, flat_rows: bool):
-    """dγ, dβ of ``out = gamma_b · x̂ + beta_b`` in the shapes γ, β were given."""
-    dg = _sum_to_shape(dout * xhat, aff.gamma_b.shape)
-    db = _sum_to_shape(dout, aff.beta_b.shape)
-    return _as_given(dg, aff.gamma_shape, flat_rows), _as_given(db, aff.beta_shape, flat_rows)
-
 
 # --------------------------------------------------------------------------- batch norm
 
@@ -232,7 +88,7 @@ def _running_stat(bn_param: dict, key: str, c: int, stat_dtype, training: bool) 
     value = bn_param.get(key)
     if value is None:
         return np.zeros(c, stat_dtype)
-    a = _as_param(value, f"bn_param[{key!r}]")
+    a = as_param(value, f"bn_param[{key!r}]")
     if a.shape != (c,) and a.size != 1:
         raise ShapeError(
             f"bn_param[{key!r}] must have shape ({c},), one value per feature of x, got {a.shape} "
@@ -252,8 +108,7 @@ def _cs231n_update(buffer: np.ndarray, stat: np.ndarray, momentum: float) -> Non
 def _batch_of_one(xc, aff: Affine, eps, momentum, running):
     """Training with one value per channel: σ² = 0, so x̂ = 0 and out = β (NaN where x is not
     finite), and the running averages take the sample as mean and 0 as variance (cs231n)."""
-    eps = _check_number(eps, "eps", 0.0, math.inf, open_low=True)
-    momentum = _check_number(momentum, "momentum", 0.0, 1.0)
+    eps, momentum = check_eps(eps), check_momentum(momentum)
     xhat = (xc - xc) / np.sqrt(eps)
     out = (aff.gamma_b * xhat + aff.beta_b).astype(aff.dtype, copy=False)
     if running is not None:
@@ -268,19 +123,19 @@ def _batch_of_one(xc, aff: Affine, eps, momentum, running):
 
 
 def _batchnorm(x, gamma, beta, bn_param, spatial: bool):
-    _param_dict(bn_param, "bn_param")
+    param_dict(bn_param, "bn_param")
     mode = bn_param.get("mode")
     if not (isinstance(mode, str) and mode in MODES):
         shown = repr(mode) if isinstance(mode, str) and len(mode) < 20 else type(mode).__name__
         raise ValueError(f"Invalid forward batchnorm mode {shown}: bn_param['mode'] must be "
                          "'train' or 'test'")  # fmt: skip
-    xf = _float_input(x, "x", "(N, C, H, W)" if spatial else "(N, D)")
+    xf = float_input(x, "x", "(N, C, H, W)" if spatial else "(N, D)")
     c = xf.shape[1]
     if spatial:
         shapes, view, unit = ((c,), (1, c), (1, c, 1, 1)), (1, c, 1, 1), "channel"
     else:
         shapes, view, unit = ((c,), (1, c)), (c,), "feature"
-    aff = _affine(gamma, beta, xf, shapes, view, unit, broadcast=not spatial)
+    aff = affine(gamma, beta, xf, shapes, view, unit, broadcast=not spatial)
     xc = xf.astype(aff.dtype, copy=False)
     eps, momentum = bn_param.get("eps", 1e-5), bn_param.get("momentum", 0.9)
     layernorm = bool(bn_param.get("layernorm", False))
@@ -323,18 +178,18 @@ def _bnlab_batchnorm(xc, aff: Affine, training, running, eps, momentum, spatial)
 
 
 def _bn_backward(dout, cache, graph: bool, forward: str):
-    cache = _check_cache(cache, BatchNormAdapterCache, forward)
-    d = _dout(dout, cache.shape)
+    cache = check_cache(cache, BatchNormAdapterCache, forward)
+    d = float_dout(dout, cache.shape)
     aff, flat = cache.affine, True  # cs231n documents dgamma (D,) / (C,)
     if cache.bn is None:  # batch of one: x̂ does not depend on x, dx = 0
         dx = np.zeros(cache.shape, np.result_type(d.dtype, aff.dtype))
-        return (dx, *_affine_grads(d, cache.xhat, aff, flat))
+        return (dx, *affine_grads(d, cache.xhat, aff, flat))
     backward = batch_norm_backward_graph if graph else batch_norm_backward
     if aff.per_channel:
         dx, dg, db = backward(d, cache.bn)
-        return dx, _as_given(dg, aff.gamma_shape, flat), _as_given(db, aff.beta_shape, flat)
+        return dx, as_given(dg, aff.gamma_shape, flat), as_given(db, aff.beta_shape, flat)
     dx = backward(d * aff.gamma_b, cache.bn)[0]
-    return (dx, *_affine_grads(d, cache.xhat, aff, flat))
+    return (dx, *affine_grads(d, cache.xhat, aff, flat))
 
 
 def batchnorm_forward(x, gamma, beta, bn_param):
@@ -392,17 +247,17 @@ def _norm_output(y, norm, aff: Affine, kind: str, shape):
 
 
 def _norm_backward(dout, cache, kind: str, backward, flat: bool):
-    cache = _check_cache(cache, NormAdapterCache, f"spatial_{kind}_forward"
+    cache = check_cache(cache, NormAdapterCache, f"spatial_{kind}_forward"
                          if kind == "groupnorm" else f"{kind}_forward")  # fmt: skip
     if cache.kind != kind:
         raise TypeError(f"cache must be the cache returned by {kind}_forward, got {cache.kind}'s")
-    d = _dout(dout, cache.shape)
+    d = float_dout(dout, cache.shape)
     aff = cache.affine
     if aff.per_channel:
         dx, dg, db = backward(d, cache.norm)
-        return dx, _as_given(dg, aff.gamma_shape, flat), _as_given(db, aff.beta_shape, flat)
+        return dx, as_given(dg, aff.gamma_shape, flat), as_given(db, aff.beta_shape, flat)
     dx = backward(d * aff.gamma_b, cache.norm)[0]
-    return (dx, *_affine_grads(d, cache.xhat, aff, flat))
+    return (dx, *affine_grads(d, cache.xhat, aff, flat))
 
 
 def layernorm_forward(x, gamma, beta, ln_param):
@@ -411,10 +266,10 @@ def layernorm_forward(x, gamma, beta, ln_param):
     out = γ·(x − μ_n)/sqrt(σ²_n + eps) + β with μ_n, σ²_n (biased) over the D features of sample
     n. Other ``ln_param`` keys (e.g. ``mode``) are ignored: train and test compute the same.
     """
-    _param_dict(ln_param, "ln_param")
-    xf = _float_input(x, "x", "(N, D)")
+    param_dict(ln_param, "ln_param")
+    xf = float_input(x, "x", "(N, D)")
     d = xf.shape[1]
-    aff = _affine(gamma, beta, xf, ((d,), (1, d)), (d,), "feature", broadcast=True)
+    aff = affine(gamma, beta, xf, ((d,), (1, d)), (d,), "feature", broadcast=True)
     xc = xf.astype(aff.dtype, copy=False)
     y, norm = layer_norm_forward(xc, d, aff.gamma, aff.beta, eps=ln_param.get("eps", 1e-5))
     return _norm_output(y, norm, aff, "layernorm", xc.shape)
@@ -432,11 +287,11 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     γ, β of shape (C,) (older cs231n docstrings) are per channel too; other shapes broadcast
     against x as in cs231n's ``gamma * x_hat + beta``.
     """
-    _param_dict(gn_param, "gn_param")
-    xf = _float_input(x, "x", "(N, C, H, W)")
+    param_dict(gn_param, "gn_param")
+    xf = float_input(x, "x", "(N, C, H, W)")
     c = xf.shape[1]
     shapes = ((c,), (1, c, 1, 1), (c, 1, 1))
-    aff = _affine(gamma, beta, xf, shapes, (1, c, 1, 1), "channel", broadcast=True)
+    aff = affine(gamma, beta, xf, shapes, (1, c, 1, 1), "channel", broadcast=True)
     xc = xf.astype(aff.dtype, copy=False)
     eps = gn_param.get("eps", 1e-5)
     y, norm = group_norm_forward(xc, G, aff.gamma, aff.beta, eps=eps, layout="NCHW")
