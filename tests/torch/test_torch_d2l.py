@@ -259,8 +259,9 @@ def test_function_returns_moving_statistics_unchanged_for_a_nonfinite_batch():
     """The chapter's class assigns what batch_norm returns: a NaN batch must not come back."""
     x, gamma, beta, mm, mv = _d2l_inputs((5, 3, 2, 2))
     x[1, 2, 0, 1] = float("nan")
-    with pytest.warns(NonFiniteBatchWarning, match="returned unchanged"):
+    with pytest.warns(NonFiniteBatchWarning, match="returned unchanged") as rec:
         _, new_mm, new_mv = bt.batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.9, training=True)
+    assert rec[0].filename == __file__
     assert torch.equal(new_mm, mm) and torch.equal(new_mv, mv)
 
 

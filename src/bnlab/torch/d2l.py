@@ -169,7 +169,7 @@ def _moving_update(X, moving_mean, moving_var, mean, var, momentum, conv):
             "X contains NaN or Inf: the batch statistics are not finite, so the moving statistics "
             "were returned unchanged",
             NonFiniteBatchWarning,
-            stacklevel=5,
+            stacklevel=6,  # the caller of batch_norm (no_grad's wrapper is a frame too)
         )
         return moving_mean.detach(), moving_var.detach()
     w = conv.new_batch_weight(momentum)
