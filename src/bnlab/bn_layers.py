@@ -159,27 +159,40 @@ class _BnlabLayers(_Layers):
 
 
 class _TorchLayers(_Layers):
+    """``torch.nn.BatchNorm*d`` (bnlab.torch's drop-ins subclass them) and d2l's module
+    :class:`bnlab.torch.BatchNorm`, whose ``gamma``/``moving_mean``/``moving_var`` are shaped
+    (1, C) or (1, C, 1, 1)."""
+
     framework = "torch"
 
     def __init__(self, model):
         import torch
 
+        from bnlab.torch.d2l import BatchNorm as D2LBatchNorm
+
         self.torch = torch
-        base = torch.nn.modules.batchnorm._BatchNorm
-        super().__init__(model, {n: m for n, m in model.named_modules() if isinstance(m, base)})
+        kinds = (torch.nn.modules.batchnorm._BatchNorm, D2LBatchNorm)
+        super().__init__(model, {n: m for n, m in model.named_modules() if isinstance(m, kinds)})
         p = next(model.parameters(), None)
         self.dtype = p.dtype if p is not None else torch.float32
 
+    @staticmethod
+    def _state(m) -> tuple:
+        """(γ, running mean, running var, batch counter) under either module's names."""
+        if hasattr(m, "moving_mean"):
+            return m.gamma, m.moving_mean, m.moving_var, None
+        return m.weight, m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None)
+
     def info(self, name: str) -> LayerInfo:
         m = self.layers[name]
+        gamma, mean, var, nbt = self._state(m)
 
         def np64(t):
-            return None if t is None else t.detach().cpu().double().numpy()
+            return None if t is None else t.detach().cpu().double().numpy().reshape(-1)
 
-        nbt = getattr(m, "num_batches_tracked", None)
         return LayerInfo(
-            name, type(m).__name__, np64(m.weight), np64(m.running_mean), np64(m.running_var),
-            float(m.eps), m.momentum, None if nbt is None else int(nbt), int(m.num_features),
+            name, type(m).__name__, np64(gamma), np64(mean), np64(var), float(m.eps), m.momentum,
+            None if nbt is None else int(nbt), int(m.num_features),
         )  # fmt: skip
 
     def as_input(self, x, index: int):
@@ -188,10 +201,10 @@ class _TorchLayers(_Layers):
         return self.torch.from_numpy(_array_input(x, index)).to(self.dtype)
 
     def write_running(self, name: str, mean: np.ndarray, var: np.ndarray) -> None:
-        bn = self.layers[name]
+        _, mean_buf, var_buf, _ = self._state(self.layers[name])
         with self.torch.no_grad():
-            bn.running_mean.copy_(self.torch.from_numpy(mean))
-            bn.running_var.copy_(self.torch.from_numpy(var))
+            mean_buf.copy_(self.torch.from_numpy(mean).reshape(mean_buf.shape))
+            var_buf.copy_(self.torch.from_numpy(var).reshape(var_buf.shape))
 
     @staticmethod
     def _set_training(m, mode: bool, recurse: bool = True) -> None:

@@ -10,10 +10,18 @@ pytorch   the new batch           0.1     unbiased  n/(n−1)·σ²_B   1e-5
 keras     the old running value   0.99    biased    σ²_B           1e-3
 flax      the old running value   0.99    biased    σ²_B           1e-5
 cs231n    the old running value   0.9     biased    σ²_B           1e-5
-d2l       the old running value   0.9     biased    σ²_B           1e-5
+d2l-0.17  the old running value   0.9     biased    σ²_B           1e-5
+d2l-1.0   the new batch           0.1     biased    σ²_B           1e-5
+d2l       the same as d2l-0.17 (the name bnlab has always used for it)
 ========= ======================= ======= ======================== =======
 
-With ``w`` the weight of the new batch (``w = momentum`` for pytorch, ``1 − momentum`` otherwise):
+d2l's two published versions mean opposite things by ``momentum``: up to release 0.17 its
+``batch_norm`` computes ``momentum · moving + (1 − momentum) · stat`` with 0.9, from d2l 1.0 on
+``(1 − momentum) · moving + momentum · stat`` with 0.1. Both give the same averages with their own
+defaults; a value meant for one and given to the other does not.
+
+With ``w`` the weight of the new batch (``w = momentum`` for pytorch and d2l-1.0,
+``1 − momentum`` otherwise):
 
     running_mean ← (1 − w) · running_mean + w · μ_B
     running_var  ← (1 − w) · running_var  + w · v_B,   v_B = n/(n−1)·σ²_B (unbiased) or σ²_B
@@ -52,8 +60,13 @@ PRESETS: dict[str, NormConvention] = {
     "keras": NormConvention("keras", 0.99, False, False, 1e-3),
     "flax": NormConvention("flax", 0.99, False, False, 1e-5),
     "cs231n": NormConvention("cs231n", 0.9, False, False, 1e-5),
-    "d2l": NormConvention("d2l", 0.9, False, False, 1e-5),
+    "d2l-0.17": NormConvention("d2l-0.17", 0.9, False, False, 1e-5),
+    "d2l-1.0": NormConvention("d2l-1.0", 0.1, True, False, 1e-5),
+    "d2l": NormConvention("d2l", 0.9, False, False, 1e-5),  # = d2l-0.17
 }
+
+#: Presets of one source whose ``momentum`` means opposite weights (see :func:`momentum_lookalike`).
+FAMILIES: tuple[tuple[str, ...], ...] = (("d2l-0.17", "d2l-1.0", "d2l"),)
 
 
 def get_convention(convention: str | NormConvention) -> NormConvention:
@@ -66,6 +79,27 @@ def get_convention(convention: str | NormConvention) -> NormConvention:
         raise ValueError(
             f"convention must be one of {sorted(PRESETS)}, got {convention!r}"
         ) from None
+
+
+def momentum_lookalike(momentum, convention: str | NormConvention) -> NormConvention | None:
+    """The preset of the same family (d2l's two versions) for which ``momentum`` is the default
+    while it means the opposite weight, or None: a hint that the value was written for the other
+    version. ``momentum_lookalike(0.1, "d2l")`` is the d2l-1.0 preset (0.1 weighs the new batch
+    there, the old value here); the convention's own default is never a lookalike.
+    """
+    conv = get_convention(convention)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
+        return None
+    family = next((f for f in FAMILIES if conv.name in f), ())
+    for name in family:
+        other = PRESETS[name]
+        if (
+            other.momentum_weighs_new != conv.momentum_weighs_new
+            and np.isclose(float(momentum), other.momentum, rtol=0, atol=1e-12)
+            and not np.isclose(float(momentum), conv.momentum, rtol=0, atol=1e-12)
+        ):
+            return other
+    return None
 
 
 def convert_momentum(momentum: float, src: str, dst: str) -> float:

@@ -18,8 +18,10 @@ mean μ_B, biased variance σ²_B and count m_B (= N·H·W values per channel). 
 
 Batches containing NaN/Inf (in the input, or in any BN's statistics) are skipped and counted.
 Works on bnlab models and on PyTorch models (any ``torch.nn.BatchNorm*d``, including
-:mod:`bnlab.torch`'s drop-ins, which subclass them). On any error the model is left untouched;
-on success only ``running_mean``/``running_var`` change (and the training flags are restored).
+:mod:`bnlab.torch`'s drop-ins, which subclass them, and d2l's module
+:class:`bnlab.torch.BatchNorm`, whose ``moving_mean``/``moving_var`` get the same statistics).
+On any error the model is left untouched; on success only the running (moving) statistics change
+(and the training flags are restored).
 """
 
 from __future__ import annotations

@@ -12,16 +12,26 @@ import numpy as np
 import pytest
 
 from bnlab import functional as F
-from bnlab.conventions import PRESETS, convert_momentum, convert_running_stats, get_convention
+from bnlab.conventions import (
+    PRESETS,
+    convert_momentum,
+    convert_running_stats,
+    get_convention,
+    momentum_lookalike,
+)
 
 # (momentum weighs the new batch?, default momentum, unbiased running variance?, eps) per preset,
-# transcribed from issue 3 / docs/conventions.md
+# transcribed from docs/conventions.md; d2l's two versions from its published chapter code
+# (release 0.17: momentum * moving + (1.0 - momentum) * mean with 0.9; 1.0: (1.0 - momentum) *
+# moving + momentum * mean with 0.1; both average the biased variance)
 SPEC = {
     "pytorch": (True, 0.1, True, 1e-5),
     "keras": (False, 0.99, False, 1e-3),
     "flax": (False, 0.99, False, 1e-5),
     "cs231n": (False, 0.9, False, 1e-5),
-    "d2l": (False, 0.9, False, 1e-5),
+    "d2l-0.17": (False, 0.9, False, 1e-5),
+    "d2l-1.0": (True, 0.1, False, 1e-5),
+    "d2l": (False, 0.9, False, 1e-5),  # the name bnlab has always used: d2l-0.17
 }
 
 
@@ -69,6 +79,36 @@ def test_converted_momentum_and_stats_reproduce_the_other_preset(rng, src, dst, 
     rm_conv, rv_conv = convert_running_stats(rm_src, rv_src, src, dst, count=count)
     np.testing.assert_allclose(rm_conv, rm_dst, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(rv_conv, rv_dst, rtol=1e-12, atol=1e-12)
+
+
+def test_d2l_versions_give_the_same_averages_with_their_own_defaults(rng):
+    """The example of the d2l trap: one batch of mean ~1.14 from zeros. d2l 1.0 with its 0.1
+    gives 0.114; the same 0.1 under the older meaning gives 1.02."""
+    batch = [rng.standard_normal((8, 3, 2, 2)) * 0.01 + 1.14]
+    rm_new, _ = _simulate("d2l-1.0", 0.1, batch)
+    rm_old, _ = _simulate("d2l-0.17", 0.9, batch)
+    np.testing.assert_allclose(rm_new, rm_old, rtol=1e-12)
+    np.testing.assert_allclose(rm_new, 0.114, atol=2e-3)
+    np.testing.assert_allclose(_simulate("d2l", 0.1, batch)[0], 1.026, atol=2e-2)
+    assert convert_momentum(0.1, "d2l-1.0", "d2l") == 0.9
+
+
+@pytest.mark.parametrize(
+    "momentum,convention,expected",
+    [
+        (0.1, "d2l", "d2l-1.0"),
+        (0.1, "d2l-0.17", "d2l-1.0"),
+        (0.9, "d2l-1.0", "d2l-0.17"),
+        (0.9, "d2l", None),
+        (0.1, "d2l-1.0", None),
+        (0.5, "d2l", None),
+        (0.1, "cs231n", None),  # no family: nothing to confuse it with
+        ("0.1", "d2l", None),
+    ],
+)
+def test_momentum_lookalike(momentum, convention, expected):
+    found = momentum_lookalike(momentum, convention)
+    assert (found.name if found else None) == expected
 
 
 def test_convert_momentum_known_values():
