@@ -1,23 +1,29 @@
-"""LeNet-BN training throughput: bnlab's NumPy/numba engine vs PyTorch, same process, same batches.
+"""LeNet-BN training throughput: bnlab's engine vs PyTorch, each in a process of its own.
 
-    python benchmarks/bench_lenet.py --steps 60 --rounds 5 [--threads 2] [--json out.json]
-    python benchmarks/bench_lenet.py --accuracy-epochs 10      # also compare test accuracy
+    python benchmarks/bench_lenet.py                      # both settings below, 5 rounds each
+    python benchmarks/bench_lenet.py --rounds 9 --pinned 1 --json benchmarks/results/x.json
 
-Both engines start from the same weights (bnlab's seeded init loaded into the torch model), see
-the same batches (Fashion-MNIST when installed, else seeded random images) and use the same
-number of threads: torch.set_num_threads(N) for PyTorch; N numba threads for bnlab, whose
-kernels are parallel over the batch, with OpenBLAS kept at 1 thread (LeNet's GEMMs are small:
-a threaded OpenBLAS only spins against the numba threads, measured 2-8x slower per step at
-2 threads on the shared 2-core machine). Rounds alternate torch / bnlab so that load from other
-processes hits both alike; the result is the median examples/s of each and the ratio of the
-medians.
+Each peer runs the same d2l LeNet-BN training steps (same initial weights, same batches of the real
+Fashion-MNIST when installed) in a fresh process, so neither inherits the other's thread pools or
+environment. Two settings are reported:
+
+* **as users run them**: PyTorch with its defaults (no environment variable set, its own thread
+  count), bnlab as ``bnlab train`` runs by default (numba threads = the cores this process may
+  use, OpenBLAS at one thread for LeNet's small GEMMs);
+* **pinned**: both at ``--pinned N`` threads (``torch.set_num_threads(N)``; N numba threads).
+
+Rounds alternate the peers (and their order) so that load from other processes hits both alike;
+the result is the median examples/s of each and the ratio of the medians. Warm-up steps (numba's
+cache load, PyTorch's first allocations) are not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -25,39 +31,26 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60, help="timed training steps per round")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT, caches)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating torch/bnlab rounds")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per setting (peers alternate)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads of both engines (default 1, as `bnlab train`; 0 = the number of CPUs)",
+        "--pinned", type=int, default=1, help="thread count of the pinned setting (0: skip it)"
     )
-    p.add_argument(
-        "--accuracy-epochs",
-        type=int,
-        default=0,
-        help="also train both for N full epochs and compare test accuracy",
-    )
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default="benchmarks/results/bench_lenet.json", help="output file")
+    p.add_argument("--worker", choices=["bnlab", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # 0: defaults
     args = p.parse_args(argv)
     for name in ("steps", "rounds", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.warmup < 0 or args.accuracy_epochs < 0 or args.threads < 0:
-        p.error("--warmup, --accuracy-epochs and --threads must be >= 0")
+    if args.warmup < 0 or args.pinned < 0:
+        p.error("--warmup and --pinned must be >= 0")
     return args
 
 
-def set_threads_env(threads: int) -> None:
-    """Thread pools read these when their library loads: call before importing numpy/torch."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    # bnlab sets this default on import (see bnlab/__init__.py); set it before torch loads so
-    # both peers run under the same OpenMP wait policy.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --------------------------------------------------------------------------- a worker process
 
 
 def torch_lenet_bn(torch):
@@ -70,172 +63,158 @@ def torch_lenet_bn(torch):
     )  # fmt: skip
 
 
-def load_data(np):
-    """(train images, labels, test images, labels, source) — real data when installed."""
+def training_batches(n: int, batch_size: int):
+    """The first n batches of epoch 0 (seeded order), from Fashion-MNIST when installed."""
+    import numpy as np
+
+    from bnlab.data import batches
+
     try:
         from bnlab.data import load_fashion_mnist
 
-        tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
-        return (*tr, *te, "fashion-mnist")
+        images, labels = load_fashion_mnist("train")
+        source = "fashion-mnist"
     except FileNotFoundError:
         rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (12_000, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, 12_000).astype(np.uint8)
-        return x[:10_000], y[:10_000], x[10_000:], y[10_000:], "random (Fashion-MNIST missing)"
+        images = rng.integers(0, 256, (n * batch_size, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n * batch_size).astype(np.uint8)
+        source = "random (Fashion-MNIST missing)"
+    it = batches(images, labels, batch_size, seed=0, epoch=0, drop_last=True)
+    return [b for _, b in zip(range(n), it, strict=False)], source
 
 
-class BnlabRunner:
-    def __init__(self, model, lr):
-        from bnlab import nn
-        from bnlab.optim import SGD
+def bnlab_step_fn(threads: int, lr: float):
+    """``bnlab train``'s setup: numba threads (default: usable cores), one BLAS thread."""
+    from bnlab import nn
+    from bnlab.backend import usable_cores
+    from bnlab.models import lenet_bn
+    from bnlab.nn.threads import set_blas_threads, set_num_threads
+    from bnlab.optim import SGD
 
-        self.model, self.loss = model, nn.CrossEntropyLoss()
-        self.opt = SGD(model.parameters(), lr=lr)
-        model[0].input_grad = False  # as bnlab.train does: no dL/dx for the input images
+    set_num_threads(threads or usable_cores())
+    set_blas_threads(1)
+    model, loss_fn = lenet_bn(0), nn.CrossEntropyLoss()
+    model[0].input_grad = False  # as bnlab.train does: no dL/dx for the input images
+    opt = SGD(model.parameters(), lr=lr)
 
-    def step(self, x, y) -> float:
-        self.opt.zero_grad()
-        loss = self.loss(self.model(x), y)
-        self.model.backward(self.loss.backward())
-        self.opt.step()
-        return loss
+    def step(x, y) -> float:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+        return float(loss)
+
+    return step, (threads or usable_cores())
 
 
-class TorchRunner:
-    def __init__(self, torch, model, lr):
-        self.torch, self.model = torch, model
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
+def torch_step_fn(threads: int, lr: float):
+    """d2l's loop in PyTorch: its own defaults unless ``threads`` pins the count."""
+    import torch
 
-    def step(self, x, y) -> float:
-        self.opt.zero_grad()
-        loss = self.torch.nn.functional.cross_entropy(self.model(x), y)
+    from bnlab.models import lenet_bn
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = torch_lenet_bn(torch)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in lenet_bn(0).state_dict().items()})
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step(x, y) -> float:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         loss.backward()
-        self.opt.step()
+        opt.step()
         return loss.item()
 
+    return step, torch.get_num_threads()
 
-def timed(runner, batches, warmup: int) -> tuple[float, float]:
-    """(examples per wall second, examples per CPU second of this process) over ``batches``
-    after ``warmup`` untimed steps. CPU time is what the work costs, whatever other processes
-    do; on a loaded machine it is the steadier of the two (with several threads it also counts
-    time spent spinning)."""
-    for x, y in batches[:warmup]:
-        runner.step(x, y)
+
+def worker(args) -> int:
+    make = bnlab_step_fn if args.worker == "bnlab" else torch_step_fn
+    data, source = training_batches(args.warmup + args.steps, args.batch_size)
+    step, threads = make(args.threads, args.lr)
+    first = step(*data[0])
+    for x, y in data[1 : args.warmup]:
+        step(x, y)
     start, cpu = time.perf_counter(), time.process_time()
     n = 0
-    for x, y in batches[warmup:]:
-        runner.step(x, y)
+    for x, y in data[args.warmup :]:
+        step(x, y)
         n += len(y)
-    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    result = {"rate": n / wall, "cpu_rate": n / cpu, "first_loss": first, "threads": threads}
+    print(json.dumps({**result, "data": source}))
+    return 0
 
 
-def accuracy_run(np, torch, data, epochs, batch_size, lr):
-    """Train fresh copies of both for ``epochs`` epochs on the same batches; test accuracies."""
-    from bnlab.data import batches
-    from bnlab.models import lenet_bn
-    from bnlab.train import evaluate
+# --------------------------------------------------------------------------- the parent
 
-    model = lenet_bn(0)
-    tm = torch_lenet_bn(torch)
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
-    ours, theirs = BnlabRunner(model, lr), TorchRunner(torch, tm, lr)
-    for epoch in range(epochs):
-        for x, y in batches(data[0], data[1], batch_size, seed=0, epoch=epoch):
-            ours.step(x, y)
-            theirs.step(torch.from_numpy(x), torch.from_numpy(y))
-    tm.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in batches(data[2], data[3], 1000, shuffle=False):
-            correct += int((tm(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
-    return evaluate(model, data[2], data[3]), correct / len(data[3])
+
+def run_worker(peer: str, threads: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", peer, "--threads", str(threads)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--batch-size", str(args.batch_size), "--lr", repr(args.lr)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # each its own default
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{peer} worker failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(setting: str, threads: int, args) -> dict:
+    rounds = []
+    for r in range(args.rounds):
+        order = ("torch", "bnlab") if r % 2 == 0 else ("bnlab", "torch")
+        got = {peer: run_worker(peer, threads, args) for peer in order}
+        rounds.append(got)
+        print(
+            f"{setting} round {r}: torch {got['torch']['rate']:8,.0f} ex/s "
+            f"({got['torch']['threads']} threads)   bnlab {got['bnlab']['rate']:8,.0f} ex/s "
+            f"({got['bnlab']['threads']} threads)   ratio "
+            f"{got['bnlab']['rate'] / got['torch']['rate']:.2f}",
+            flush=True,
+        )
+    med = {p: statistics.median(r[p]["rate"] for r in rounds) for p in ("torch", "bnlab")}
+    return {
+        "setting": setting,
+        "threads": {p: rounds[0][p]["threads"] for p in ("torch", "bnlab")},
+        "median_examples_per_s": med,
+        "ratio_bnlab_over_torch": med["bnlab"] / med["torch"],
+        "first_step_loss": {p: rounds[0][p]["first_loss"] for p in ("torch", "bnlab")},
+        "data": rounds[0]["bnlab"]["data"],
+        "rounds": rounds,
+    }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
-    set_threads_env(threads)
-    import numpy as np
-    import torch
-
-    import bnlab
-    from bnlab.data import batches
-    from bnlab.models import lenet_bn
-    from bnlab.nn.threads import set_blas_threads, set_num_threads
-
-    torch.set_num_threads(threads)
-    set_num_threads(threads)
-    set_blas_threads(1)  # bnlab's threads are the numba kernels' (see the module docstring)
-    data = load_data(np)
-    n_batches = args.warmup + args.steps
-    it = batches(data[0], data[1], args.batch_size, seed=0, epoch=0, drop_last=True)
-    np_batches = [b for _, b in zip(range(n_batches), it, strict=False)]
-    if len(np_batches) < n_batches:
-        sys.exit(f"only {len(np_batches)} batches available, need {n_batches}")
-    t_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in np_batches]
-
-    model = lenet_bn(0)
-    tm = torch_lenet_bn(torch)
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
-    ours, theirs = BnlabRunner(model, args.lr), TorchRunner(torch, tm, args.lr)
-    # same first step from the same weights: a cheap check that both train the same model
-    first = (ours.step(*np_batches[0]), theirs.step(*t_batches[0]))
-
-    rows = []
-    for r in range(args.rounds):
-        t_rate, t_cpu = timed(theirs, t_batches, args.warmup)
-        b_rate, b_cpu = timed(ours, np_batches, args.warmup)
-        rows.append(
-            {
-                "round": r,
-                "torch": t_rate,
-                "bnlab": b_rate,
-                "ratio": b_rate / t_rate,
-                "torch_per_cpu_s": t_cpu,
-                "bnlab_per_cpu_s": b_cpu,
-                "cpu_ratio": b_cpu / t_cpu,
-            }
-        )
+    if args.worker:
+        return worker(args)
+    settings = [("as users run them", 0)]
+    if args.pinned:
+        settings.append((f"pinned to {args.pinned} thread(s)", args.pinned))
+    results = [measure(name, threads, args) for name, threads in settings]
+    print("\n| setting | PyTorch ex/s (threads) | bnlab ex/s (threads) | bnlab / PyTorch |")
+    print("|---|---:|---:|---:|")
+    for res in results:
+        med, th = res["median_examples_per_s"], res["threads"]
         print(
-            f"round {r}: torch {t_rate:8,.0f} ex/s   bnlab {b_rate:8,.0f} ex/s   "
-            f"ratio {b_rate / t_rate:.2f}   (per CPU-second: torch {t_cpu:,.0f}, "
-            f"bnlab {b_cpu:,.0f}, ratio {b_cpu / t_cpu:.2f})",
-            flush=True,
+            f"| {res['setting']} | {med['torch']:,.0f} ({th['torch']}) | "
+            f"{med['bnlab']:,.0f} ({th['bnlab']}) | {res['ratio_bnlab_over_torch']:.2f}x |"
         )
-    med_t = statistics.median(r["torch"] for r in rows)
-    med_b = statistics.median(r["bnlab"] for r in rows)
-    cpu_ratio = statistics.median(r["cpu_ratio"] for r in rows)
-    result = {
-        "benchmark": "lenet-bn training throughput",
-        "data": data[4],
+    out = {
+        "benchmark": "LeNet-BN training throughput, each peer in its own process",
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
-        "rounds": rows,
-        "threads": threads,
-        "backend": bnlab.get_backend(),
-        "torch_version": torch.__version__,
-        "first_step_loss": {"bnlab": first[0], "torch": first[1]},
-        "median_examples_per_s": {"torch": med_t, "bnlab": med_b},
-        "ratio_bnlab_over_torch": med_b / med_t,
-        "cpu_time_ratio_bnlab_over_torch": cpu_ratio,
+        "settings": results,
         "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
     }
-    print(
-        f"median: torch {med_t:,.0f} ex/s, bnlab {med_b:,.0f} ex/s -> "
-        f"bnlab/torch = {med_b / med_t:.2f}x; per CPU-second {cpu_ratio:.2f}x  "
-        f"({threads} threads, load avg {os.getloadavg()[0]:.1f})"
-    )
-    if args.accuracy_epochs:
-        acc_b, acc_t = accuracy_run(np, torch, data, args.accuracy_epochs, args.batch_size, args.lr)
-        result["test_accuracy"] = {"bnlab": acc_b, "torch": acc_t, "epochs": args.accuracy_epochs}
-        print(
-            f"test accuracy after {args.accuracy_epochs} epochs: bnlab {acc_b:.4f}, "
-            f"torch {acc_t:.4f} (difference {100 * (acc_b - acc_t):+.2f} points)"
-        )
     if args.json:
         from bnlab.io import atomic_write_json
 
-        atomic_write_json(args.json, result)
+        atomic_write_json(args.json, out)
+        print(f"\nwrote {args.json}")
     return 0
 
 
