@@ -194,3 +194,19 @@ def resume_error(path: Path, mine: dict, stored: dict) -> str | None:
         f"cannot resume {path}: these settings differ from the checkpoint's: {bad} "
         f"(stored: {theirs}); resume with the stored settings, or start again with --overwrite"
     )
+
+
+def data_mismatch(path: Path, stored: dict | None, current: dict) -> str | None:
+    """Why a resumed run cannot continue on ``current`` data (metrics.json's "data" record) when
+    it was trained on ``stored``, or None. Files are compared by content (sha256), so the same
+    files in another folder are fine; runs recorded before the data record are not checked."""
+    if not stored or not stored.get("files"):
+        return None
+    old = {name: f.get("sha256") for name, f in stored["files"].items()}
+    new = {name: f.get("sha256") for name, f in current.get("files", {}).items()}
+    if old != new:
+        return (
+            f"cannot resume {path}: it was trained on other data files (recorded folder "
+            f"{stored.get('folder')}, files {sorted(old)}); resume with the same data (--data)"
+        )
+    return None

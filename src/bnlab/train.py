@@ -34,11 +34,11 @@ import numpy as np
 
 from bnlab import nn
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
-from bnlab.errors import TrainingDiverged
+from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.models import MODELS, build_model
 from bnlab.optim import SGD
 from bnlab.progress import Progress
-from bnlab.runs import RunFolder, resume_error
+from bnlab.runs import RunFolder, data_mismatch, resume_error
 
 ENGINES = ("numpy", "torch")
 
@@ -291,7 +291,11 @@ def train(
             splits = load_splits(config, data_root)
         else:
             splits = limit_splits(splits, config)
-        metrics["data"] = data_record(splits, config)
+        current = data_record(splits, config)
+        problem = resume and data_mismatch(run.path, metrics.get("data"), current)
+        if problem:
+            raise UsageError(problem)
+        metrics["data"] = current
         announce_dropped(metrics["data"], log)
         _train_epochs(model, opt, splits, config, run, metrics, start_epoch, progress, log)
         if metrics["epochs"] and has_batch_norm(model):
@@ -361,8 +365,6 @@ def population_stats_accuracy(model: nn.Module, splits: Splits, config: TrainCon
 
 
 def _restore(config: TrainConfig, out: Path, model, opt, metrics: dict) -> int:
-    from bnlab.errors import UsageError
-
     ckpt = load_checkpoint(out, expect_model=config.model)
     problem = resume_error(out, asdict(config), ckpt.meta.get("config", {}))
     if problem:
@@ -370,6 +372,7 @@ def _restore(config: TrainConfig, out: Path, model, opt, metrics: dict) -> int:
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optim_state)
     metrics["epochs"] = list(ckpt.meta.get("epochs", []))[: ckpt.epoch]
+    metrics["data"] = ckpt.meta.get("data")
     return ckpt.epoch
 
 

@@ -337,3 +337,19 @@ def test_claim_refuses_both_flags_and_a_file_path(tmp_path):
     with pytest.raises(UsageError, match="not a folder"):
         with RunFolder.claim(tmp_path / "f"):
             pass
+
+
+def test_resume_on_other_data_is_refused_and_a_moved_copy_is_fine(tmp_path, fake_data, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(_argv(out, fake_data)) == 0
+    other = write_fake_fashion_mnist(tmp_path / "other", n_train=300, n_test=64)
+    before = snapshot(out)
+    assert main(_argv(out, other, "--resume", epochs=2)) == EXIT_USAGE
+    assert "other data files" in capsys.readouterr().err
+    assert snapshot(out) == before
+    moved = tmp_path / "moved"
+    shutil.copytree(fake_data, moved)
+    assert main(_argv(out, moved, "--resume", epochs=2)) == 0
+    assert read_metrics(out)["data"]["folder"] == str(moved.resolve())

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bnlab.errors import TrainingDiverged, UsageError
-from bnlab.runs import LOCK_HELD_ENV, RunFolder, check_mode, resume_error
+from bnlab.runs import LOCK_HELD_ENV, RunFolder, check_mode, data_mismatch, resume_error
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
 from bnlab.train import (
@@ -233,6 +233,7 @@ def _resume(out: Path, config: dict, states: _NumpyStates, metrics: dict) -> int
         raise UsageError(problem)
     states.load(ckpt.model_state, ckpt.optim_state)
     metrics["epochs"] = list(ckpt.meta.get("epochs", []))[: ckpt.epoch]
+    metrics["data"] = ckpt.meta.get("data")
     return ckpt.epoch
 
 
@@ -267,7 +268,11 @@ def _train_run(config, out, ctx, run, resume, splits, data_root, log, report) ->
         return metrics
     model = wrap(module, ctx)
     splits = limit_splits(splits, config) if splits is not None else load_splits(config, data_root)
-    metrics["data"] = data_record(splits, config, ctx.world)
+    current = data_record(splits, config, ctx.world)
+    problem = resume and data_mismatch(out, metrics.get("data"), current)
+    if problem:
+        raise UsageError(problem)
+    metrics["data"] = current
     if ctx.main:
         announce_dropped(metrics["data"], log)
     for epoch in range(start, config.epochs):
