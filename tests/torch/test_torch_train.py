@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bnlab.checkpoint import load_checkpoint  # noqa: E402
-from bnlab.torch.train import Dist, launch, shard, torchrun_command, train  # noqa: E402
+from bnlab.torch.launch import launch, torchrun_command  # noqa: E402
+from bnlab.torch.train import Dist, shard, train  # noqa: E402
 from bnlab.train import Splits, TrainConfig  # noqa: E402
 
 HANG_TIMEOUT_S = 60

@@ -119,7 +119,7 @@ def run(args) -> int:
     if problem:
         return _error(problem)
     if args.engine == "torch":
-        from bnlab.torch.train import launch
+        from bnlab.torch.launch import launch
 
         return launch(torch_argv(args), args.nproc)
     return _run_numpy(args)

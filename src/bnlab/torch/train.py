@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/ddp
     python -m bnlab.torch.train --model lenet-bn --epochs 10 --out runs/one   # one process
-    bnlab.torch.train.launch(argv, nproc=2)   # the same from Python (e.g. a CLI --engine torch)
+    bnlab.torch.launch.launch(argv, nproc=2)   # the same from Python (bnlab train --engine torch)
 
 Same recipe and outputs as the NumPy engine's ``bnlab train`` (:mod:`bnlab.train`): d2l's LeNet-BN,
 SGD on the cross-entropy, batches in the seeded order of :mod:`bnlab.data.batches`; after every
@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bnlab.errors import TrainingDiverged, UsageError
-from bnlab.runs import LOCK_HELD_ENV, RunFolder, check_mode, data_mismatch, resume_error
+from bnlab.runs import RunFolder, check_mode, data_mismatch, resume_error
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
 from bnlab.train import (
@@ -340,24 +340,15 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
     )  # fmt: skip
 
 
-def preflight(argv: list[str]) -> None:
-    """Raise the error every rank would hit (bad settings, run folder, missing data) once,
-    before torchrun starts the processes."""
-    from bnlab.data import find_fashion_mnist
-
-    args = parse_args(argv)
-    config_of(args).validate()
-    check_mode(Path(args.out), args.resume, args.overwrite)
-    find_fashion_mnist(args.data)
-
-
-#: Set by :func:`launch` for its torchrun workers: the file where rank 0 leaves its exit status.
+#: Set by :func:`bnlab.torch.launch.launch` for its torchrun workers: the file where each rank
+#: leaves its exit status.
 STATUS_ENV = "BNLAB_TRAIN_STATUS_FILE"
 
 
 def main(argv=None) -> int:
     """Run one rank; returns the CLI exit status (0, 1 diverged, 2 bad input, 3 internal). Under
-    :func:`launch`, the status goes to STATUS_ENV's file and the process exits 0, so torchrun
+    :func:`bnlab.torch.launch.launch`, the status goes to STATUS_ENV's file and the process
+    exits 0, so torchrun
     does not print its own failure report on top of bnlab's one-line error."""
     from bnlab.cli import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE, describe, usage_errors
 
@@ -405,55 +396,6 @@ def _report_status(code: int, ctx: Dist) -> int:
     if ctx.main or code:
         Path(f"{status_file}.{ctx.rank}").write_text(str(code))
     return 0
-
-
-def torchrun_command(argv: list[str], nproc: int, port: int | None = None) -> list[str]:
-    """The torchrun command line that runs this trainer on ``nproc`` local CPU processes: on
-    127.0.0.1:``port``, or (None) ``--standalone``, whose rendezvous store binds a port the OS
-    picks (no window in which another process can take a port chosen in advance)."""
-    where = ["--standalone"] if port is None else ["--master-addr", "127.0.0.1"]
-    where += [] if port is None else ["--master-port", str(port)]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where,
-        "-m", "bnlab.torch.train", *argv,
-    ]  # fmt: skip
-
-
-def launch(argv: list[str], nproc: int = 1) -> int:
-    """Run the trainer in this process (nproc = 1) or under torchrun (for ``bnlab train --engine
-    torch --nproc N``); returns the exit status. With torchrun, this process validates the
-    arguments and owns the run folder (its lock) while the workers run."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
-    if nproc == 1:
-        return main(argv)
-    preflight(argv)
-    args = parse_args(argv)
-    with RunFolder.claim(args.out, resume=args.resume, overwrite=args.overwrite) as run:
-        code = _run_torchrun(argv, nproc, run)
-        run.adopt_files()
-    return code
-
-
-def _run_torchrun(argv: list[str], nproc: int, run: RunFolder) -> int:
-    import subprocess
-    import tempfile
-
-    from bnlab.cli import EXIT_INTERNAL
-
-    with tempfile.TemporaryDirectory(prefix="bnlab-train-") as tmp:
-        status = Path(tmp) / "status"
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            LOCK_HELD_ENV: str(run.path.resolve()),
-            STATUS_ENV: str(status),
-        }
-        code = subprocess.call(torchrun_command(argv, nproc), env=env, stdin=subprocess.DEVNULL)
-        codes = [int(p.read_text() or EXIT_INTERNAL) for p in Path(tmp).glob("status.*")]
-    if code:  # a worker crashed outside main(): torchrun has reported it
-        return EXIT_INTERNAL
-    return max(codes, default=EXIT_INTERNAL)
 
 
 if __name__ == "__main__":
