@@ -59,10 +59,6 @@ class RunFolder:
         self._previous_pending = overwrite
         self.wrote_anything = False
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.safetensors"
-
     # ------------------------------------------------------------------ claim / release
 
     @classmethod
@@ -83,6 +79,7 @@ class RunFolder:
             raise UsageError(f"{path} exists and is not a folder: give --out a folder") from None
         run = cls(path, created, _lock(path), overwrite)  # a busy folder is left as it is
         try:
+            check_mode(path, resume, overwrite, can_resume)  # again, now that nobody else can
             probe_writable(path)
             yield run
         finally:
