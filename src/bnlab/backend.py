@@ -15,7 +15,7 @@ import os
 
 BACKENDS = ("numpy", "numba")
 
-_state = {"backend": None}
+_state = {"backend": None, "explicit": False}
 
 
 @functools.cache
@@ -40,8 +40,10 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the default backend: ``"numba"`` or ``"numpy"``."""
+    """Select the default backend: ``"numba"`` or ``"numpy"``. A backend chosen here is used
+    for every call, whatever its size (see :func:`requested_backend`)."""
     _state["backend"] = resolve_backend(name)
+    _state["explicit"] = True
 
 
 def resolve_backend(name: str | None) -> str:
@@ -53,6 +55,17 @@ def resolve_backend(name: str | None) -> str:
     if name == "numba" and not numba_available():
         raise ValueError("backend='numba' was requested but numba is not installed")
     return name
+
+
+def requested_backend(name: str | None) -> tuple[str, bool]:
+    """(backend, explicit) for a ``backend=`` argument: explicit when the call names a backend
+    or :func:`set_backend` chose one. The default (numba when it imports, never set) is not
+    explicit: ``bnlab.functional`` then runs the NumPy reference for inputs below the measured
+    break-even size, where the kernels' fixed costs exceed the work (see
+    ``bnlab.functional._dispatch``)."""
+    if name is None:
+        return get_backend(), bool(_state["explicit"])
+    return resolve_backend(name), True
 
 
 def usable_cores() -> int:

@@ -97,9 +97,3 @@ def check_input(x, layout: str | Layout, name: str = "x") -> Layout:
             f"got shape {x.shape} ({x.ndim}-D)"
         )
     return lay
-
-
-def accumulation_dtype(dtype) -> np.dtype:
-    """Statistics are accumulated in float64 for float64 input, float32 otherwise (float16 too).
-    Either byte order: ``np.dtype(">f8") == np.float64`` is False, its ``.type`` is np.float64."""
-    return np.dtype(np.float64) if np.dtype(dtype).type is np.float64 else np.dtype(np.float32)

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.backend import resolve_backend
-from bnlab.buffers import output_like
 from bnlab.errors import ShapeError
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import accumulation_dtype, check_input
-from bnlab.functional.layer_norm import (
-    NormCache,
-    NormKernelCache,
-    normalize_backward,
-    normalize_forward,
-)
+from bnlab.functional._layout import check_input
+from bnlab.functional.layer_norm import NormKernelCache, normalize_backward
+from bnlab.functional.stats import NormCache, accumulation_dtype, normalize_forward
 
 
 def _group_views(shape, channel_axis, num_groups):
@@ -63,7 +58,7 @@ def group_norm_forward(
     """
     lay = check_input(x, layout)
     eps = v.check_eps(eps)
-    backend = resolve_backend(backend)
+    choice = _dispatch.choose(backend, "group_norm", "train", x.size)
     c = x.shape[lay.channel_axis]
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
         raise TypeError(f"num_groups must be an int, got {num_groups!r}")
@@ -74,7 +69,7 @@ def group_norm_forward(
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
     acc = accumulation_dtype(x.dtype)
-    if backend == "numba" and not lay.channels_last:
+    if choice.backend == "numba" and not lay.channels_last:
         return _group_norm_kernel(x, int(num_groups), gamma, beta, eps, acc)
     g = None if gamma is None else lay.per_channel(gamma.astype(acc, copy=False))
     b = None if beta is None else lay.per_channel(beta.astype(acc, copy=False))
@@ -85,16 +80,15 @@ def group_norm_forward(
 
 def _group_norm_kernel(x, groups, gamma, beta, eps, acc):
     """Channels-first (NC, NCL, NCHW) input as the kernels' (N, C, S) view."""
-    from bnlab import kernels
-
     n, c = x.shape[0], x.shape[1]
-    x3 = np.ascontiguousarray(x).reshape(n, c, -1)
     g = None if gamma is None else gamma.astype(acc, copy=False)
     b = None if beta is None else beta.astype(acc, copy=False)
-    out = output_like(x3)  # reused memory, as batch norm's outputs
-    y3, mean, rstd = kernels.gn_forward(x3, groups, g, b, eps, out=out)
-    cache = NormKernelCache("group_norm", x3, mean, rstd, g, groups, (c,), x.shape, x.dtype)
-    return y3.reshape(x.shape), cache
+    g64 = np.ones(c) if g is None else g.astype(np.float64)
+    b64 = np.zeros(c) if b is None else b.astype(np.float64)
+    run = _dispatch.gn_kernels(x.reshape(n, c, -1), groups, g64, b64, eps, None)
+    cache = NormKernelCache("group_norm", run.x, run.mean, run.rstd, g, groups, (c,), x.shape,
+                            x.dtype, fingerprint=run.fingerprint)  # fmt: skip
+    return run.y.reshape(x.shape), cache
 
 
 def group_norm_backward(dout, cache: NormCache | NormKernelCache):

@@ -1,8 +1,11 @@
-"""The two helpers the whole normalization family shares.
+"""The statistics and normalize helpers the whole normalization family shares.
 
-``moments``      mean and (biased) variance over some axes, numerically stable;
-``standardize``  x̂ = (x − μ) · rstd with rstd = 1 / sqrt(σ² + ε)  (eps *inside* the sqrt);
-``standardize_backward``  the input gradient of x̂ given the gradient of x̂.
+``accumulation_dtype``  the dtype statistics are accumulated in (functional and kernels alike);
+``moments``             mean and (biased) variance over some axes, numerically stable;
+``normalize``           x̂ = (x − μ) · rstd with rstd = 1 / sqrt(σ² + ε)  (eps *inside* the sqrt);
+``normalize_backward``  the input gradient of x̂ given the gradient of x̂;
+``normalize_forward`` / ``normalize_grads``  the per-sample norms (layer, group, instance) on a
+                        view of x, with their elementwise affine and :class:`NormCache`.
 
 Batch norm reduces over every axis but the channel, layer norm over the trailing axes, group norm
 over (channels of a group × spatial) of one sample: each member only picks the axes.
@@ -10,9 +13,15 @@ over (channels of a group × spatial) of one sample: each member only picks the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from bnlab.functional._layout import accumulation_dtype
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """Statistics are accumulated in float64 for float64 input, float32 otherwise (float16 too).
+    Either byte order: ``np.dtype(">f8") == np.float64`` is False, its ``.type`` is np.float64."""
+    return np.dtype(np.float64) if np.dtype(dtype).type is np.float64 else np.dtype(np.float32)
 
 
 def moments(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +58,14 @@ def standardize(x: np.ndarray, mean: np.ndarray, rstd: np.ndarray) -> np.ndarray
     return (x.astype(mean.dtype, copy=False) - mean) * rstd
 
 
-def standardize_backward(
+def normalize(x: np.ndarray, axes: tuple[int, ...], eps: float):
+    """(x̂, μ, σ², rstd) over ``axes`` (statistics keepdims, in the accumulation dtype)."""
+    mean, var = moments(x, axes)
+    rstd = inverse_std(var, eps)
+    return standardize(x, mean, rstd), mean, var, rstd
+
+
+def normalize_backward(
     dxhat: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, axes: tuple[int, ...]
 ) -> np.ndarray:
     """Gradient through x̂ = (x − μ)·rstd where μ, σ² are statistics over ``axes`` (M values).
@@ -63,9 +79,58 @@ def standardize_backward(
     return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
 
 
+standardize_backward = normalize_backward  # the name bnlab.functional has always exported
+
+
 def reduction_size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
     """How many values each statistic is computed from (a Python int: never overflows)."""
     n = 1
     for a in axes:
         n *= int(shape[a])
     return n
+
+
+# --------------------------------------------------------------------------- per-sample norms
+
+
+@dataclass
+class NormCache:
+    """Cache of layer/group norm: x̂ and rstd in the grouped view, plus how to undo the view."""
+
+    xhat: np.ndarray  # standardized input, in the *normalization view* (see to_view)
+    rstd: np.ndarray  # 1/sqrt(σ² + ε), keepdims in the normalization view
+    gamma: np.ndarray | None  # affine weight, broadcastable against the input
+    stat_axes: tuple[int, ...]  # axes of the view reduced for the statistics
+    param_axes: tuple[int, ...]  # axes of the input summed for dgamma/dbeta
+    input_shape: tuple[int, ...]
+    dtype: np.dtype
+    to_view: object  # input-shaped array -> normalization view
+    from_view: object  # normalization view -> input-shaped array
+
+
+def normalize_forward(x, stat_axes, to_view, from_view, gamma_b, beta_b, param_axes, eps):
+    """The per-sample norms' forward: normalize in a view, the affine outside it.
+    Returns (y, NormCache, mean, var)."""
+    xhat, mean, var, rstd = normalize(to_view(x), stat_axes, eps)
+    y = from_view(xhat)
+    if gamma_b is not None:
+        y = y * gamma_b
+    if beta_b is not None:
+        y = y + beta_b
+    cache = NormCache(
+        xhat, rstd, gamma_b, stat_axes, param_axes, x.shape, x.dtype, to_view, from_view
+    )
+    return y.astype(x.dtype, copy=False), cache, mean, var
+
+
+def normalize_grads(dout, cache: NormCache):
+    """The per-sample norms' backward: (dx, dgamma, dbeta), dgamma/dbeta None without affine."""
+    d = dout.astype(cache.xhat.dtype, copy=False)
+    xhat = cache.from_view(cache.xhat)
+    dgamma = dbeta = None
+    if cache.gamma is not None:
+        dgamma = (d * xhat).sum(axis=cache.param_axes)
+        dbeta = d.sum(axis=cache.param_axes)
+        d = d * cache.gamma
+    dx = normalize_backward(cache.to_view(d), cache.xhat, cache.rstd, cache.stat_axes)
+    return cache.from_view(dx).astype(cache.dtype, copy=False), dgamma, dbeta
