@@ -46,13 +46,17 @@ class Layout:
     def spatial_axes(self) -> tuple[int, ...]:
         return tuple(a for a in self.reduce_axes if a != 0)
 
+    @cached_property
+    def _channel_shape(self) -> tuple[int, ...]:
+        return tuple(-1 if a == self.channel_axis else 1 for a in range(self.ndim))
+
     def channel_shape(self) -> tuple[int, ...]:
         """Shape that broadcasts a per-channel vector (C,) against an input of this layout."""
-        return tuple(-1 if a == self.channel_axis else 1 for a in range(self.ndim))
+        return self._channel_shape
 
     def per_channel(self, v: np.ndarray) -> np.ndarray:
         """View a (C,) vector so that it broadcasts along this layout's channel axis."""
-        return v.reshape(self.channel_shape())
+        return v.reshape(self._channel_shape)
 
 
 LAYOUTS: dict[str, Layout] = {

@@ -237,7 +237,7 @@ def _train_forward(x, lay, g, b, eps, backend, out):
 def _eval_forward(x, lay, g, b, running_mean, running_var, eps, backend, out):
     """Inference: y = x·scale + shift with scale = γ·rstd, shift = β − μ·scale (running μ, σ²)."""
     acc = g.dtype
-    mean, var = running_mean.astype(acc), running_var.astype(acc)
+    mean, var = running_mean.astype(acc), running_var.astype(acc)  # copies: the cache keeps them
     rstd = inverse_std(var, eps)
     scale = g * rstd
     shift = b - mean * scale

@@ -5,8 +5,9 @@
                                         group norm per channel; layer norm with a = rstd·γ_j)
     dx       dx = A·dy + B·(x − m) + D   the closed-form input gradient of batch/group/layer norm
 
-The coefficients of a row are scalars (one channel's row, channels-first) or arrays indexed like
-the row (a channels-last row of channels, layer norm's γ): :func:`at` reads either. Arithmetic is
+The coefficients of a row are scalars (one channel's row, channels-first), arrays indexed like
+the row (a channels-last row of channels), or a pair (s, g) meaning s·g[j] (layer norm's
+rstd·γ): :func:`at` reads each. Arithmetic is
 in the data's dtype (the callers pass the coefficients in it), like the NumPy reference; no
 fused multiply-adds (no ``fastmath``), so every path gives the same bits for the same
 coefficients.
@@ -39,7 +40,8 @@ def bn_dx(dy, x, m, a, b, d):
 
 
 def at(v, j):
-    """v[j] for a coefficient row, v itself for a scalar coefficient (compiled code only)."""
+    """Coefficient j of a row: v[j] for a coefficient row, v itself for a scalar, s·g[j] for a
+    pair (s, g) (layer norm's rstd·γ, formed on the fly) (compiled code only)."""
     raise NotImplementedError("at runs inside compiled kernels only")
 
 
@@ -47,6 +49,8 @@ def at(v, j):
 def _at(v, j):
     if isinstance(v, types.Array):
         return lambda v, j: v[j]
+    if isinstance(v, types.BaseTuple):
+        return lambda v, j: v[0] * v[1][j]
     return lambda v, j: v
 
 

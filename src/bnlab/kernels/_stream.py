@@ -58,8 +58,14 @@ class _Traced:
 
 
 def _operand(context, builder, ty, val, index, vecty):
-    """A vector of one line: loaded from array ``val`` at ``index`` (unaligned), or the scalar
-    ``val`` broadcast."""
+    """A vector of one line: loaded from array ``val`` at ``index`` (unaligned), the scalar
+    ``val`` broadcast, or the product of a pair's (``_elementwise.at``'s s·g[j])."""
+    if isinstance(ty, types.BaseTuple):
+        parts = [
+            _operand(context, builder, t, builder.extract_value(val, k), index, vecty)
+            for k, t in enumerate(ty)
+        ]
+        return builder.fmul(parts[0], parts[1])
     if isinstance(ty, types.Array):
         ptr = _element_ptr(context, builder, ty, val, index)
         return builder.load(builder.bitcast(ptr, vecty.as_pointer()), align=1)

@@ -36,62 +36,74 @@ from ._stack import stack
 
 
 @njit(cache=True, inline="always")
-def _add_shifted(rows, c0, k, a1, a2, w):
-    """The shifted-sum loop: columns [c0, c0 + w) of the 2-D ``rows`` into lanes a1, a2
-    (shift k: per lane or one for all)."""
-    for r in range(rows.shape[0]):
-        row = rows[r, c0 : c0 + w]
-        for j in range(w):
-            d = np.float64(row[j]) - at(k, j)
-            a1[j] += d
-            a2[j] += d * d
+def shifted_add(a1, a2, j, v, k):
+    """The primitive: lane j of the shifted sums takes one value v (shift k)."""
+    d = np.float64(v) - k
+    a1[j] += d
+    a2[j] += d * d
 
 
 @njit(cache=True, inline="always")
-def _add_grad(dy, x, c0, mu, a1, a2, w):
-    """The gradient-sum loop: columns [c0, c0 + w) of the 2-D dy, x into lanes a1, a2 (mean mu:
-    per lane or one for all)."""
-    for r in range(x.shape[0]):
+def grad_add(a1, a2, j, g, v, mu):
+    """Its gradient twin: lane j of (Σ dy, Σ dy·(x − μ)) takes one pair (g = dy, v = x)."""
+    g = np.float64(g)
+    a1[j] += g
+    a2[j] += g * (np.float64(v) - mu)
+
+
+@njit(cache=True, inline="always")
+def lane_sums(seg, k, acc1, acc2, w):
+    """acc1, acc2 (w,) += the shifted sums of the 1-D contiguous ``seg`` read as rows of ``w``
+    lanes (the last row may be partial); ``k``: (w,) per lane, or one scalar for all. (w is a
+    compile-time constant in every caller: the divisions below are shifts.)"""
+    full = seg.shape[0] // w * w
+    for base in range(0, full, w):
+        for j in range(w):
+            shifted_add(acc1, acc2, j, seg[base + j], at(k, j))
+    for j in range(seg.shape[0] - full):
+        shifted_add(acc1, acc2, j, seg[full + j], at(k, j))
+
+
+@njit(cache=True, inline="always")
+def lane_grad_sums(dy, x, mu, acc1, acc2, w):
+    """acc1, acc2 (w,) += Σ dy, Σ dy·(x − μ) per lane of the 1-D dy, x read as rows of ``w``
+    lanes; ``mu``: (w,) per lane, or one scalar."""
+    full = x.shape[0] // w * w
+    for base in range(0, full, w):
+        for j in range(w):
+            grad_add(acc1, acc2, j, dy[base + j], x[base + j], at(mu, j))
+    for j in range(x.shape[0] - full):
+        grad_add(acc1, acc2, j, dy[full + j], x[full + j], at(mu, j))
+
+
+@njit(cache=True, inline="always")
+def _column_loop(x, r0, r1, step, c0, k, a1, a2, w):
+    for r in range(r0, r1, step):
+        row = x[r, c0 : c0 + w]
+        for j in range(w):
+            shifted_add(a1, a2, j, row[j], at(k, j))
+
+
+@njit(cache=True, inline="always")
+def _column_grad_loop(dy, x, r0, r1, step, c0, mu, a1, a2, w):
+    for r in range(r0, r1, step):
         dyr = dy[r, c0 : c0 + w]
         xr = x[r, c0 : c0 + w]
         for j in range(w):
-            g = np.float64(dyr[j])
-            a1[j] += g
-            a2[j] += g * (np.float64(xr[j]) - at(mu, j))
+            grad_add(a1, a2, j, dyr[j], xr[j], at(mu, j))
 
 
-@njit(cache=True, inline="always")
-def _as_rows(seg, w):
-    """A 1-D contiguous seg as (its whole rows of w values, its last partial row), both 2-D.
-    (A row of exactly w values, the short-row case, needs no division.)"""
-    n = seg.shape[0]
-    if w == n:
-        return seg.reshape((1, n)), seg[n:].reshape((1, 0))
-    full = n // w * w
-    return seg[:full].reshape((full // w, w)), seg[full:].reshape((1, n - full))
-
-
-def lane_sums(seg, shift, acc1, acc2, w, fixed):
-    """acc1, acc2 (w,) += the shifted sums of the 1-D contiguous ``seg`` read as rows of ``w``
-    lanes (its last row may be partial); ``shift``: (w,) per lane, or one scalar for all.
-    ``fixed``: w as a compile-time constant (lanes in registers), or 0 (lanes in the given
-    arrays). Compiled code only (see the overloads below)."""
-    raise NotImplementedError("lane_sums runs inside compiled kernels only")
-
-
-def column_sums(x, c0, shift, acc1, acc2, w, fixed):
-    """acc1, acc2 (w,) += the shifted sums of columns [c0, c0 + w) of the rows of the 2-D x."""
+def column_sums(x, r0, r1, step, c0, shift, acc1, acc2, w, fixed):
+    """acc1, acc2 (w,) += the shifted sums of columns [c0, c0 + w) of rows r0, r0 + step, ...
+    < r1 of the 2-D C-contiguous x: lane j is column c0 + j (a channels-last column tile or
+    block of lane rows: step 1; the rows of one channel of a channels-first (N·C, S) view: step
+    C). ``fixed``: w as a compile-time constant (lanes in registers for the whole loop), or 0
+    (lanes in the given arrays). Compiled code only (see the overloads below)."""
     raise NotImplementedError("column_sums runs inside compiled kernels only")
 
 
-def lane_grad_sums(dy, x, mu, acc1, acc2, w, fixed):
-    """acc1, acc2 (w,) += Σ dy, Σ dy·(x − μ) per lane of the 1-D dy, x read as rows of ``w``
-    lanes; ``mu`` (w,) the lanes' means, or one scalar; ``fixed`` as for :func:`lane_sums`."""
-    raise NotImplementedError("lane_grad_sums runs inside compiled kernels only")
-
-
-def column_grad_sums(dy, x, c0, mu, acc1, acc2, w, fixed):
-    """acc1, acc2 (w,) += Σ dy, Σ dy·(x − μ) of columns [c0, c0 + w) of the rows of 2-D dy, x."""
+def column_grad_sums(dy, x, r0, r1, step, c0, mu, acc1, acc2, w, fixed):
+    """acc1, acc2 (w,) += Σ dy, Σ dy·(x − μ) over the rows and columns of :func:`column_sums`."""
     raise NotImplementedError("column_grad_sums runs inside compiled kernels only")
 
 
@@ -126,14 +138,18 @@ def _store(lanes, acc):
 
 
 @overload(column_sums, prefer_literal=True, inline="always")
-def _column_sums(x, c0, shift, acc1, acc2, w, fixed):
+def _column_sums(x, r0, r1, step, c0, shift, acc1, acc2, w, fixed):
     n = _constant(fixed)
     if not n:
-        return lambda x, c0, shift, acc1, acc2, w, fixed: _add_shifted(x, c0, shift, acc1, acc2, w)
 
-    def in_registers(x, c0, shift, acc1, acc2, w, fixed):
+        def in_memory(x, r0, r1, step, c0, shift, acc1, acc2, w, fixed):
+            _column_loop(x, r0, r1, step, c0, shift, acc1, acc2, w)
+
+        return in_memory
+
+    def in_registers(x, r0, r1, step, c0, shift, acc1, acc2, w, fixed):
         k, a1, a2 = lanes_of(shift, n), lanes_of(acc1, n), lanes_of(acc2, n)
-        _add_shifted(x, c0, k, a1, a2, n)
+        _column_loop(x, r0, r1, step, c0, k, a1, a2, n)
         _store(a1, acc1)
         _store(a2, acc2)
 
@@ -141,62 +157,18 @@ def _column_sums(x, c0, shift, acc1, acc2, w, fixed):
 
 
 @overload(column_grad_sums, prefer_literal=True, inline="always")
-def _column_grad_sums(dy, x, c0, mu, acc1, acc2, w, fixed):
+def _column_grad_sums(dy, x, r0, r1, step, c0, mu, acc1, acc2, w, fixed):
     n = _constant(fixed)
     if not n:
-        return lambda dy, x, c0, mu, acc1, acc2, w, fixed: _add_grad(dy, x, c0, mu, acc1, acc2, w)
 
-    def in_registers(dy, x, c0, mu, acc1, acc2, w, fixed):
+        def in_memory(dy, x, r0, r1, step, c0, mu, acc1, acc2, w, fixed):
+            _column_grad_loop(dy, x, r0, r1, step, c0, mu, acc1, acc2, w)
+
+        return in_memory
+
+    def in_registers(dy, x, r0, r1, step, c0, mu, acc1, acc2, w, fixed):
         m, a1, a2 = lanes_of(mu, n), lanes_of(acc1, n), lanes_of(acc2, n)
-        _add_grad(dy, x, c0, m, a1, a2, n)
-        _store(a1, acc1)
-        _store(a2, acc2)
-
-    return in_registers
-
-
-@overload(lane_sums, prefer_literal=True, inline="always")
-def _lane_sums(seg, shift, acc1, acc2, w, fixed):
-    n = _constant(fixed)
-
-    def impl(seg, shift, acc1, acc2, w, fixed):
-        bulk, tail = _as_rows(seg, w)
-        _add_shifted(bulk, 0, shift, acc1, acc2, w)
-        _add_shifted(tail, 0, shift, acc1, acc2, tail.shape[1])
-
-    if not n:
-        return impl
-
-    def in_registers(seg, shift, acc1, acc2, w, fixed):
-        k, a1, a2 = lanes_of(shift, n), lanes_of(acc1, n), lanes_of(acc2, n)
-        bulk, tail = _as_rows(seg, n)
-        _add_shifted(bulk, 0, k, a1, a2, n)
-        _add_shifted(tail, 0, k, a1, a2, tail.shape[1])
-        _store(a1, acc1)
-        _store(a2, acc2)
-
-    return in_registers
-
-
-@overload(lane_grad_sums, prefer_literal=True, inline="always")
-def _lane_grad_sums(dy, x, mu, acc1, acc2, w, fixed):
-    n = _constant(fixed)
-
-    def impl(dy, x, mu, acc1, acc2, w, fixed):
-        dyb, dyt = _as_rows(dy, w)
-        xb, xt = _as_rows(x, w)
-        _add_grad(dyb, xb, 0, mu, acc1, acc2, w)
-        _add_grad(dyt, xt, 0, mu, acc1, acc2, xt.shape[1])
-
-    if not n:
-        return impl
-
-    def in_registers(dy, x, mu, acc1, acc2, w, fixed):
-        m, a1, a2 = lanes_of(mu, n), lanes_of(acc1, n), lanes_of(acc2, n)
-        dyb, dyt = _as_rows(dy, n)
-        xb, xt = _as_rows(x, n)
-        _add_grad(dyb, xb, 0, m, a1, a2, n)
-        _add_grad(dyt, xt, 0, m, a1, a2, xt.shape[1])
+        _column_grad_loop(dy, x, r0, r1, step, c0, m, a1, a2, n)
         _store(a1, acc1)
         _store(a2, acc2)
 

@@ -30,7 +30,15 @@ from numba import literally, njit, prange
 from ._compile import kernel
 from ._elementwise import affine_row, dx_row
 from ._stream import store_fence
-from ._sums import lane_grad_sums, lane_sums, lanes_total, summary, variance
+from ._sums import (
+    column_grad_sums,
+    column_sums,
+    lane_grad_sums,
+    lane_sums,
+    lanes_total,
+    summary,
+    variance,
+)
 from .paths import LANES
 
 
@@ -42,7 +50,7 @@ def _channel_train_forward(x, ch, g, b, eps, stream, mean, var, out):
     acc1 = np.zeros(LANES)
     acc2 = np.zeros(LANES)
     for i in range(n):
-        lane_sums(x[i, ch], k, acc1, acc2, LANES, LANES)
+        lane_sums(x[i, ch], k, acc1, acc2, LANES)
     m, mu, m2 = summary(np.float64(n * s), k, acc1, acc2)
     v = variance(m, m2)
     mean[ch] = mu
@@ -70,7 +78,7 @@ def _channel_backward(dy, x, ch, mean, rstd, g, stream, dx, dgamma, dbeta):
     acc1 = np.zeros(LANES)
     acc2 = np.zeros(LANES)
     for i in range(n):
-        lane_grad_sums(dy[i, ch], x[i, ch], mu, acc1, acc2, LANES, LANES)
+        lane_grad_sums(dy[i, ch], x[i, ch], mu, acc1, acc2, LANES)
     sum_dy = lanes_total(acc1)
     r = rstd[ch]
     dg = r * lanes_total(acc2)
@@ -102,8 +110,10 @@ def _piece(a, i, ch, p, pieces):
 
 @njit(cache=True)
 def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, fixed):
-    """Partial summaries of the channels of block cb over the units (row, piece) of group grp:
-    one shift per channel (its first value in the group), lanes of w values."""
+    """Partial summaries of the channels of block cb over the units (row, piece) of group grp,
+    one shift per channel (its first value there). Short rows (fixed = 0, one piece): the
+    group's rows of a channel summed column-wise in one call (w = S lanes); long rows: each
+    piece as rows of LANES lanes."""
     literally(fixed)
     n, c, s = x.shape
     units = n * pieces
@@ -111,19 +121,24 @@ def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, f
     u1 = (grp + 1) * units // groups
     acc1 = np.empty(w)
     acc2 = np.empty(w)
+    rows = x.reshape(n * c, s)  # row i·C + ch is channel ch of sample i
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
         i, p = u0 // pieces, u0 % pieces
         k = np.float64(_piece(x, i, ch, p, pieces)[0])
         acc1[:] = 0.0
         acc2[:] = 0.0
-        count = 0
-        for _ in range(u1 - u0):  # (i, p) walks the units without a division per row
-            seg = _piece(x, i, ch, p, pieces)
-            lane_sums(seg, k, acc1, acc2, w, fixed)
-            count += seg.shape[0]
-            p += 1
-            if p == pieces:
-                i, p = i + 1, 0
+        if fixed == 0:
+            column_sums(rows, u0 * c + ch, u1 * c + ch, c, 0, k, acc1, acc2, s, fixed)
+            count = (u1 - u0) * s
+        else:
+            count = 0
+            for _ in range(u1 - u0):  # (i, p) walks the units without a division per row
+                seg = _piece(x, i, ch, p, pieces)
+                lane_sums(seg, k, acc1, acc2, LANES)
+                count += seg.shape[0]
+                p += 1
+                if p == pieces:
+                    i, p = i + 1, 0
         cnt, mu, m2 = summary(np.float64(count), k, acc1, acc2)
         p_cnt[grp, ch] = cnt
         p_mean[grp, ch] = mu
@@ -132,7 +147,8 @@ def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, f
 
 @njit(cache=True)
 def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dyxmu, fixed):
-    """Partial Σdy, Σdy·(x − μ) of the channels of block cb over the units of group grp."""
+    """Partial Σdy, Σdy·(x − μ) of the channels of block cb over the units of group grp (short
+    and long rows as in :func:`_task_moments`)."""
     literally(fixed)
     n, c, s = x.shape
     units = n * pieces
@@ -140,25 +156,30 @@ def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dy
     u1 = (grp + 1) * units // groups
     acc1 = np.empty(w)
     acc2 = np.empty(w)
+    dy_rows, x_rows = dy.reshape(n * c, s), x.reshape(n * c, s)
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
         mu = mean[ch]
         acc1[:] = 0.0
         acc2[:] = 0.0
-        i, p = u0 // pieces, u0 % pieces
-        for _ in range(u1 - u0):
-            dyr, xr = _piece(dy, i, ch, p, pieces), _piece(x, i, ch, p, pieces)
-            lane_grad_sums(dyr, xr, mu, acc1, acc2, w, fixed)
-            p += 1
-            if p == pieces:
-                i, p = i + 1, 0
+        if fixed == 0:
+            r0, r1 = u0 * c + ch, u1 * c + ch
+            column_grad_sums(dy_rows, x_rows, r0, r1, c, 0, mu, acc1, acc2, s, fixed)
+        else:
+            i, p = u0 // pieces, u0 % pieces
+            for _ in range(u1 - u0):
+                dyr, xr = _piece(dy, i, ch, p, pieces), _piece(x, i, ch, p, pieces)
+                lane_grad_sums(dyr, xr, mu, acc1, acc2, LANES)
+                p += 1
+                if p == pieces:
+                    i, p = i + 1, 0
         p_dy[grp, ch] = lanes_total(acc1)
         p_dyxmu[grp, ch] = lanes_total(acc2)
 
 
 @functools.cache
 def reductions(fixed: int):
-    """(cf_moments, cf_grad_sums) summing rows as rows of ``fixed`` lanes in registers (long
-    rows, fixed = LANES) or of the whole row in memory (short rows, fixed = 0)."""
+    """(cf_moments, cf_grad_sums) summing long rows (fixed = LANES) as rows of LANES lanes, or
+    short ones (fixed = 0) column-wise, the lanes being the S columns."""
 
     @kernel
     def cf_moments(x, w, groups, cblocks, pieces, p_cnt, p_mean, p_m2):

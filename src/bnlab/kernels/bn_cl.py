@@ -41,8 +41,6 @@ from ._sums import (
     column_sums,
     fold_lane_moments,
     fold_lane_sums,
-    lane_grad_sums,
-    lane_sums,
     variance,
 )
 from .paths import TILE_LANES
@@ -71,9 +69,9 @@ def _tile_train_forward(x, g, b, eps, c0, c1, mean, var, out):
         s1 = min(w, s0 + TILE_LANES)
         k, a1, a2 = shift[s0:s1], acc1[s0:s1], acc2[s0:s1]
         if s1 - s0 == TILE_LANES:
-            column_sums(x, c0 + s0, k, a1, a2, TILE_LANES, TILE_LANES)
+            column_sums(x, 0, rows, 1, c0 + s0, k, a1, a2, TILE_LANES, TILE_LANES)
         else:
-            column_sums(x, c0 + s0, k, a1, a2, s1 - s0, 0)
+            column_sums(x, 0, rows, 1, c0 + s0, k, a1, a2, s1 - s0, 0)
     mc = np.empty(w, x.dtype)
     ac = np.empty(w, x.dtype)
     bc = np.empty(w, x.dtype)
@@ -110,9 +108,9 @@ def _tile_backward(dy, x, mean, rstd, g, c0, c1, dx, dgamma, dbeta):
         s1 = min(w, s0 + TILE_LANES)
         m_, a1, a2 = mu[s0:s1], acc1[s0:s1], acc2[s0:s1]
         if s1 - s0 == TILE_LANES:
-            column_grad_sums(dy, x, c0 + s0, m_, a1, a2, TILE_LANES, TILE_LANES)
+            column_grad_sums(dy, x, 0, rows, 1, c0 + s0, m_, a1, a2, TILE_LANES, TILE_LANES)
         else:
-            column_grad_sums(dy, x, c0 + s0, m_, a1, a2, s1 - s0, 0)
+            column_grad_sums(dy, x, 0, rows, 1, c0 + s0, m_, a1, a2, s1 - s0, 0)
     mc = np.empty(w, x.dtype)
     ca = np.empty(w, x.dtype)
     cb = np.empty(w, x.dtype)
@@ -196,8 +194,10 @@ def _block_moments(x, lo, hi, c, w, b, p_cnt, p_mean, p_m2, fixed):
         shift[j] = np.float64(x[lo + j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    lane_sums(x[lo:hi], shift, acc1, acc2, w, fixed)
     rows = (hi - lo) // w
+    bulk, tail = x[lo : lo + rows * w].reshape((rows, w)), x[lo + rows * w : hi].reshape((1, -1))
+    column_sums(bulk, 0, rows, 1, 0, shift, acc1, acc2, w, fixed)
+    column_sums(tail, 0, 1, 1, 0, shift, acc1, acc2, tail.shape[1], 0)
     fold_lane_moments(shift, acc1, acc2, rows, hi - lo - rows * w, c, b, p_cnt, p_mean, p_m2)
 
 
@@ -211,7 +211,12 @@ def _block_grad_sums(dy, x, mean, lo, hi, w, b, p_dy, p_dyxmu, fixed):
         mus[j] = mean[j % c]
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    lane_grad_sums(dy[lo:hi], x[lo:hi], mus, acc1, acc2, w, fixed)
+    rows = (hi - lo) // w
+    end = lo + rows * w
+    dy_bulk, x_bulk = dy[lo:end].reshape((rows, w)), x[lo:end].reshape((rows, w))
+    column_grad_sums(dy_bulk, x_bulk, 0, rows, 1, 0, mus, acc1, acc2, w, fixed)
+    dy_tail, x_tail = dy[end:hi].reshape((1, -1)), x[end:hi].reshape((1, -1))
+    column_grad_sums(dy_tail, x_tail, 0, 1, 1, 0, mus, acc1, acc2, hi - end, 0)
     fold_lane_sums(acc1, acc2, c, b, p_dy, p_dyxmu)
 
 

@@ -39,7 +39,7 @@ def _forward_block(x, i, grp, groups, g, b, eps, stream, mean, rstd, out):
     k = np.float64(block[0])
     acc1 = np.zeros(LANES)
     acc2 = np.zeros(LANES)
-    lane_sums(block, k, acc1, acc2, LANES, LANES)
+    lane_sums(block, k, acc1, acc2, LANES)
     m, mu, m2 = summary(np.float64(per * s), k, acc1, acc2)
     r = 1.0 / np.sqrt(variance(m, m2) + eps)
     mean[i, grp] = mu
@@ -76,7 +76,7 @@ def _backward_block(dy, x, i, grp, groups, mean, rstd, g, stream, p_dy, p_dyxmu,
     for ch in range(grp * per, (grp + 1) * per):
         acc1[:] = 0.0
         acc2[:] = 0.0
-        lane_grad_sums(dy[i, ch], x[i, ch], mu, acc1, acc2, LANES, 0)
+        lane_grad_sums(dy[i, ch], x[i, ch], mu, acc1, acc2, LANES)
         s1 = lanes_total(acc1)
         s2 = lanes_total(acc2)
         p_dy[i, ch] = s1

@@ -33,21 +33,17 @@ def _forward_rows(x, r0, r1, eps, g, b, stream, mean, rstd, out):
     t = x.dtype.type
     acc1 = np.empty(LANES)
     acc2 = np.empty(LANES)
-    sg = np.empty(d, x.dtype)
     for r in range(r0, r1):
         xr = x[r]
         k = np.float64(xr[0])
         acc1[:] = 0.0
         acc2[:] = 0.0
-        lane_sums(xr, k, acc1, acc2, LANES, LANES)
+        lane_sums(xr, k, acc1, acc2, LANES)
         m, mu, m2 = summary(np.float64(d), k, acc1, acc2)
         rs = 1.0 / np.sqrt(variance(m, m2) + eps)
         mean[r] = mu
         rstd[r] = rs
-        sc = t(rs)
-        for j in range(d):
-            sg[j] = sc * g[j]
-        affine_row(xr, t(mu), sg, b, out[r], stream)
+        affine_row(xr, t(mu), (t(rs), g), b, out[r], stream)  # (x − μ)·(rstd·γ_j) + β_j
     if stream:
         store_fence()
 
@@ -102,15 +98,11 @@ def _backward_rows(dy, x, r0, r1, blk, mean, rstd, g64, g, stream, dx, p_dg, p_d
     db = np.zeros(d)
     acc_a = np.empty(LANES)
     acc_b = np.empty(LANES)
-    sg = np.empty(d, x.dtype)
     for r in range(r0, r1):
         m, s = mean[r], rstd[r]
         a, bsum = _row_grad_sums(dy[r], x[r], m, s, g64, dg, db, acc_a, acc_b)
-        sc = t(s)
-        for j in range(d):
-            sg[j] = sc * g[j]
         cb, cd = t(-s * s * bsum / d), t(-s * a / d)
-        dx_row(dy[r], x[r], t(m), sg, cb, cd, dx[r], stream)
+        dx_row(dy[r], x[r], t(m), (t(s), g), cb, cd, dx[r], stream)
     if stream:
         store_fence()
     for j in range(d):
