@@ -77,18 +77,26 @@ def lane_grad_sums(dy, x, mu, acc1, acc2, w):
 
 
 @njit(cache=True, inline="always")
+def _row(x, r, c0, w, whole):
+    """Columns [c0, c0 + w) of row r (the whole row without slicing when ``whole``)."""
+    return x[r] if whole else x[r, c0 : c0 + w]
+
+
+@njit(cache=True, inline="always")
 def _column_loop(x, r0, r1, step, c0, k, a1, a2, w):
+    whole = c0 == 0 and w == x.shape[1]
     for r in range(r0, r1, step):
-        row = x[r, c0 : c0 + w]
+        row = _row(x, r, c0, w, whole)
         for j in range(w):
             shifted_add(a1, a2, j, row[j], at(k, j))
 
 
 @njit(cache=True, inline="always")
 def _column_grad_loop(dy, x, r0, r1, step, c0, mu, a1, a2, w):
+    whole = c0 == 0 and w == x.shape[1]
     for r in range(r0, r1, step):
-        dyr = dy[r, c0 : c0 + w]
-        xr = x[r, c0 : c0 + w]
+        dyr = _row(dy, r, c0, w, whole)
+        xr = _row(x, r, c0, w, whole)
         for j in range(w):
             grad_add(a1, a2, j, dyr[j], xr[j], at(mu, j))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import literally, njit, prange
+from numba import njit, prange
 
 from ._compile import kernel
 from ._elementwise import affine_row, dx_row
@@ -42,7 +42,7 @@ from ._sums import (
 from .paths import LANES
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _channel_train_forward(x, ch, g, b, eps, stream, mean, var, out):
     """Statistics of channel ch (one shift: its first value), then its output from cache."""
     n, _, s = x.shape
@@ -69,7 +69,7 @@ def cf_train_forward(x, g, b, eps, stream, mean, var, out):
         _channel_train_forward(x, ch, g, b, eps, stream, mean, var, out)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _channel_backward(dy, x, ch, mean, rstd, g, stream, dx, dgamma, dbeta):
     """Gradient sums of channel ch, then its dx from cache."""
     n, _, s = x.shape
@@ -108,13 +108,12 @@ def _piece(a, i, ch, p, pieces):
     return a[i, ch, p * s // pieces : (p + 1) * s // pieces]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, fixed):
     """Partial summaries of the channels of block cb over the units (row, piece) of group grp,
     one shift per channel (its first value there). Short rows (fixed = 0, one piece): the
     group's rows of a channel summed column-wise in one call (w = S lanes); long rows: each
     piece as rows of LANES lanes."""
-    literally(fixed)
     n, c, s = x.shape
     units = n * pieces
     u0 = grp * units // groups
@@ -145,11 +144,10 @@ def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, f
         p_m2[grp, ch] = m2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dyxmu, fixed):
     """Partial Σdy, Σdy·(x − μ) of the channels of block cb over the units of group grp (short
     and long rows as in :func:`_task_moments`)."""
-    literally(fixed)
     n, c, s = x.shape
     units = n * pieces
     u0 = grp * units // groups
@@ -205,7 +203,7 @@ def _task(t, cblocks, pieces, c):
     return i, cb * c // cblocks, (cb + 1) * c // cblocks, rest % pieces
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _task_affine(x, m, a, b, t, cblocks, pieces, stream, out):
     n, c, s = x.shape
     i, c0, c1, p = _task(t, cblocks, pieces, c)
@@ -222,7 +220,7 @@ def cf_affine(x, m, a, b, cblocks, pieces, stream, out):
         _task_affine(x, m, a, b, t, cblocks, pieces, stream, out)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _task_dx(dy, x, m, a, b, d, t, cblocks, pieces, stream, dx):
     n, c, s = x.shape
     i, c0, c1, p = _task(t, cblocks, pieces, c)

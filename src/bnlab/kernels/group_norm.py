@@ -30,7 +30,7 @@ from ._sums import lane_grad_sums, lane_sums, lanes_total, summary, variance
 from .paths import LANES, Plan
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _forward_block(x, i, grp, groups, g, b, eps, stream, mean, rstd, out):
     """Statistics of the (sample i, group grp) block, then its output while it is in cache."""
     _, c, s = x.shape
@@ -60,7 +60,7 @@ def gn_forward_blocks(x, groups, g, b, eps, stream, mean, rstd, out):
         _forward_block(x, i, grp, groups, g, b, eps, stream, mean, rstd, out)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _backward_block(dy, x, i, grp, groups, mean, rstd, g, stream, p_dy, p_dyxmu, dx):
     """Per-channel sums of the (i, grp) block, then its dx while it is in cache."""
     _, c, s = x.shape

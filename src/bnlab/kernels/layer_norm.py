@@ -26,7 +26,7 @@ from ._sums import lane_sums, lanes_total, summary, variance
 from .paths import LANES, Plan
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _forward_rows(x, r0, r1, eps, g, b, stream, mean, rstd, out):
     """Rows [r0, r1): each row's statistics, then its output while it is in cache."""
     d = x.shape[1]
@@ -89,7 +89,7 @@ def _row_grad_sums(dyr, xr, m, s, g64, dg, db, acc_a, acc_b):
     return a, b
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _backward_rows(dy, x, r0, r1, blk, mean, rstd, g64, g, stream, dx, p_dg, p_db):
     """Rows [r0, r1): each row's sums (and the block's dγ, dβ columns), then its dx."""
     d = x.shape[1]

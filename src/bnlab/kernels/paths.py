@@ -52,7 +52,7 @@ LANES = 32  # long rows are summed as rows of this many float64 lanes (compiled 
 TILE_LANES = 64  # channels-last column tiles are summed this many channels at a time, in registers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap plan-cache key
 class Limits:
     """Every size the plans are made from. Tests shrink them (:func:`limits`) so that tiny
     tensors take every path; the hardware budgets default to :mod:`.machine`'s."""
