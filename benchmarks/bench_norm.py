@@ -286,8 +286,9 @@ def bench_family(cases, repeat):
                 "speedup": t["torch"]["median_ms"] / t["bnlab"]["median_ms"],
                 "speedup_vs_numpy": t["numpy"]["median_ms"] / t["bnlab"]["median_ms"],
                 "pct_limit": 100.0 * moved / t["bnlab"]["median_ms"] / 1e6 / limit["median_gbs"],
-                "explain": _explain(x, "NCHW" if kind == "group_norm" else "NC", norm=kind,
-                                    num_groups=groups),  # fmt: skip
+                "explain": _explain(
+                    x, "NCHW" if kind == "group_norm" else "NC", norm=kind, num_groups=groups
+                ),  # fmt: skip
                 "times": t,
             }
         )

@@ -54,7 +54,12 @@ def group_norm_forward(
     """Group norm forward; returns ``(out, cache)``. x in ``layout``; gamma, beta (C,) or None.
 
     ``backend``: ``"numpy"`` (the reference) or ``"numba"`` (kernels for channels-first layouts;
-    channels-last ones fall back to the reference); None: the default backend.
+    channels-last ones fall back to the reference); None: the default backend (the kernels from
+    a measured size on, see ``docs/kernels.md``).
+
+    The kernels' cache keeps x by reference (the reference's keeps x̂): keep x unchanged until
+    the backward, or pass a copy; a backward that finds x modified raises
+    :class:`~bnlab.errors.InputModifiedError` instead of returning wrong gradients.
     """
     lay = check_input(x, layout)
     eps = v.check_eps(eps)
@@ -99,7 +104,8 @@ def group_norm_backward(dout, cache: NormCache | NormKernelCache):
 def instance_norm_forward(
     x, gamma=None, beta=None, eps: float = 1e-5, layout="NCHW", *, backend: str | None = None
 ):
-    """Instance norm = group norm with one channel per group (statistics per sample and channel)."""
+    """Instance norm = group norm with one channel per group (statistics per sample and channel).
+    Same backends and the same contract on x as :func:`group_norm_forward`."""
     lay = check_input(x, layout)
     return group_norm_forward(
         x, x.shape[lay.channel_axis], gamma, beta, eps, layout, backend=backend

@@ -8,10 +8,10 @@ For x of shape (*, *normalized_shape), k = len(normalized_shape), M = prod(norma
 No running statistics: training and inference compute the same thing.
 
 Two backends, as for batch norm (``backend=``, :mod:`bnlab.backend`): ``"numpy"`` is the reference
-below (its :class:`NormCache` holds x̂); ``"numba"`` runs ``bnlab.kernels.ln_forward/ln_backward``
-on the (M, D) view (M = samples, D = prod(normalized_shape)) and its :class:`NormKernelCache`
-holds x, mean and rstd instead. Validation happens once, before the dispatch, so both backends
-raise the same errors; the backward dispatches on the cache it is given.
+below (its :class:`NormCache` holds x̂); ``"numba"`` runs the layer-norm kernels on the (M, D) view
+(M = samples, D = prod(normalized_shape)) through the seam (``_dispatch``), and its
+:class:`NormKernelCache` holds x, mean and rstd instead. Validation happens once, before the
+dispatch, so both backends raise the same errors; the backward dispatches on the cache.
 """
 
 from __future__ import annotations
@@ -118,7 +118,11 @@ def layer_norm_forward(
         normalized_shape: int or tuple, the trailing shape to normalize over.
         gamma, beta: arrays of shape ``normalized_shape`` or None.
         backend: ``"numpy"`` (the reference) or ``"numba"`` (kernels on the (M, D) view);
-            None: the default (:func:`bnlab.backend.get_backend`).
+            None: the default (the kernels from a measured size on, see ``docs/kernels.md``).
+
+    The kernels' cache keeps x by reference (the reference's keeps x̂): keep x unchanged until
+    the backward, or pass a copy; a backward that finds x modified raises
+    :class:`~bnlab.errors.InputModifiedError` instead of returning wrong gradients.
     """
     check_float_array(x, "x")
     eps = v.check_eps(eps)

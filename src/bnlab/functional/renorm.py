@@ -221,6 +221,10 @@ def batch_renorm_forward(
     ``running_mean``/``running_var`` are required; in training they are read (for r, d) and then
     updated in place. Invalid arguments raise before any buffer is touched; a batch with NaN/Inf
     leaves the buffers unchanged (``on_nonfinite``: warn or raise).
+
+    The cache keeps x by reference, as batch norm's does: keep x unchanged until the backward (or
+    pass a copy); a modified x makes the backward raise :class:`~bnlab.errors.InputModifiedError`
+    rather than return wrong gradients.
     """
     lay = check_input(x, layout)
     training = v.check_training(training)

@@ -1,4 +1,5 @@
-"""How the kernels are compiled: a parallel kernel and its one-thread twin, from one source.
+"""How the kernels are compiled: a parallel kernel and its one-thread twin from one source, and
+fixed-size stack arrays that LLVM keeps in registers.
 
 Every kernel is ``@njit(parallel=True, cache=True)`` (``prange`` loops over its tasks), and a
 pass too small to pay for a parallel launch runs the same source compiled without ``parallel``
@@ -18,8 +19,11 @@ from __future__ import annotations
 import types
 
 from numba import njit
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-__all__ = ["Kernel", "kernel"]
+__all__ = ["Kernel", "kernel", "stack"]
 
 
 class Kernel:
@@ -49,3 +53,27 @@ def _renamed(fn, suffix: str):
 def kernel(fn) -> Kernel:
     """Decorator: ``fn`` (a function with a ``prange`` task loop) as a :class:`Kernel`."""
     return Kernel(fn)
+
+
+@intrinsic
+def stack(typingctx, n, dtype):
+    """A pointer to n values of ``dtype`` (``np.float64``, or an array's ``.dtype``) on the stack
+    of the calling function (n a compile-time constant; wrap it with ``carray``; uninitialized).
+    Numba has no local arrays of a fixed size: LLVM cannot prove that a heap array (``np.empty``)
+    does not alias the data, so a loop updating one loads and stores it every iteration, while a
+    constant-size ``alloca`` is visibly private and, once its loops are unrolled, lives in
+    vector registers (the lane accumulators and coefficient rows of the channels-last kernels)."""
+    if not isinstance(n, nbtypes.IntegerLiteral):
+        return None
+    if isinstance(dtype, nbtypes.NumberClass):
+        elem = dtype.instance_type
+    elif isinstance(dtype, nbtypes.DType):
+        elem = dtype.dtype
+    else:
+        return None
+    size = n.literal_value
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(elem), size=size)
+
+    return nbtypes.CPointer(elem)(n, dtype), codegen

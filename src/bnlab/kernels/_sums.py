@@ -32,7 +32,7 @@ from numba.extending import overload
 from numba.np.numpy_support import carray
 
 from ._elementwise import at
-from ._stack import stack
+from ._compile import stack
 
 
 @njit(cache=True, inline="always")

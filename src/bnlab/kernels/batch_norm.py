@@ -49,6 +49,13 @@ def _affine_coefs(dtype, *vectors):
     return [np.ascontiguousarray(v, dtype=dtype) for v in vectors]
 
 
+def _lane_rows(a, width: int):
+    """A channels-last array as (its whole lane rows (R·C // W, W), the leftover (1, t))."""
+    flat = a.reshape(-1)
+    full = flat.shape[0] // width * width
+    return flat[:full].reshape(-1, width), flat[full:].reshape(1, -1)
+
+
 def _partials(rows: int, c: int, k: int):
     return [np.empty((rows, c)) for _ in range(k)]
 
@@ -65,7 +72,8 @@ def run_moments(x3, p: Plan):
         rows, c = x3.shape
         blocks = ch["blocks"]
         parts = _partials(blocks, c, 3)
-        _cl().two_pass(_cl_fixed(ch))[0](p.parallel, x3.reshape(-1), c, ch["width"], blocks, *parts)
+        bulk, tail = _lane_rows(x3, ch["width"])
+        _cl().two_pass(_cl_fixed(ch))[0](p.parallel, bulk, tail, c, blocks, *parts)
     else:
         c = x3.shape[1]
         parts = _partials(ch["groups"], c, 3)
@@ -85,8 +93,12 @@ def run_grad_sums(dy3, x3, mean, p: Plan):
     if p.channels_last:
         rows, c = x3.shape
         parts = _partials(ch["blocks"], c, 2)
-        flat = (dy3.reshape(-1), x3.reshape(-1))
-        _cl().two_pass(_cl_fixed(ch))[1](p.parallel, *flat, mean, ch["width"], ch["blocks"], *parts)
+        (dy_bulk, dy_tail), (x_bulk, x_tail) = (
+            _lane_rows(dy3, ch["width"]),
+            _lane_rows(x3, ch["width"]),
+        )
+        sums = _cl().two_pass(_cl_fixed(ch))[1]
+        sums(p.parallel, dy_bulk, x_bulk, dy_tail, x_tail, mean, ch["blocks"], *parts)
     else:
         c = x3.shape[1]
         parts = _partials(ch["groups"], c, 2)

@@ -6,8 +6,9 @@
                        y = (x − μ)·(γ·rstd) + β from cache                fills mean, var, y
     cl_backward        Σdy, Σdy·(x − μ) of its tile, then dx from cache    fills dγ, dβ, dx
 
-``cl-two-pass`` (the arrays walked flat, k consecutive rows of C values as one row of W = k·C
-lanes, lane l being channel l mod C):
+``cl-two-pass`` (k consecutive rows of C values seen as one lane row of W = k·C lanes, lane l
+being channel l mod C; the reductions take the (R·C // W, W) lane rows and the leftover values
+as a (1, t) partial row, the elementwise passes the arrays flat):
 
     cl_moments         per block of lane rows, shifted lane sums folded into partial (count,
                        mean, M2) per (block, channel)
@@ -34,7 +35,7 @@ from numba.np.numpy_support import carray
 
 from ._compile import kernel
 from ._elementwise import affine, affine_row, bn_dx, dx_row
-from ._stack import stack
+from ._compile import stack
 from ._stream import head, store_fence
 from ._sums import (
     column_grad_sums,
@@ -54,6 +55,33 @@ def _tile(t, tiles, c):
     return c0, min(c, c0 + width)
 
 
+@njit(cache=True, inline="always")
+def _tile_sums(x, r0, r1, c0, shift, acc1, acc2):
+    """The shifted sums of columns [c0, c0 + w) of rows [r0, r1) (w = acc1.size), TILE_LANES
+    columns at a time with their lanes in registers (the last partial chunk in memory)."""
+    w = acc1.shape[0]
+    for s0 in range(0, w, TILE_LANES):
+        s1 = min(w, s0 + TILE_LANES)
+        k, a1, a2 = shift[s0:s1], acc1[s0:s1], acc2[s0:s1]
+        if s1 - s0 == TILE_LANES:
+            column_sums(x, r0, r1, 1, c0 + s0, k, a1, a2, TILE_LANES, TILE_LANES)
+        else:
+            column_sums(x, r0, r1, 1, c0 + s0, k, a1, a2, s1 - s0, 0)
+
+
+@njit(cache=True, inline="always")
+def _tile_grad_sums(dy, x, r0, r1, c0, mu, acc1, acc2):
+    """The gradient sums of the same columns, likewise."""
+    w = acc1.shape[0]
+    for s0 in range(0, w, TILE_LANES):
+        s1 = min(w, s0 + TILE_LANES)
+        m_, a1, a2 = mu[s0:s1], acc1[s0:s1], acc2[s0:s1]
+        if s1 - s0 == TILE_LANES:
+            column_grad_sums(dy, x, r0, r1, 1, c0 + s0, m_, a1, a2, TILE_LANES, TILE_LANES)
+        else:
+            column_grad_sums(dy, x, r0, r1, 1, c0 + s0, m_, a1, a2, s1 - s0, 0)
+
+
 @njit(cache=True)
 def _tile_train_forward(x, g, b, eps, c0, c1, mean, var, out):
     """Statistics of channels [c0, c1) over all rows, then their output from cache."""
@@ -65,13 +93,7 @@ def _tile_train_forward(x, g, b, eps, c0, c1, mean, var, out):
         shift[j] = np.float64(x[0, c0 + j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    for s0 in range(0, w, TILE_LANES):  # TILE_LANES channels at a time, lanes in registers
-        s1 = min(w, s0 + TILE_LANES)
-        k, a1, a2 = shift[s0:s1], acc1[s0:s1], acc2[s0:s1]
-        if s1 - s0 == TILE_LANES:
-            column_sums(x, 0, rows, 1, c0 + s0, k, a1, a2, TILE_LANES, TILE_LANES)
-        else:
-            column_sums(x, 0, rows, 1, c0 + s0, k, a1, a2, s1 - s0, 0)
+    _tile_sums(x, 0, rows, c0, shift, acc1, acc2)
     mc = np.empty(w, x.dtype)
     ac = np.empty(w, x.dtype)
     bc = np.empty(w, x.dtype)
@@ -104,13 +126,7 @@ def _tile_backward(dy, x, mean, rstd, g, c0, c1, dx, dgamma, dbeta):
     mu = mean[c0:c1].copy()
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    for s0 in range(0, w, TILE_LANES):
-        s1 = min(w, s0 + TILE_LANES)
-        m_, a1, a2 = mu[s0:s1], acc1[s0:s1], acc2[s0:s1]
-        if s1 - s0 == TILE_LANES:
-            column_grad_sums(dy, x, 0, rows, 1, c0 + s0, m_, a1, a2, TILE_LANES, TILE_LANES)
-        else:
-            column_grad_sums(dy, x, 0, rows, 1, c0 + s0, m_, a1, a2, s1 - s0, 0)
+    _tile_grad_sums(dy, x, 0, rows, c0, mu, acc1, acc2)
     mc = np.empty(w, x.dtype)
     ca = np.empty(w, x.dtype)
     cb = np.empty(w, x.dtype)
@@ -185,38 +201,37 @@ def _block(blk, blocks, n, w):
 
 
 @njit(cache=True)
-def _block_moments(x, lo, hi, c, w, b, p_cnt, p_mean, p_m2, fixed):
-    """Row b of the moment partials: the block's values as rows of w lanes, each lane shifted by
-    the block's first lane row, folded per channel (``fixed`` lanes in registers if not 0)."""
+def _block_moments(bulk, tail, r0, r1, last, c, b, p_cnt, p_mean, p_m2, fixed):
+    """Row b of the moment partials: lane rows [r0, r1) of ``bulk`` (R', W) (and the partial
+    lane row ``tail`` (1, t) when ``last``), each lane shifted by the block's first lane row,
+    folded per channel (``fixed`` = W: lanes in registers; 0: in memory)."""
     literally(fixed)
+    w = bulk.shape[1]
+    t = tail.shape[1] if last else 0
     shift = np.zeros(w)
-    for j in range(min(w, hi - lo)):
-        shift[j] = np.float64(x[lo + j])
+    for j in range(w if r1 > r0 else t):
+        shift[j] = np.float64(bulk[r0, j] if r1 > r0 else tail[0, j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    rows = (hi - lo) // w
-    bulk, tail = x[lo : lo + rows * w].reshape((rows, w)), x[lo + rows * w : hi].reshape((1, -1))
-    column_sums(bulk, 0, rows, 1, 0, shift, acc1, acc2, w, fixed)
-    column_sums(tail, 0, 1, 1, 0, shift, acc1, acc2, tail.shape[1], 0)
-    fold_lane_moments(shift, acc1, acc2, rows, hi - lo - rows * w, c, b, p_cnt, p_mean, p_m2)
+    column_sums(bulk, r0, r1, 1, 0, shift, acc1, acc2, w, fixed)
+    column_sums(tail, 0, 1 if last else 0, 1, 0, shift, acc1, acc2, t, 0)
+    fold_lane_moments(shift, acc1, acc2, r1 - r0, t, c, b, p_cnt, p_mean, p_m2)
 
 
 @njit(cache=True)
-def _block_grad_sums(dy, x, mean, lo, hi, w, b, p_dy, p_dyxmu, fixed):
+def _block_grad_sums(dy, x, dy_tail, x_tail, mean, r0, r1, last, b, p_dy, p_dyxmu, fixed):
     """Row b of the gradient-sum partials (lane j's mean is mean[j mod C])."""
     literally(fixed)
     c = mean.shape[0]
+    w = x.shape[1]
     mus = np.empty(w)
     for j in range(w):
         mus[j] = mean[j % c]
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    rows = (hi - lo) // w
-    end = lo + rows * w
-    dy_bulk, x_bulk = dy[lo:end].reshape((rows, w)), x[lo:end].reshape((rows, w))
-    column_grad_sums(dy_bulk, x_bulk, 0, rows, 1, 0, mus, acc1, acc2, w, fixed)
-    dy_tail, x_tail = dy[end:hi].reshape((1, -1)), x[end:hi].reshape((1, -1))
-    column_grad_sums(dy_tail, x_tail, 0, 1, 1, 0, mus, acc1, acc2, hi - end, 0)
+    column_grad_sums(dy, x, r0, r1, 1, 0, mus, acc1, acc2, w, fixed)
+    t = x_tail.shape[1] if last else 0
+    column_grad_sums(dy_tail, x_tail, 0, 1 if last else 0, 1, 0, mus, acc1, acc2, t, 0)
     fold_lane_sums(acc1, acc2, c, b, p_dy, p_dyxmu)
 
 
@@ -280,18 +295,19 @@ def two_pass(fixed: int):
     registers, or (fixed = 0) of the ``w`` given at run time, in memory."""
 
     @kernel
-    def cl_moments(x, c, w, blocks, p_cnt, p_mean, p_m2):
-        n = x.shape[0]
+    def cl_moments(bulk, tail, c, blocks, p_cnt, p_mean, p_m2):
+        rows = bulk.shape[0]
         for b in prange(blocks):
-            lo, hi = _block(b, blocks, n, w)
-            _block_moments(x, lo, hi, c, w, b, p_cnt, p_mean, p_m2, fixed)
+            r0, r1 = b * rows // blocks, (b + 1) * rows // blocks
+            _block_moments(bulk, tail, r0, r1, b == blocks - 1, c, b, p_cnt, p_mean, p_m2, fixed)
 
     @kernel
-    def cl_grad_sums(dy, x, mean, w, blocks, p_dy, p_dyxmu):
-        n = x.shape[0]
+    def cl_grad_sums(dy, x, dy_tail, x_tail, mean, blocks, p_dy, p_dyxmu):
+        rows = x.shape[0]
         for b in prange(blocks):
-            lo, hi = _block(b, blocks, n, w)
-            _block_grad_sums(dy, x, mean, lo, hi, w, b, p_dy, p_dyxmu, fixed)
+            r0, r1 = b * rows // blocks, (b + 1) * rows // blocks
+            last = b == blocks - 1
+            _block_grad_sums(dy, x, dy_tail, x_tail, mean, r0, r1, last, b, p_dy, p_dyxmu, fixed)
 
     @kernel
     def cl_affine(x, m, a, b, w, blocks, stream, out):

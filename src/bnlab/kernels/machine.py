@@ -7,7 +7,7 @@ so nothing in the kernels states a fact about one machine:
 ================== ================================= ============================================
 constant           rule                              why
 ================== ================================= ============================================
-``LINE``           the cache line (bytes)            unit of the non-temporal stores
+``LINE``           64 bytes                          the non-temporal stores' unit
 ``TILE_BYTES``     half the per-core L2 cache        a single-launch column tile of one array
                                                      stays in L2 between its two reads
 ``CHANNEL_BYTES``  twice the per-core L2 cache       a channels-first channel is re-read from
@@ -67,16 +67,6 @@ def cache_bytes(level: int) -> int:
     return size if size > 0 else _DEFAULTS[level]
 
 
-@functools.cache
-def line_bytes() -> int:
-    """The cache-line size (64 on every x86-64 and most ARM cores)."""
-    try:
-        line = int((_CPU0_CACHE / "index0" / "coherency_line_size").read_text())
-    except (OSError, ValueError):
-        line = 64
-    return line if line in (32, 64, 128) else 64
-
-
 LINE = 64  # the non-temporal store intrinsics are written for 64-byte lines (see _stream.py)
 
 
@@ -101,7 +91,6 @@ def describe() -> dict:
         "l1_bytes": cache_bytes(1),
         "l2_bytes": cache_bytes(2),
         "l3_bytes": cache_bytes(3),
-        "line_bytes": line_bytes(),
         "tile_bytes": tile_bytes(),
         "channel_bytes": channel_bytes(),
         "stream_bytes": stream_bytes(),
