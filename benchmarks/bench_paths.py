@@ -83,7 +83,8 @@ def main(argv=None) -> int:
             t = time_interleaved({"with": with_[op], "without": without[op]}, repeat, warmup=2)
             rows.append({
                 "variant": variant, "shape": "x".join(map(str, shape)), "layout": layout,
-                "op": op, "with_ms": t["with"]["median_ms"], "without_ms": t["without"]["median_ms"],
+                "op": op, "with_ms": t["with"]["median_ms"],
+                "without_ms": t["without"]["median_ms"],
                 "gain": t["without"]["median_ms"] / t["with"]["median_ms"],
                 "path_with": f"{on_plan.path} {on_plan.chunks}",
                 "path_without": f"{off_plan.path} {off_plan.chunks}", "times": t,

@@ -58,7 +58,7 @@ def explain_table(rows) -> str:
     from bnlab.kernels import explain
 
     lines = [
-        "| operation | layout | shape | default backend | numba path | kernels (forward; backward) |",
+        "| operation | layout | shape | default backend | numba path | kernels (fwd; bwd) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -31,8 +31,8 @@ from numba import njit, types
 from numba.extending import overload
 from numba.np.numpy_support import carray
 
-from ._elementwise import at
 from ._compile import stack
+from ._elementwise import at
 
 
 @njit(cache=True, inline="always")

@@ -33,9 +33,8 @@ from numba import literally, njit, prange, types
 from numba.extending import overload
 from numba.np.numpy_support import carray
 
-from ._compile import kernel
+from ._compile import kernel, stack
 from ._elementwise import affine, affine_row, bn_dx, dx_row
-from ._compile import stack
 from ._stream import head, store_fence
 from ._sums import (
     column_grad_sums,
