@@ -121,8 +121,9 @@ def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, f
     acc1 = np.empty(w)
     acc2 = np.empty(w)
     rows = x.reshape(n * c, s)  # row i·C + ch is channel ch of sample i
+    i0, p0 = u0 // pieces, u0 % pieces  # the group's first unit (divisions: once per task)
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
-        i, p = u0 // pieces, u0 % pieces
+        i, p = i0, p0
         k = np.float64(_piece(x, i, ch, p, pieces)[0])
         acc1[:] = 0.0
         acc2[:] = 0.0
@@ -155,6 +156,7 @@ def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dy
     acc1 = np.empty(w)
     acc2 = np.empty(w)
     dy_rows, x_rows = dy.reshape(n * c, s), x.reshape(n * c, s)
+    i0, p0 = u0 // pieces, u0 % pieces
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
         mu = mean[ch]
         acc1[:] = 0.0
@@ -163,7 +165,7 @@ def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dy
             r0, r1 = u0 * c + ch, u1 * c + ch
             column_grad_sums(dy_rows, x_rows, r0, r1, c, 0, mu, acc1, acc2, s, fixed)
         else:
-            i, p = u0 // pieces, u0 % pieces
+            i, p = i0, p0
             for _ in range(u1 - u0):
                 dyr, xr = _piece(dy, i, ch, p, pieces), _piece(x, i, ch, p, pieces)
                 lane_grad_sums(dyr, xr, mu, acc1, acc2, LANES)

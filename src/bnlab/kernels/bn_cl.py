@@ -38,12 +38,13 @@ from ._elementwise import affine, affine_row, bn_dx, dx_row
 from ._stream import head, store_fence
 from ._sums import (
     column_grad_sums,
+    column_grad_sums4,
     column_sums,
+    column_sums4,
     fold_lane_moments,
     fold_lane_sums,
     variance,
 )
-from .paths import TILE_LANES
 
 
 @njit(cache=True, inline="always")
@@ -52,33 +53,6 @@ def _tile(t, tiles, c):
     width = (c + tiles - 1) // tiles
     c0 = (t % tiles) * width
     return c0, min(c, c0 + width)
-
-
-@njit(cache=True, inline="always")
-def _tile_sums(x, r0, r1, c0, shift, acc1, acc2):
-    """The shifted sums of columns [c0, c0 + w) of rows [r0, r1) (w = acc1.size), TILE_LANES
-    columns at a time with their lanes in registers (the last partial chunk in memory)."""
-    w = acc1.shape[0]
-    for s0 in range(0, w, TILE_LANES):
-        s1 = min(w, s0 + TILE_LANES)
-        k, a1, a2 = shift[s0:s1], acc1[s0:s1], acc2[s0:s1]
-        if s1 - s0 == TILE_LANES:
-            column_sums(x, r0, r1, 1, c0 + s0, k, a1, a2, TILE_LANES, TILE_LANES)
-        else:
-            column_sums(x, r0, r1, 1, c0 + s0, k, a1, a2, s1 - s0, 0)
-
-
-@njit(cache=True, inline="always")
-def _tile_grad_sums(dy, x, r0, r1, c0, mu, acc1, acc2):
-    """The gradient sums of the same columns, likewise."""
-    w = acc1.shape[0]
-    for s0 in range(0, w, TILE_LANES):
-        s1 = min(w, s0 + TILE_LANES)
-        m_, a1, a2 = mu[s0:s1], acc1[s0:s1], acc2[s0:s1]
-        if s1 - s0 == TILE_LANES:
-            column_grad_sums(dy, x, r0, r1, 1, c0 + s0, m_, a1, a2, TILE_LANES, TILE_LANES)
-        else:
-            column_grad_sums(dy, x, r0, r1, 1, c0 + s0, m_, a1, a2, s1 - s0, 0)
 
 
 @njit(cache=True)
@@ -92,7 +66,7 @@ def _tile_train_forward(x, g, b, eps, c0, c1, mean, var, out):
         shift[j] = np.float64(x[0, c0 + j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    _tile_sums(x, 0, rows, c0, shift, acc1, acc2)
+    column_sums4(x, 0, rows, c0, shift, acc1, acc2)
     mc = np.empty(w, x.dtype)
     ac = np.empty(w, x.dtype)
     bc = np.empty(w, x.dtype)
@@ -125,7 +99,7 @@ def _tile_backward(dy, x, mean, rstd, g, c0, c1, dx, dgamma, dbeta):
     mu = mean[c0:c1].copy()
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    _tile_grad_sums(dy, x, 0, rows, c0, mu, acc1, acc2)
+    column_grad_sums4(dy, x, 0, rows, c0, mu, acc1, acc2)
     mc = np.empty(w, x.dtype)
     ca = np.empty(w, x.dtype)
     cb = np.empty(w, x.dtype)
@@ -155,9 +129,11 @@ def cl_backward(dy, x, mean, rstd, g, tiles, dx, dgamma, dbeta):
 # --------------------------------------------------------------------------- two passes
 
 
-def lane_row(v, phase, w, fixed):
+def lane_row(v, phase, w, fixed, like):
     """A row of ``w`` lanes, lane j = v[(phase + j) mod C]: on the stack when ``fixed`` (= w) is
-    a compile-time constant, else on the heap (compiled code only)."""
+    a compile-time constant, else on the heap, starting at ``like``'s offset within a cache line
+    (a coefficient load split across two lines at every vector cost the streaming passes all
+    their gain) (compiled code only)."""
     raise NotImplementedError("lane_row runs inside compiled kernels only")
 
 
@@ -171,10 +147,12 @@ def _rotated(row, v, phase):
 
 
 @njit(cache=True)
-def _tiled(v, phase, w):
+def _tiled(v, phase, w, like):
     """The same row in memory, filled without a division per lane (w may be thousands)."""
     c = v.shape[0]
-    row = np.empty(w, v.dtype)
+    raw = np.empty(w + 64 // v.itemsize, v.dtype)
+    start = (like.ctypes.data - raw.ctypes.data) % 64 // v.itemsize
+    row = raw[start : start + w]
     for j in range(min(w, c - phase % c)):
         row[j] = v[phase % c + j]
     for j in range(c - phase % c, w):
@@ -183,11 +161,11 @@ def _tiled(v, phase, w):
 
 
 @overload(lane_row, prefer_literal=True, inline="always")
-def _lane_row(v, phase, w, fixed):
+def _lane_row(v, phase, w, fixed, like):
     n = fixed.literal_value if isinstance(fixed, types.IntegerLiteral) else 0
     if n:
-        return lambda v, phase, w, fixed: _rotated(carray(stack(n, v.dtype), (n,)), v, phase)
-    return lambda v, phase, w, fixed: _tiled(v, phase, w)
+        return lambda v, phase, w, fixed, like: _rotated(carray(stack(n, v.dtype), (n,)), v, phase)
+    return lambda v, phase, w, fixed, like: _tiled(v, phase, w, like)
 
 
 @njit(cache=True, inline="always")
@@ -212,7 +190,10 @@ def _block_moments(bulk, tail, r0, r1, last, c, b, p_cnt, p_mean, p_m2, fixed):
         shift[j] = np.float64(bulk[r0, j] if r1 > r0 else tail[0, j])
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    column_sums(bulk, r0, r1, 1, 0, shift, acc1, acc2, w, fixed)
+    if fixed:  # a lane row of a register width, in registers
+        column_sums(bulk, r0, r1, 1, 0, shift, acc1, acc2, w, fixed)
+    else:  # a wider one, in memory, four rows per update
+        column_sums4(bulk, r0, r1, 0, shift, acc1, acc2)
     column_sums(tail, 0, 1 if last else 0, 1, 0, shift, acc1, acc2, t, 0)
     fold_lane_moments(shift, acc1, acc2, r1 - r0, t, c, b, p_cnt, p_mean, p_m2)
 
@@ -228,7 +209,10 @@ def _block_grad_sums(dy, x, dy_tail, x_tail, mean, r0, r1, last, b, p_dy, p_dyxm
         mus[j] = mean[j % c]
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
-    column_grad_sums(dy, x, r0, r1, 1, 0, mus, acc1, acc2, w, fixed)
+    if fixed:
+        column_grad_sums(dy, x, r0, r1, 1, 0, mus, acc1, acc2, w, fixed)
+    else:
+        column_grad_sums4(dy, x, r0, r1, 0, mus, acc1, acc2)
     t = x_tail.shape[1] if last else 0
     column_grad_sums(dy_tail, x_tail, 0, 1 if last else 0, 1, 0, mus, acc1, acc2, t, 0)
     fold_lane_sums(acc1, acc2, c, b, p_dy, p_dyxmu)
@@ -253,9 +237,9 @@ def _affine_block(x, m, a, b, lo, hi, w, stream, out, fixed):
     for j in range(lo, s):
         out[j] = affine(x[j], m[j % c], a[j % c], b[j % c])
     phase = s % c
-    mr = lane_row(m, phase, ww, fixed)
-    ar = lane_row(a, phase, ww, fixed)
-    br = lane_row(b, phase, ww, fixed)
+    mr = lane_row(m, phase, ww, fixed, out[s:])
+    ar = lane_row(a, phase, ww, fixed, out[s:])
+    br = lane_row(b, phase, ww, fixed, out[s:])
     for _ in range((hi - s) // ww):
         affine_row(x[s : s + ww], mr, ar, br, out[s : s + ww], stream, fixed > 0)
         s += ww
@@ -275,10 +259,10 @@ def _dx_block(dy, x, m, a, b, d, lo, hi, w, stream, dx, fixed):
     for j in range(lo, s):
         dx[j] = bn_dx(dy[j], x[j], m[j % c], a[j % c], b[j % c], d[j % c])
     phase = s % c
-    mr = lane_row(m, phase, ww, fixed)
-    ar = lane_row(a, phase, ww, fixed)
-    br = lane_row(b, phase, ww, fixed)
-    dr = lane_row(d, phase, ww, fixed)
+    mr = lane_row(m, phase, ww, fixed, dx[s:])
+    ar = lane_row(a, phase, ww, fixed, dx[s:])
+    br = lane_row(b, phase, ww, fixed, dx[s:])
+    dr = lane_row(d, phase, ww, fixed, dx[s:])
     for _ in range((hi - s) // ww):
         dx_row(dy[s : s + ww], x[s : s + ww], mr, ar, br, dr, dx[s : s + ww], stream, fixed > 0)
         s += ww

@@ -49,7 +49,6 @@ from . import machine
 CHANNELS_FIRST = ("NCHW", "NCL")
 CHANNELS_LAST = ("NHWC", "NLC", "NC")
 LANES = 32  # long rows are summed as rows of this many float64 lanes (compiled into the kernels)
-TILE_LANES = 64  # channels-last column tiles are summed this many channels at a time, in registers
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap plan-cache key
