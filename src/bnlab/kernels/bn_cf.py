@@ -31,11 +31,11 @@ from ._compile import kernel
 from ._elementwise import affine_row, dx_row
 from ._stream import store_fence
 from ._sums import (
-    column_grad_sums,
-    column_sums,
+    grad_add,
     lane_grad_sums,
     lane_sums,
     lanes_total,
+    shifted_add,
     summary,
     variance,
 )
@@ -120,15 +120,17 @@ def _task_moments(x, grp, groups, cb, cblocks, pieces, w, p_cnt, p_mean, p_m2, f
     u1 = (grp + 1) * units // groups
     acc1 = np.empty(w)
     acc2 = np.empty(w)
-    rows = x.reshape(n * c, s)  # row i·C + ch is channel ch of sample i
     i0, p0 = u0 // pieces, u0 % pieces  # the group's first unit (divisions: once per task)
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
         i, p = i0, p0
         k = np.float64(_piece(x, i, ch, p, pieces)[0])
         acc1[:] = 0.0
         acc2[:] = 0.0
-        if fixed == 0:
-            column_sums(rows, u0 * c + ch, u1 * c + ch, c, 0, k, acc1, acc2, s, fixed)
+        if fixed == 0:  # the channel's rows, column-wise: lane j is column j
+            for i in range(u0, u1):
+                row = x[i, ch]
+                for j in range(s):
+                    shifted_add(acc1, acc2, j, row[j], k)
             count = (u1 - u0) * s
         else:
             count = 0
@@ -155,15 +157,16 @@ def _task_grad_sums(dy, x, mean, grp, groups, cb, cblocks, pieces, w, p_dy, p_dy
     u1 = (grp + 1) * units // groups
     acc1 = np.empty(w)
     acc2 = np.empty(w)
-    dy_rows, x_rows = dy.reshape(n * c, s), x.reshape(n * c, s)
     i0, p0 = u0 // pieces, u0 % pieces
     for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
         mu = mean[ch]
         acc1[:] = 0.0
         acc2[:] = 0.0
         if fixed == 0:
-            r0, r1 = u0 * c + ch, u1 * c + ch
-            column_grad_sums(dy_rows, x_rows, r0, r1, c, 0, mu, acc1, acc2, s, fixed)
+            for i in range(u0, u1):
+                dyr, xr = dy[i, ch], x[i, ch]
+                for j in range(s):
+                    grad_add(acc1, acc2, j, dyr[j], xr[j], mu)
         else:
             i, p = i0, p0
             for _ in range(u1 - u0):
@@ -196,45 +199,33 @@ def reductions(fixed: int):
     return cf_moments, cf_grad_sums
 
 
-@njit(cache=True, inline="always")
-def _task(t, cblocks, pieces, c):
-    """Sample i, channels [c0, c1) and row piece p of elementwise task t."""
-    i = t // (cblocks * pieces)
-    rest = t % (cblocks * pieces)
-    cb = rest // pieces
-    return i, cb * c // cblocks, (cb + 1) * c // cblocks, rest % pieces
-
-
-@njit(cache=True, inline="always")
-def _task_affine(x, m, a, b, t, cblocks, pieces, stream, out):
-    n, c, s = x.shape
-    i, c0, c1, p = _task(t, cblocks, pieces, c)
-    for ch in range(c0, c1):
-        xr, yr = _piece(x, i, ch, p, pieces), _piece(out, i, ch, p, pieces)
-        affine_row(xr, m[ch], a[ch], b[ch], yr, stream)
-    if stream:
-        store_fence()
-
-
 @kernel
 def cf_affine(x, m, a, b, cblocks, pieces, stream, out):
-    for t in prange(x.shape[0] * cblocks * pieces):
-        _task_affine(x, m, a, b, t, cblocks, pieces, stream, out)
-
-
-@njit(cache=True, inline="always")
-def _task_dx(dy, x, m, a, b, d, t, cblocks, pieces, stream, dx):
+    """One task per (sample, block of channels, piece of the rows). (The task bodies are
+    written in the prange loops: as inlined helpers they ran 15 % slower on 7x7 maps.)"""
     n, c, s = x.shape
-    i, c0, c1, p = _task(t, cblocks, pieces, c)
-    for ch in range(c0, c1):
-        dyr, xr = _piece(dy, i, ch, p, pieces), _piece(x, i, ch, p, pieces)
-        dxr = _piece(dx, i, ch, p, pieces)
-        dx_row(dyr, xr, m[ch], a[ch], b[ch], d[ch], dxr, stream)
-    if stream:
-        store_fence()
+    for t in prange(n * cblocks * pieces):
+        i = t // (cblocks * pieces)
+        rest = t % (cblocks * pieces)
+        cb = rest // pieces
+        p = rest % pieces
+        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
+            xr = _piece(x, i, ch, p, pieces)
+            affine_row(xr, m[ch], a[ch], b[ch], _piece(out, i, ch, p, pieces), stream)
+        if stream:
+            store_fence()
 
 
 @kernel
 def cf_dx(dy, x, m, a, b, d, cblocks, pieces, stream, dx):
-    for t in prange(x.shape[0] * cblocks * pieces):
-        _task_dx(dy, x, m, a, b, d, t, cblocks, pieces, stream, dx)
+    n, c, s = x.shape
+    for t in prange(n * cblocks * pieces):
+        i = t // (cblocks * pieces)
+        rest = t % (cblocks * pieces)
+        cb = rest // pieces
+        p = rest % pieces
+        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
+            dyr, xr = _piece(dy, i, ch, p, pieces), _piece(x, i, ch, p, pieces)
+            dx_row(dyr, xr, m[ch], a[ch], b[ch], d[ch], _piece(dx, i, ch, p, pieces), stream)
+        if stream:
+            store_fence()
