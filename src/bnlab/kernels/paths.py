@@ -29,9 +29,9 @@ the form that vectorizes. Layer norm runs on a (M, D) view and group norm on (N,
 each.
 
 The work partitioning (``chunks``) depends on the shape only, never on the thread count: every
-result is the same bits for any number of threads. ``threads`` only decides whether a pass runs
-in parallel (passes under ``parallel_min_values`` values run on one thread: a parallel launch
-costs more than they do). The size limits are :data:`LIMITS`, in one place; the ones that depend
+result is the same bits for any number of threads. ``threads`` only decides whether the passes
+run in parallel (x of fewer than ``parallel_min_values`` values runs on one thread: a parallel
+launch costs more than such passes, much more on a loaded machine). The size limits are :data:`LIMITS`, in one place; the ones that depend
 on the hardware come from :mod:`.machine`.
 
 This module imports neither numba nor the kernels: :func:`plan` and ``explain`` are cheap.
@@ -69,7 +69,7 @@ class Limits:
     tile_min_width: int = 64  # channels-last single launch: narrower tiles stride too much
     tile_min_tiles: int = 4  # ... and enough tiles for a few threads
     tile_align: int = 16  # tile widths are whole 64-byte lines of float32
-    parallel_min_values: int = 1 << 17  # smaller passes run on one thread
+    parallel_min_values: int = 1 << 17  # x with fewer values runs on one thread
     tile_bytes: int | None = None  # None: machine.tile_bytes()
     channel_bytes: int | None = None  # None: machine.channel_bytes()
     stream_bytes: int | None = None  # None: machine.stream_bytes()
@@ -254,7 +254,7 @@ def bn_plan(shape, layout: str, itemsize: int, threads: int) -> Plan:
         channels_last=cl,
         itemsize=itemsize,
         threads=threads,
-        parallel=threads > 1 and 3 * size >= lim.parallel_min_values,
+        parallel=threads > 1 and size >= lim.parallel_min_values,
         stream=size * itemsize >= lim.budget("stream_bytes"),
     )
     if cl:
@@ -297,7 +297,7 @@ def ln_plan(rows: int, d: int, itemsize: int, threads: int) -> Plan:
         channels_last=True,
         itemsize=itemsize,
         threads=threads,
-        parallel=threads > 1 and 3 * rows * d >= lim.parallel_min_values,
+        parallel=threads > 1 and rows * d >= lim.parallel_min_values,
         stream=rows * d * itemsize >= lim.budget("stream_bytes"),
         chunks={"blocks": blocks, "lanes": LANES},
         reason="a task sums each of its rows, then writes it from cache",
@@ -313,7 +313,7 @@ def gn_plan(n: int, c: int, s: int, groups: int, itemsize: int, threads: int) ->
         channels_last=False,
         itemsize=itemsize,
         threads=threads,
-        parallel=threads > 1 and 3 * n * c * s >= lim.parallel_min_values,
+        parallel=threads > 1 and n * c * s >= lim.parallel_min_values,
         stream=n * c * s * itemsize >= lim.budget("stream_bytes"),
         chunks={"tasks": n * groups, "lanes": LANES},
         reason="a task sums its (sample, group) block, then writes it from cache",
