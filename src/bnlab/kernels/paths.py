@@ -2,39 +2,20 @@
 
     plan(shape, layout, dtype, threads) -> Plan
 
-Batch norm sees its input as one of two views and takes one of two paths per view:
+Batch norm sees x as channels-first (N, C, S) (NCHW, NCL) or channels-last (R, C) (NHWC, NLC, NC)
+and takes one of two paths per view: a *single launch* per direction when a task can own whole
+channels that stay in cache (``cf-single-launch``: a channel of long rows; ``cl-single-launch``:
+a column tile of every row), else *two passes* (``cf-two-pass``, ``cl-two-pass``: statistics or
+gradient sums, then the elementwise pass). Inference is the elementwise pass on either. Layer
+norm (``ln-rows``) and group norm (``gn-blocks``) have one path each. :data:`PATHS` names the
+kernels of each path and direction; ``docs/kernels.md`` tells when each earns its keep.
 
-====================== ============================== ===========================================
-path                   when                           passes (training forward / backward)
-====================== ============================== ===========================================
-``cf-single-launch``   channels-first (N, C, S), rows one launch each: a task owns a channel,
-                       of >= SHORT_ROW values, >= 4   sums it, then writes it while it is still
-                       channels, a channel of at      in cache (read from memory once)
-                       most ``channel_bytes``
-``cf-two-pass``        every other channels-first     statistics (or gradient sums), then the
-                       view                           elementwise pass: two launches
-``cl-single-launch``   channels-last (R, C) whose     one launch each: a task owns a column tile
-                       column tiles of >= 64 channels of channels over all R rows (in L2)
-                       over all rows fit L2
-``cl-two-pass``        every other channels-last view two launches, over rows of W = k·C lanes;
-                                                      lanes in registers when C divides 64, 128,
-                                                      192 or 256
-====================== ============================== ===========================================
-
-Inference is one elementwise pass (``*_affine``) on either path; its backward is the gradient
-sums and the same affine pass. NCHW and NCL are channels-first; NHWC, NLC and NC (as (N, 1, C))
-are channels-last; a channels-last view with C = 1 is the same memory as channels-first
-(N, 1, S), and a channels-first one with S = 1 the same as channels-last (N, C): each is run as
-the form that vectorizes. Layer norm runs on a (M, D) view and group norm on (N, C, S), one path
-each.
-
-The work partitioning (``chunks``) depends on the shape only, never on the thread count: every
-result is the same bits for any number of threads. ``threads`` only decides whether the passes
-run in parallel (x of fewer than ``parallel_min_values`` values runs on one thread: a parallel
-launch costs more than such passes, much more on a loaded machine). The size limits are :data:`LIMITS`, in one place; the ones that depend
-on the hardware come from :mod:`.machine`.
-
-This module imports neither numba nor the kernels: :func:`plan` and ``explain`` are cheap.
+The work partitioning (``Plan.chunks``) depends on the shape only, never on the thread count:
+every result is the same bits for any number of threads. ``threads`` only decides whether the
+passes run in parallel (x of fewer than ``parallel_min_values`` values runs on one thread: a
+parallel launch costs more than such passes, much more on a loaded machine). Every size limit is
+in :data:`LIMITS`; the hardware budgets come from :mod:`.machine`. This module imports neither
+numba nor the kernels: :func:`plan` and ``explain`` are cheap.
 """
 
 from __future__ import annotations
