@@ -1,10 +1,13 @@
-"""The backend switch: which implementation computes batch norm.
+"""The backend switch: which implementation computes the normalization family.
 
-``"numba"``  fused multi-core kernels in :mod:`bnlab.kernels` (default when numba imports);
+``"numba"``  multi-core kernels in :mod:`bnlab.kernels` (the default when numba imports);
 ``"numpy"``  the readable reference in :mod:`bnlab.functional` (always available).
 
 The switch is explicit state, set by :func:`set_backend` or overridden per call with ``backend=``.
 It never changes *what* is computed (same conventions, same validation, same errors), only how.
+A backend named either way is used for every call; the default (never set) runs the kernels only
+from a measured input size on, the reference below it (``bnlab.functional._dispatch.choose``;
+``bnlab.kernels.explain`` says which runs and why).
 """
 
 from __future__ import annotations

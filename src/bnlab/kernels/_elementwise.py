@@ -14,9 +14,9 @@ coefficients.
 
 ``stream``: write the row's whole lines with non-temporal stores (:mod:`._stream`): each line is
 the same expression evaluated on vectors (its Python source traced into vector instructions,
-operation for operation, so both ways give the same bits). A row
-that the caller knows to start at a line boundary says so (``aligned``): its lane indices are then
-compile-time constants, which keeps register-resident coefficient rows in registers.
+operation for operation, so both ways give the same bits). A register lane row says so
+(``lanes``): its indices are then compile-time constants, and its coefficient rows stay in
+registers.
 """
 
 from __future__ import annotations
@@ -78,16 +78,17 @@ def dx_line(typingctx, dx, i, dy, x, m, a, b, d):
 
 
 @njit(cache=True, inline="always")
-def affine_row(x, m, a, b, y, stream, aligned=False):
+def affine_row(x, m, a, b, y, stream, lanes=0):
     """y = affine(x, m, a, b) over the 1-D row y (x like y; m, a, b scalars or rows).
-    ``aligned``: y starts at a line boundary (the caller knows it: no head to write)."""
-    n = y.shape[0]
+    ``lanes`` > 0 (a compile-time constant): the row is exactly that many values from a line
+    boundary (a register lane row: every index is then a constant)."""
+    n = lanes if lanes > 0 else y.shape[0]
     if not stream:
         for j in range(n):
             y[j] = affine(x[j], at(m, j), at(a, j), at(b, j))
         return
     step = values_per_line(y)
-    h = 0 if aligned else head(y)
+    h = 0 if lanes > 0 else head(y)
     body = h + (n - h) // step * step
     for j in range(h):
         y[j] = affine(x[j], at(m, j), at(a, j), at(b, j))
@@ -98,16 +99,16 @@ def affine_row(x, m, a, b, y, stream, aligned=False):
 
 
 @njit(cache=True, inline="always")
-def dx_row(dy, x, m, a, b, d, dx, stream, aligned=False):
+def dx_row(dy, x, m, a, b, d, dx, stream, lanes=0):
     """dx = bn_dx(dy, x, m, a, b, d) over the 1-D row dx (coefficients scalars or rows);
-    ``aligned`` as for :func:`affine_row`."""
-    n = dx.shape[0]
+    ``lanes`` as for :func:`affine_row`."""
+    n = lanes if lanes > 0 else dx.shape[0]
     if not stream:
         for j in range(n):
             dx[j] = bn_dx(dy[j], x[j], at(m, j), at(a, j), at(b, j), at(d, j))
         return
     step = values_per_line(dx)
-    h = 0 if aligned else head(dx)
+    h = 0 if lanes > 0 else head(dx)
     body = h + (n - h) // step * step
     for j in range(h):
         dx[j] = bn_dx(dy[j], x[j], at(m, j), at(a, j), at(b, j), at(d, j))

@@ -264,7 +264,7 @@ def lanes_total(acc):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def summary(m, k, acc1, acc2):
     """(m, mean, M2) of m values whose lanes share the shift k."""
     s1 = lanes_total(acc1)
@@ -272,7 +272,7 @@ def summary(m, k, acc1, acc2):
     return m, k + s1 / m, s2 - s1 * s1 / m
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def variance(m, m2):
     """Biased variance M2/m, a rounding-negative one clamped to 0 (NaN stays NaN)."""
     v = m2 / m

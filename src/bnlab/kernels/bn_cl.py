@@ -241,7 +241,7 @@ def _affine_block(x, m, a, b, lo, hi, w, stream, out, fixed):
     ar = lane_row(a, phase, ww, fixed, out[s:])
     br = lane_row(b, phase, ww, fixed, out[s:])
     for _ in range((hi - s) // ww):
-        affine_row(x[s : s + ww], mr, ar, br, out[s : s + ww], stream, fixed > 0)
+        affine_row(x[s : s + ww], mr, ar, br, out[s : s + ww], stream, fixed)
         s += ww
     for j in range(s, hi):
         out[j] = affine(x[j], m[j % c], a[j % c], b[j % c])
@@ -264,7 +264,7 @@ def _dx_block(dy, x, m, a, b, d, lo, hi, w, stream, dx, fixed):
     br = lane_row(b, phase, ww, fixed, dx[s:])
     dr = lane_row(d, phase, ww, fixed, dx[s:])
     for _ in range((hi - s) // ww):
-        dx_row(dy[s : s + ww], x[s : s + ww], mr, ar, br, dr, dx[s : s + ww], stream, fixed > 0)
+        dx_row(dy[s : s + ww], x[s : s + ww], mr, ar, br, dr, dx[s : s + ww], stream, fixed)
         s += ww
     for j in range(s, hi):
         dx[j] = bn_dx(dy[j], x[j], m[j % c], a[j % c], b[j % c], d[j % c])
