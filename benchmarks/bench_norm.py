@@ -147,6 +147,14 @@ class Case:
         return run
 
 
+def _explain(x, layout, **kw) -> dict:
+    """What the timed bnlab call runs: the default backend's choice and the kernels' plan."""
+    from bnlab.kernels import explain
+
+    return {"default": explain(x, layout, **kw).backend,
+            "numba": explain(x, layout, backend="numba", **kw).as_dict()}  # fmt: skip
+
+
 def rounds_for(nbytes: int, repeat: int) -> int:
     """Interleaved rounds for a tensor of ``nbytes``: calls on cache-sized tensors last ~1 ms, so
     they get 10x the rounds (a median of 15 single-millisecond calls moves with every hiccup)."""
@@ -196,6 +204,7 @@ def bench_case(shape, layout, repeat, numpy_repeat):
                 / t["bnlab+out"]["min_ms"]
                 / 1e6
                 / limit["best_gbs"],
+                "explain": _explain(case.x, layout, training=op != "eval_fwd"),
                 "peak_extra_mb": peak_extra_bytes(bn_ops[op]) / 2**20,
                 "peak_extra_out_mb": peak_extra_bytes(bn_out_ops[op]) / 2**20,
                 "bytes_moved": moved,
@@ -277,6 +286,9 @@ def bench_family(cases, repeat):
                 "speedup": t["torch"]["median_ms"] / t["bnlab"]["median_ms"],
                 "speedup_vs_numpy": t["numpy"]["median_ms"] / t["bnlab"]["median_ms"],
                 "pct_limit": 100.0 * moved / t["bnlab"]["median_ms"] / 1e6 / limit["median_gbs"],
+                "explain": _explain(
+                    x, "NCHW" if kind == "group_norm" else "NC", norm=kind, num_groups=groups
+                ),  # fmt: skip
                 "times": t,
             }
         )
@@ -294,6 +306,12 @@ FAMILY_TABLE = [
     ("speedup_vs_numpy", "x NumPy ref", ".1f"),
     ("pct_limit", "% of copy limit", ".0f"),
 ]
+
+
+def _machine() -> dict:
+    from bnlab.kernels import machine
+
+    return machine.describe()
 
 
 def first_call_seconds() -> float:
@@ -342,7 +360,7 @@ def layout_ratio(repeat: int) -> dict:
     the table's.)"""
     import torch
 
-    from bnlab.kernels.core import channel_moments
+    from bnlab.kernels import channel_moments
 
     cases = {
         layout: Case(shape, layout)
@@ -471,6 +489,7 @@ def main(argv=None) -> int:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "malloc_env": malloc_env(),
         "first_call_s": compile_s,
+        "machine_caches": _machine(),
         "rows": rows,
         "family": family,
         "nhwc_over_nchw": ratios,

@@ -1,5 +1,6 @@
 """Reused memory for large outputs of the fast paths (y in forward, dx in backward): the numba
-backend of :mod:`bnlab.functional` batch norm and :mod:`bnlab.torch`'s fast path.
+backend of :mod:`bnlab.functional` (through its seam, ``bnlab.functional._dispatch``) and
+:mod:`bnlab.torch`'s fast path.
 
 Why: a freshly mapped array costs a first touch of every page: the OS zeroes each page as it is
 first written, which for a (64, 64, 56, 56) float32 tensor (51 MB) took about as long as one more
@@ -61,7 +62,7 @@ class BufferCache:
 
         ``like``: a cached array starts at the same address modulo :data:`ALIGN` as this one, so
         a kernel reading ``like`` and writing the result can use whole-line (streaming) stores
-        on both (see :mod:`bnlab.kernels._stream`); without it, at a line boundary. (Addresses
+        on both (see ``bnlab.kernels._stream``); without it, at a line boundary. (Addresses
         are looked up as little as possible: right after PyTorch has run, one ``a.ctypes.data``
         took ~30 µs.)"""
         dtype = np.dtype(dtype)
@@ -122,21 +123,6 @@ def _check_bytes(value, name: str) -> int:
 
 
 CACHE = BufferCache()
-
-
-def output_like(a: np.ndarray) -> np.ndarray:
-    """An uninitialised array of a's shape and dtype for a numba kernel's result, from
-    :data:`CACHE`; one big enough for the kernels' streaming stores starts at a's offset within
-    a cache line (:mod:`bnlab.kernels._stream`; looking up a's address costs ~30 µs in a cold
-    cache, so smaller ones do not)."""
-    global _stream
-    if _stream is None:  # imported on first use: bnlab.buffers itself must not import numba
-        from bnlab.kernels import _stream
-    big = a.nbytes >= _stream.STREAM_MIN_BYTES  # the numba backend's own threshold
-    return CACHE.empty(a.shape, a.dtype, like=a if big else None)
-
-
-_stream = None  # bnlab.kernels._stream once output_like has run
 
 
 def set_buffer_cache_limit(limit: int) -> None:

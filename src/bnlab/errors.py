@@ -46,3 +46,8 @@ class StateDictError(BNLabError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class InputModifiedError(BNLabError, ValueError):
+    """The input of a forward pass changed before its backward pass (an in-place operation on
+    x, or x reused as an output): the backward would compute wrong gradients, so it refuses."""

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from bnlab import functional as F
 from bnlab.backend import numba_available
 from bnlab.check import centering_condition, dtype_tolerance, rel_error
-from bnlab.functional._layout import LAYOUTS, accumulation_dtype, get_layout
+from bnlab.functional._layout import LAYOUTS, get_layout
 from bnlab.functional.layer_norm import NormCache, NormKernelCache
+from bnlab.functional.stats import accumulation_dtype
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="numba backend not installed")
 

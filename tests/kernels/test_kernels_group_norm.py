@@ -16,7 +16,7 @@ from kernels_tolerances import assert_matches
 from bnlab.check import numeric_gradient
 from bnlab.errors import ShapeError
 from bnlab.functional import group_norm_backward, group_norm_forward
-from bnlab.kernels import _chunks, core, gn_backward, gn_forward
+from bnlab.kernels import gn_backward, gn_forward, paths
 
 EXAMPLES = 1000 if os.environ.get("CI") == "true" else 150
 
@@ -96,13 +96,9 @@ def test_kernels_group_norm_gradients_match_central_differences():
         np.testing.assert_allclose(grad, numeric_gradient(y, arr, dy), rtol=1e-6, atol=1e-7)
 
 
-def test_kernels_group_norm_bit_identical_across_threads(monkeypatch):
+def test_kernels_group_norm_bit_identical_across_threads():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here")
-    monkeypatch.setattr(_chunks, "SEGMENT", 25)
-    monkeypatch.setattr(_chunks, "SHORT_ROW", 40)
-    monkeypatch.setattr(_chunks, "MIN_TASKS", 9)
-    monkeypatch.setattr(core, "PARALLEL_MIN_VALUES", 0)
     rng = np.random.default_rng(15)
     x = (5 + rng.standard_normal((3, 8, 33))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -112,8 +108,9 @@ def test_kernels_group_norm_bit_identical_across_threads(monkeypatch):
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            y, mean, rstd = gn_forward(x, 4, g, None, 1e-5)
-            return (y, mean, rstd, *gn_backward(dy, x, mean, rstd, g, 4))
+            with paths.limits(parallel_min_values=0):
+                y, mean, rstd = gn_forward(x, 4, g, None, 1e-5)
+                return (y, mean, rstd, *gn_backward(dy, x, mean, rstd, g, 4))
         finally:
             numba.set_num_threads(previous)
 
@@ -121,13 +118,12 @@ def test_kernels_group_norm_bit_identical_across_threads(monkeypatch):
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("segment", [7, 16384])
-def test_kernels_group_norm_segmented_statistics_match_float64(monkeypatch, segment):
-    """A block cut into many shifted segments (merged with the parallel update) gives the float64
-    statistics of a large-mean group, and the gradient sums match float64 NumPy."""
-    monkeypatch.setattr(_chunks, "SEGMENT", segment)
+@pytest.mark.parametrize("s", [5, 50, 20_000])
+def test_kernels_group_norm_statistics_match_float64(s):
+    """Large-mean groups of short and long blocks: the float64 statistics, and gradient sums
+    that match float64 NumPy."""
     rng = np.random.default_rng(16)
-    x = 1e3 + rng.standard_normal((2, 6, 50))
+    x = 1e3 + rng.standard_normal((2, 6, s))
     dy = rng.standard_normal(x.shape)
     g = rng.standard_normal(6)
     y, mean, rstd = gn_forward(x, 3, g, None, 1e-5)

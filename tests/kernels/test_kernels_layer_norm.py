@@ -15,7 +15,7 @@ from kernels_tolerances import assert_matches
 from bnlab.check import numeric_gradient
 from bnlab.errors import DTypeError, ShapeError
 from bnlab.functional import layer_norm_backward, layer_norm_forward
-from bnlab.kernels import _chunks, core, ln_backward, ln_forward
+from bnlab.kernels import ln_backward, ln_forward, paths
 
 EXAMPLES = 1000 if os.environ.get("CI") == "true" else 150
 
@@ -93,14 +93,9 @@ def test_kernels_layer_norm_large_mean():
     np.testing.assert_allclose(rstd, 1 / np.sqrt(x64.var(axis=1) + 1e-5), rtol=1e-3)
 
 
-def test_kernels_layer_norm_bit_identical_across_threads(monkeypatch):
+def test_kernels_layer_norm_bit_identical_across_threads():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here")
-    monkeypatch.setattr(_chunks, "MIN_BLOCK_ROWS", 2)
-    monkeypatch.setattr(_chunks, "MIN_BLOCK_VALUES", 16)
-    monkeypatch.setattr(_chunks, "SEGMENT", 30)
-    monkeypatch.setattr(_chunks, "SHORT_ROW", 50)
-    monkeypatch.setattr(core, "PARALLEL_MIN_VALUES", 0)
     rng = np.random.default_rng(12)
     x = rng.standard_normal((37, 71)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -110,8 +105,12 @@ def test_kernels_layer_norm_bit_identical_across_threads(monkeypatch):
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            y, mean, rstd = ln_forward(x, g, None, 1e-5)
-            return (y, mean, rstd, *ln_backward(dy, x, mean, rstd, g))
+            with paths.limits(min_block_rows=2, min_block_values=16, parallel_min_values=0):
+                assert (
+                    paths.plan(x.shape, "NC", x.dtype, threads, "layer_norm").chunks["blocks"] > 4
+                )
+                y, mean, rstd = ln_forward(x, g, None, 1e-5)
+                return (y, mean, rstd, *ln_backward(dy, x, mean, rstd, g))
         finally:
             numba.set_num_threads(previous)
 
@@ -135,52 +134,22 @@ def test_kernels_layer_norm_rejects_bad_input(call, err, word):
         call(np.ones((2, 4), np.float32))
 
 
-def _ln_fwd_bwd(x, dy, g, b, eps):
-    y, mean, rstd = ln_forward(x, g, b, eps)
+@pytest.mark.parametrize("d", [1, 31, 32, 33, 70_001])
+def test_kernels_layer_norm_rows_of_any_length_match_float64(d):
+    """Rows shorter than, equal to and much longer than the 32 lanes (a row of 70,001 values
+    does not stay in cache: it is read twice, same kernel)."""
+    rng = np.random.default_rng(d)
+    x = 1e3 + rng.standard_normal((3, d))
+    dy = rng.standard_normal(x.shape)
+    g = rng.standard_normal(d)
+    y, mean, rstd = ln_forward(x, g, None, 1e-5)
     dx, dg, db = ln_backward(dy, x, mean, rstd, g)
-    return y, mean, rstd, dx, dg, db
-
-
-@settings(max_examples=EXAMPLES // 2, deadline=None)
-@given(
-    m=st.integers(1, 9),
-    d=st.integers(1, 80),
-    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
-    eps=st.sampled_from([1e-5, 0.5]),
-    affine=st.booleans(),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_kernels_layer_norm_single_pass_rows_equal_two_pass_bits(m, d, dtype, eps, affine, seed):
-    """The single-pass row kernels (rows read from memory once per direction) give the bits of
-    the two-pass path, and match the reference; SHORT_ROW is lowered so small rows take them."""
-    from bnlab.kernels import layer_norm as ln_module
-
-    rng = np.random.default_rng(seed)
-    acc = np.float64 if dtype == np.float64 else np.float32
-    x = (3.0 + rng.standard_normal((m, d))).astype(dtype)
-    dy = rng.standard_normal((m, d)).astype(dtype)
-    g = rng.standard_normal(d).astype(acc) if affine else None
-    b = rng.standard_normal(d).astype(acc) if affine else None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_chunks, "SHORT_ROW", 1)  # every row is one long segment
-        assert ln_module._single_pass(d)
-        single = _ln_fwd_bwd(x, dy, g, b, eps)
-        mp.setattr(ln_module, "_single_pass", lambda d: False)
-        two_pass = _ln_fwd_bwd(x, dy, g, b, eps)
-    for s, t in zip(single, two_pass, strict=True):
-        np.testing.assert_array_equal(s, t)
-    y_ref, cache = layer_norm_forward(x, d, g, b, eps, backend="numpy")
-    assert_matches(single[0], y_ref, dtype, "y")
-    dx_ref, _, _ = layer_norm_backward(dy, cache)
-    scale = 1.0 if g is None else np.abs(g)
-    terms = dy.astype(np.float64) * scale * single[2].astype(np.float64)[:, None]
-    assert_matches(single[3], dx_ref, dtype, "dx", terms=terms)
-
-
-def test_kernels_layer_norm_takes_single_pass_for_rows_of_one_segment():
-    from bnlab.kernels import layer_norm as ln_module
-
-    assert not ln_module._single_pass(_chunks.SHORT_ROW - 1)  # tiny rows: column-wise sums
-    assert ln_module._single_pass(_chunks.SHORT_ROW)
-    assert ln_module._single_pass(_chunks.SEGMENT)
-    assert not ln_module._single_pass(_chunks.SEGMENT + 1)  # several segments: two passes
+    np.testing.assert_allclose(mean, x.mean(axis=1), rtol=1e-14)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(x.var(axis=1) + 1e-5), rtol=1e-9)
+    xhat = (x - x.mean(axis=1, keepdims=True)) * rstd[:, None]
+    np.testing.assert_allclose(y, xhat * g, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dg, (dy * xhat).sum(axis=0), rtol=1e-9, atol=1e-9)
+    gh = dy * g
+    ref_dx = rstd[:, None] * (gh - gh.mean(axis=1, keepdims=True)
+                              - xhat * (gh * xhat).mean(axis=1, keepdims=True))  # fmt: skip
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-8, atol=1e-8)

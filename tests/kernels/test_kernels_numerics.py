@@ -9,7 +9,10 @@ import pytest
 
 from bnlab.check import numeric_gradient
 from bnlab.functional import batch_norm_backward, batch_norm_forward
-from bnlab.kernels import _chunks, bn_backward, bn_eval_forward, bn_train_forward
+from bnlab.kernels import bn_backward, bn_eval_forward, bn_train_forward, paths
+
+SEGMENT = paths.LIMITS.segment
+BLOCK_ROWS = paths.LIMITS.min_block_rows
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC"])
@@ -35,16 +38,18 @@ def test_kernels_large_mean_statistics_stay_accurate(layout):
 @pytest.mark.parametrize(
     ("shape", "channels_last"),
     [
-        ((1, 2, _chunks.SEGMENT + 33), False),  # a row split into two segments + lane remainder
-        ((2, 1, 2 * _chunks.SEGMENT - 1), False),
-        ((3, 64 * _chunks.MIN_BLOCK_ROWS // 3 + 1, 2 * _chunks.CHANNEL_TILE + 3), True),
+        ((1, 2, SEGMENT + 33), False),  # a row split into two pieces + lane remainder
+        ((2, 1, 2 * SEGMENT - 1), False),
+        ((3, 64 * BLOCK_ROWS // 3 + 1, 1027), True),  # lane rows in memory, leftover values
+        ((3, 64 * BLOCK_ROWS // 3 + 1, 200), True),
     ],
 )
 def test_kernels_real_chunk_boundaries_match_numpy(shape, channels_last):
     rng = np.random.default_rng(3)
     x = 5.0 + rng.standard_normal(shape)
     c = shape[2] if channels_last else shape[1]
-    y, mean, var = bn_train_forward(x, np.ones(c), np.zeros(c), 1e-5, channels_last)
+    with paths.limits(tile_bytes=0, channel_bytes=0):  # the two-pass paths, real chunk sizes
+        y, mean, var = bn_train_forward(x, np.ones(c), np.zeros(c), 1e-5, channels_last)
     axes = (0, 1) if channels_last else (0, 2)
     np.testing.assert_allclose(mean, x.mean(axis=axes), rtol=1e-13)
     np.testing.assert_allclose(var, x.var(axis=axes), rtol=1e-12)
@@ -132,51 +137,30 @@ def test_kernels_write_into_given_buffers(dtype):
 
 
 @pytest.mark.parametrize(
-    ("shape", "channels_last", "tiles"),
-    [
-        ((256, 1, 4096), True, 8),  # (256, 4096) NC: columns of 512 channels fit the L2 budget
-        ((256, 1, 120), True, 2),  # few channels: still split for the threads (64 channels each)
-        ((8, 49, 2048), True, 7),  # NHWC (8, 7, 7, 2048): 392 rows, 320 channels a tile
-        ((64, 3136, 64), True, 0),  # NHWC (64, 56, 56, 64): 200704 rows stream instead
-        ((64, 64, 3136), False, -1),  # NCHW (64, 64, 56, 56): one task per 784 KiB channel
-        ((256, 6, 784), False, -1),  # LeNet's first BN
-        ((32, 256, 196), False, 0),  # short rows: column-wise streaming sums
-        ((512, 64, 3136), False, 0),  # 6 MiB channels do not stay cached
-        ((64, 3, 3136), False, 0),  # too few channels to share between threads
-    ],
-)
-def test_kernels_single_launch_path_is_chosen_by_shape(shape, channels_last, tiles):
-    from bnlab.kernels import core
-
-    assert core.fused_tiles(np.empty(shape, np.float32), channels_last) == tiles
-
-
-@pytest.mark.parametrize(
     ("shape", "channels_last"), [((256, 1, 4096), True), ((16, 8, 1000), False)]
 )
-def test_kernels_single_launch_and_streaming_paths_agree(monkeypatch, shape, channels_last):
-    """A large mean, at the real tile sizes: the single-launch kernels and the streaming passes
+def test_kernels_single_launch_and_two_pass_paths_agree(shape, channels_last):
+    """A large mean, at the real tile sizes: the single-launch kernels and the two-pass ones
     give the same statistics, outputs and gradients to float64 rounding."""
     rng = np.random.default_rng(4)
     x = 1e3 + rng.standard_normal(shape)
     dy = rng.standard_normal(x.shape)
     c = shape[2] if channels_last else shape[1]
     w, b = rng.standard_normal(c), rng.standard_normal(c)
+    layout = "NLC" if channels_last else "NCL"
 
     def run():
         y, mean, var = bn_train_forward(x, w, b, 1e-5, channels_last)
         rstd = 1.0 / np.sqrt(var + 1e-5)
         return (y, mean, var, *bn_backward(dy, x, mean, rstd, w, channels_last))
 
-    from bnlab.kernels import core
-
-    assert core.fused_tiles(x, channels_last) != 0
-    fused = run()
-    monkeypatch.setattr(_chunks, "FUSED_TILE_BYTES", 0)
-    monkeypatch.setattr(_chunks, "FUSED_CHANNEL_BYTES", 0)
-    assert core.fused_tiles(x, channels_last) == 0
-    streaming = run()
-    for name, a, s in zip(("y", "mean", "var", "dx", "dw", "db"), fused, streaming, strict=True):
+    with paths.limits(tile_bytes=512 << 10, channel_bytes=2 << 20):
+        assert paths.plan(shape, layout, x.dtype).path.endswith("single-launch")
+        single = run()
+    with paths.limits(tile_bytes=0, channel_bytes=0):
+        assert paths.plan(shape, layout, x.dtype).path.endswith("two-pass")
+        two_pass = run()
+    for name, a, s in zip(("y", "mean", "var", "dx", "dw", "db"), single, two_pass, strict=True):
         np.testing.assert_allclose(a, s, rtol=1e-9, atol=1e-9, err_msg=name)
 
 

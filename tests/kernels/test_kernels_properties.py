@@ -11,12 +11,11 @@ import os
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernels_patching import attributes_set
 from kernels_tolerances import assert_matches
 
 from bnlab.conventions import PRESETS
 from bnlab.functional import batch_norm_backward, batch_norm_forward
-from bnlab.kernels import _chunks, bn_backward, bn_train_forward
+from bnlab.kernels import bn_backward, bn_train_forward, paths
 
 EXAMPLES = 1000 if os.environ.get("CI") == "true" else 150
 DTYPES = (np.float16, np.float32, np.float64)
@@ -106,27 +105,17 @@ def test_kernels_inference_forward_backward_match_reference(case):
 
 
 def _small_chunks(segment, short_row, block_rows, tile, fused):
-    """Shrink the chunk sizes so that tiny tensors take every code path (long and short rows,
-    several segments, groups, row blocks, channel tiles, widened rows with leftover rows; for
-    channels-last, the single-launch column tiles when ``fused``, else the streaming passes).
-    They still run on one thread (tiny passes do); test_kernels_determinism runs the same paths
-    on two threads."""
-    names = {
-        (_chunks, "SEGMENT"): segment,
-        (_chunks, "SHORT_ROW"): short_row,
-        (_chunks, "MIN_TASKS"): 5,
-        (_chunks, "MIN_BLOCK_ROWS"): block_rows,
-        (_chunks, "MIN_BLOCK_VALUES"): 8,
-        (_chunks, "CHANNEL_TILE"): tile,
-        (_chunks, "WIDE_ROW"): 3 * tile + 7,
-        (_chunks, "MAX_SHORT_TASKS"): tile + 1,
-        (_chunks, "FUSED_TILE_BYTES"): (1 << 30) if fused else 0,
-        (_chunks, "FUSED_MIN_WIDTH"): 1,
-        (_chunks, "FUSED_MIN_TILES"): tile + 1,
-        (_chunks, "FUSED_CHANNEL_BYTES"): (1 << 30) if fused else 0,
-        (_chunks, "FUSED_MIN_CHANNELS"): 1,
-    }
-    return attributes_set(names)
+    """Shrink the limits so that tiny tensors take every path (long and short rows, several
+    pieces, groups, channel blocks, row blocks, lane rows with leftover values; the
+    single-launch paths when ``fused``, else the two-pass ones). They still run on one thread
+    (tiny passes do); test_kernels_determinism runs the same paths on two threads."""
+    budget = (1 << 30) if fused else 0
+    return paths.limits(
+        segment=segment, short_row=short_row, min_tasks=5, min_block_rows=block_rows,
+        min_block_values=8, max_tasks=tile + 1, wide_row=3 * tile + 7, tile_min_width=1,
+        tile_min_tiles=tile + 1, tile_align=1, tile_bytes=budget, channel_bytes=budget,
+        min_single_launch_channels=1,
+    )  # fmt: skip
 
 
 @settings(max_examples=EXAMPLES // 2)

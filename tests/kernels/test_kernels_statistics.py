@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bnlab.functional.running import batch_is_finite
 from bnlab.functional.stats import inverse_std
-from bnlab.kernels.batch_norm import _statistics_in
+from bnlab.kernels.batch_norm import statistics as _statistics_in
 
 SPECIAL = [0.0, 1e-45, 3.4e38, 1e39, 1e300, np.inf, -np.inf, np.nan, -0.0]
 

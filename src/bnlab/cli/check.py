@@ -18,6 +18,12 @@ def add_arguments(parser) -> None:
         "--no-torch", action="store_true", help="skip the PyTorch comparison even if torch imports"
     )
     parser.add_argument("--no-numba", action="store_true", help="skip the numba-backend comparison")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print, per case, what the default backend runs and which kernel path and "
+        "kernels backend='numba' runs (bnlab.kernels.explain)",
+    )
 
 
 def run(args) -> int:
@@ -37,5 +43,40 @@ def run(args) -> int:
     print(f"\nchecks run: {', '.join(ran)}{not_run}")
     if "torch" in skipped and not args.no_torch and not torch_available():
         print("(torch is not installed: pip install 'bnlab[torch]' to compare with PyTorch)")
+    if args.explain:
+        print("\n" + explain_table(rows))
     print(f"{len(rows)} cases, {len(failed)} failed, {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
+
+
+def explain_table(rows) -> str:
+    """Per checked case: the default backend's choice and the kernels' plan (a Markdown table)."""
+    import numpy as np
+
+    from bnlab.check import GN_GROUPS, layer_norm_shape
+    from bnlab.functional._layout import get_layout
+    from bnlab.kernels import explain
+
+    lines = [
+        "| operation | layout | shape | default backend | numba path | kernels (fwd; bwd) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        x = np.zeros(r.shape)
+        norm, kw = _explain_args(r.op, r.layout, r.shape, GN_GROUPS, layer_norm_shape, get_layout)
+        default = explain(x, r.layout, norm=norm, **kw)
+        kernels = explain(x, r.layout, norm=norm, backend="numba", **kw)
+        path = kernels.plan.path if kernels.plan else "- (" + kernels.reason + ")"
+        names = "; ".join(", ".join(k) for k in kernels.kernels.values()) or "-"
+        cells = [r.op, r.layout, "x".join(map(str, r.shape)), default.backend, path, names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _explain_args(op, layout, shape, groups, layer_norm_shape, get_layout):
+    if op.startswith("batch_norm"):
+        return "batch_norm", {"training": op.endswith("[train]")}
+    if op == "layer_norm":
+        return "layer_norm", {"normalized_shape": layer_norm_shape(shape, layout)}
+    c = shape[get_layout(layout).channel_axis]
+    return "group_norm", {"num_groups": c if op == "instance_norm" else groups}

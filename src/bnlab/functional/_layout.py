@@ -46,13 +46,17 @@ class Layout:
     def spatial_axes(self) -> tuple[int, ...]:
         return tuple(a for a in self.reduce_axes if a != 0)
 
+    @cached_property
+    def _channel_shape(self) -> tuple[int, ...]:
+        return tuple(-1 if a == self.channel_axis else 1 for a in range(self.ndim))
+
     def channel_shape(self) -> tuple[int, ...]:
         """Shape that broadcasts a per-channel vector (C,) against an input of this layout."""
-        return tuple(-1 if a == self.channel_axis else 1 for a in range(self.ndim))
+        return self._channel_shape
 
     def per_channel(self, v: np.ndarray) -> np.ndarray:
         """View a (C,) vector so that it broadcasts along this layout's channel axis."""
-        return v.reshape(self.channel_shape())
+        return v.reshape(self._channel_shape)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -97,9 +101,3 @@ def check_input(x, layout: str | Layout, name: str = "x") -> Layout:
             f"got shape {x.shape} ({x.ndim}-D)"
         )
     return lay
-
-
-def accumulation_dtype(dtype) -> np.dtype:
-    """Statistics are accumulated in float64 for float64 input, float32 otherwise (float16 too).
-    Either byte order: ``np.dtype(">f8") == np.float64`` is False, its ``.type`` is np.float64."""
-    return np.dtype(np.float64) if np.dtype(dtype).type is np.float64 else np.dtype(np.float32)

@@ -74,12 +74,18 @@ def check_counter(num_batches_tracked) -> np.ndarray | None:
 
 
 def check_out(out, like: np.ndarray, name: str = "out") -> np.ndarray | None:
+    """An optional output buffer of ``like``'s shape and dtype, writable."""
+    return check_output(out, like.shape, like.dtype, name)
+
+
+def check_output(out, shape, dtype, name: str = "out") -> np.ndarray | None:
+    """An optional output buffer of ``shape`` and ``dtype``, writable."""
     if out is None:
         return None
-    if not isinstance(out, np.ndarray) or out.shape != like.shape or out.dtype != like.dtype:
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
         got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
         raise ShapeError(
-            f"{name} must be an ndarray of shape {like.shape} and dtype {like.dtype}, got {got}"
+            f"{name} must be an ndarray of shape {tuple(shape)} and dtype {dtype}, got {got}"
         )
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writable: the result is written into it")

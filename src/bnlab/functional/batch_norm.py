@@ -19,19 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlab.backend import resolve_backend
-from bnlab.buffers import output_like
 from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import Layout, accumulation_dtype, check_input
+from bnlab.functional._layout import Layout, check_input
 from bnlab.functional.running import batch_is_finite, report_nonfinite, update_running_stats
 from bnlab.functional.stats import (
+    accumulation_dtype,
     inverse_std,
-    moments,
+    normalize,
+    normalize_backward,
     reduction_size,
     standardize,
-    standardize_backward,
 )
 
 PRESET = "preset"  # momentum=PRESET: use the convention's own default momentum
@@ -51,6 +51,12 @@ class BatchNormCache:
     gamma: np.ndarray  # ones when no weight was given
     eps: float
     xhat: np.ndarray | None = None  # kept by the reference backend only
+    dtype: np.dtype | None = None  # the forward input's dtype (x may be a float32 staging copy)
+    fingerprint: object = None  # _dispatch.Fingerprint of x when x is the caller's array
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return self.x.dtype if self.dtype is None else self.dtype
 
 
 # --------------------------------------------------------------------------- validation
@@ -105,83 +111,24 @@ def _affine_vectors(gamma, beta, c: int, dtype) -> tuple[np.ndarray, np.ndarray]
     return g, b
 
 
-# --------------------------------------------------------------------------- backends
-
-
-def _canonical_3d(a: np.ndarray, lay: Layout) -> np.ndarray:
-    """View as (N, C, S) for channels-first layouts, (N, S, C) for NC and channels-last ones."""
-    a = np.ascontiguousarray(a)
-    n, c = a.shape[0], a.shape[lay.channel_axis]
-    if lay.channels_last or lay.ndim == 2:
-        return a.reshape(n, -1, c)
-    return a.reshape(n, c, -1)
-
-
-def _is_channel_last_3d(lay: Layout) -> bool:
-    return lay.channels_last or lay.ndim == 2
+# --------------------------------------------------------------------------- reference math
 
 
 def _reference_train(x, lay, g, b, eps):
-    mean, var = moments(x, lay.reduce_axes)
-    rstd = inverse_std(var, eps)
-    xhat = standardize(x, mean, rstd)
+    """(y, mean, var, rstd, x̂): the batch statistics (C,) in the accumulation dtype."""
+    xhat, mean, var, rstd = normalize(x, lay.reduce_axes, eps)
     y = xhat * lay.per_channel(g) + lay.per_channel(b)
     return y, mean.ravel(), var.ravel(), rstd.ravel(), xhat
 
 
-def _train_forward(x, lay, g, b, eps, backend, out):
-    """Returns (y, mean, var, rstd, finite, xhat-or-None): the batch statistics in the
-    accumulation dtype, rstd = 1/√(var + ε), finite = whether mean and var are all finite."""
-    if backend == "numpy":
-        y, mean, var, rstd, xhat = _reference_train(x, lay, g, b, eps)
-        finite = batch_is_finite(mean, var)
-        return _into(out, y, x.dtype), mean, var, rstd, finite, xhat
-    from bnlab.kernels.batch_norm import bn_train_forward_unchecked
-
-    out = output_like(x) if out is None else out
-    out3 = _kernel_out(out, lay)
-    g64, b64 = g.astype(np.float64), b.astype(np.float64)
-    x3, cl = _canonical_3d(x, lay), _is_channel_last_3d(lay)
-    y3, mean, var, rstd, finite = bn_train_forward_unchecked(x3, g64, b64, eps, cl, out3)
-    return _deliver(y3, out3, out, x.shape), mean, var, rstd, finite, None
-
-
-def _eval_forward(x, lay, scale, shift, backend, out):
+def _reference_eval(x, lay, scale, shift):
     """y = x · scale + shift per channel (the inference form of batch norm)."""
-    if backend == "numpy":
-        acc = scale.dtype
-        y = x.astype(acc, copy=False) * lay.per_channel(scale) + lay.per_channel(shift)
-        return _into(out, y, x.dtype)
-    from bnlab.kernels.batch_norm import bn_eval_forward_unchecked
-
-    out = output_like(x) if out is None else out
-    out3 = _kernel_out(out, lay)
-    a64, b64 = scale.astype(np.float64), shift.astype(np.float64)
-    x3, cl = _canonical_3d(x, lay), _is_channel_last_3d(lay)
-    return _deliver(bn_eval_forward_unchecked(x3, a64, b64, cl, out3), out3, out, x.shape)
+    acc = scale.dtype
+    return x.astype(acc, copy=False) * lay.per_channel(scale) + lay.per_channel(shift)
 
 
-def _kernel_out(out, lay):
-    """out as the kernels' 3-D view; None for a non-contiguous out (reshaping it would copy, and
-    the kernel would fill the copy): the kernel then allocates and _deliver copies into out."""
-    if out is None or not out.flags.c_contiguous:
-        return None
-    return _canonical_3d(out, lay)
-
-
-def _deliver(y3, out3, out, shape):
-    if out is None:
-        return y3.reshape(shape)
-    if out3 is None:
-        np.copyto(out, y3.reshape(shape))
-    return out
-
-
-def _into(out, y, dtype):
-    if out is None:
-        return y.astype(dtype, copy=False)
-    np.copyto(out, y, casting="unsafe")
-    return out
+def _f64(*vectors):
+    return [np.asarray(u, np.float64) for u in vectors]
 
 
 # --------------------------------------------------------------------------- forward
@@ -222,7 +169,13 @@ def batch_norm_forward(
         on_nonfinite: a training batch with NaN/Inf never reaches the buffers; ``"warn"`` (default)
             warns and returns the (non-finite) output, ``"raise"`` raises NonFiniteError.
         backend: ``"numpy"`` (this reference) or ``"numba"`` (fused kernels); None: the default.
-        out: optional preallocated output (shape and dtype of x).
+        out: optional preallocated output (shape and dtype of x). It may be x itself or
+            overlap it: the result is the same as with a separate buffer.
+
+    The cache keeps x for the backward by reference (no copy; a private copy only when ``out``
+    overlaps x). Keep x unchanged until :func:`batch_norm_backward` (or pass a copy): a backward
+    that needs x and finds it modified raises :class:`~bnlab.errors.InputModifiedError` instead
+    of returning wrong gradients.
     """
     lay = check_input(x, layout)
     training = v.check_training(training)
@@ -230,9 +183,7 @@ def batch_norm_forward(
     momentum = resolve_momentum(momentum, conv)
     eps = v.check_eps(eps)
     v.check_policy(on_nonfinite)
-    backend = resolve_backend(backend)
-    if x.size == 0:
-        backend = "numpy"  # nothing to compute, and the kernels take non-empty arrays only
+    choice = _dispatch.choose(backend, "batch_norm", "train" if training else "eval", x.size)
     c = x.shape[lay.channel_axis]
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
@@ -240,38 +191,65 @@ def batch_norm_forward(
     v.check_out(out, x)
     acc = accumulation_dtype(x.dtype)
     g, b = _affine_vectors(gamma, beta, c, acc)
-
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        mean = running_mean.astype(acc)
-        var = running_var.astype(acc)
-        rstd = inverse_std(var, eps)
-        scale = g * rstd
-        shift = b - mean * scale
-        y = _eval_forward(x, lay, scale, shift, backend, out)
-        return y, BatchNormCache(backend, lay, False, x, mean, var, rstd, g, eps)
+        return _eval_forward(x, lay, g, b, running_mean, running_var, eps, choice.backend, out)
 
     count = check_training_batch(x, lay)
     tracking = running_mean is not None
     check_cumulative_counter(momentum, num_batches_tracked, tracking)
-    y, mean, var, rstd, finite, xhat = _train_forward(x, lay, g, b, eps, backend, out)
+    y, cache, finite = _train_forward(x, lay, g, b, eps, choice.backend, out)
     if not finite:
         report_nonfinite(on_nonfinite)
     elif tracking:
         update_running_stats(
             running_mean,
             running_var,
-            mean,
-            var,
+            cache.mean,
+            cache.var,
             count,
             momentum,
             conv,
             num_batches_tracked,
             on_nonfinite,
-            blend=_compiled_blend(backend),
+            blend=_compiled_blend(choice.backend),
         )
-    return y, BatchNormCache(backend, lay, True, x, mean, var, rstd, g, eps, xhat)
+    return y, cache
+
+
+def _train_forward(x, lay, g, b, eps, backend, out):
+    """(y, cache, finite) of a training forward; finite: the statistics are all finite."""
+    if backend == "numba":
+        run = _dispatch.bn_train_kernels(x, lay.name, *_f64(g, b), eps, out)
+        cache = BatchNormCache(
+            backend, lay, True, run.x, run.mean, run.var, run.rstd, g, eps, None, x.dtype,
+            run.fingerprint,
+        )  # fmt: skip
+        return run.y, cache, run.finite
+    xk, fingerprint = _dispatch.kept_input(x, out)
+    y, mean, var, rstd, xhat = _reference_train(xk, lay, g, b, eps)
+    cache = BatchNormCache(backend, lay, True, xk, mean, var, rstd, g, eps, xhat, x.dtype,
+                           fingerprint)  # fmt: skip
+    return _dispatch.deliver(out, y, x.dtype), cache, batch_is_finite(mean, var)
+
+
+def _eval_forward(x, lay, g, b, running_mean, running_var, eps, backend, out):
+    """Inference: y = x·scale + shift with scale = γ·rstd, shift = β − μ·scale (running μ, σ²)."""
+    acc = g.dtype
+    mean, var = running_mean.astype(acc), running_var.astype(acc)  # copies: the cache keeps them
+    rstd = inverse_std(var, eps)
+    scale = g * rstd
+    shift = b - mean * scale
+    if backend == "numba":
+        run = _dispatch.bn_eval_kernels(x, lay.name, *_f64(scale, shift), out, keep=True)
+        y, xk, fingerprint = run.y, run.x, run.fingerprint
+    else:
+        xk, fingerprint = _dispatch.kept_input(x, out)
+        y = _dispatch.deliver(out, _reference_eval(xk, lay, scale, shift), x.dtype)
+    cache = BatchNormCache(backend, lay, False, xk, mean, var, rstd, g, eps, None, x.dtype,
+                           fingerprint)  # fmt: skip
+    return y, cache
 
 
 def _compiled_blend(backend: str):
@@ -288,17 +266,24 @@ def _compiled_blend(backend: str):
 
 def _check_dout(dout, cache: BatchNormCache) -> None:
     if not isinstance(cache, BatchNormCache):
-        raise TypeError(f"cache must be the BatchNormCache from batch_norm_forward, got {cache!r}")
+        raise TypeError("cache must be the BatchNormCache from batch_norm_forward, got "
+                        f"{type(cache).__name__}")  # fmt: skip
     check_input(dout, cache.layout, "dout")
     if dout.shape != cache.x.shape:
         raise ShapeError(f"dout must have the shape of x {cache.x.shape}, got {dout.shape}")
+
+
+def _kept_x(cache: BatchNormCache) -> np.ndarray:
+    """The forward's x, refused (InputModifiedError) if it changed since the forward."""
+    _dispatch.check_kept(cache.x, cache.fingerprint)
+    return cache.x
 
 
 def _xhat(cache: BatchNormCache) -> np.ndarray:
     if cache.xhat is not None:
         return cache.xhat
     lay = cache.layout
-    return standardize(cache.x, lay.per_channel(cache.mean), lay.per_channel(cache.rstd))
+    return standardize(_kept_x(cache), lay.per_channel(cache.mean), lay.per_channel(cache.rstd))
 
 
 def _param_grads(dout, xhat, lay):
@@ -310,8 +295,8 @@ def _param_grads(dout, xhat, lay):
 def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache, *, out: np.ndarray | None = None):
     """Closed-form backward (cs231n's ``batchnorm_backward_alt``); returns (dx, dgamma, dbeta).
 
-    ``out``: optional preallocated dx (shape and dtype of the forward's x); the numba kernels write
-    into it directly when it is C-contiguous, otherwise dx is computed and copied in.
+    ``out``: optional preallocated dx (shape and dtype of the forward's x); it may be dout
+    itself or overlap it (the result is the same as with a separate buffer).
 
     Training, per channel over its m values:
 
@@ -320,35 +305,28 @@ def batch_norm_backward(dout: np.ndarray, cache: BatchNormCache, *, out: np.ndar
 
     Inference (statistics are constants): dx = γ·rstd·dy.
     dgamma and dbeta are returned even when the forward had no affine parameters.
+    Raises :class:`~bnlab.errors.InputModifiedError` when it needs the forward's x and x was
+    modified since (see :func:`batch_norm_forward`).
     """
     _check_dout(dout, cache)
-    v.check_out(out, cache.x, "out")
-    if cache.backend == "numba":
-        return _kernel_backward(dout, cache, out)
+    dtype = cache.input_dtype
+    v.check_output(out, cache.x.shape, dtype, "out")
     lay = cache.layout
+    if cache.backend == "numba":
+        x = _kept_x(cache)
+        vectors = _f64(cache.mean, cache.rstd, cache.gamma)
+        return _dispatch.bn_backward_kernels(
+            dout, x, lay.name, *vectors, cache.training, out, dtype=dtype
+        )
     xhat = _xhat(cache)
     d = dout.astype(xhat.dtype, copy=False)
     dgamma, dbeta = _param_grads(d, xhat, lay)
     dxhat = d * lay.per_channel(cache.gamma)
     if cache.training:
-        dx = standardize_backward(dxhat, xhat, lay.per_channel(cache.rstd), lay.reduce_axes)
+        dx = normalize_backward(dxhat, xhat, lay.per_channel(cache.rstd), lay.reduce_axes)
     else:
         dx = dxhat * lay.per_channel(cache.rstd)
-    return _into(out, dx, cache.x.dtype), dgamma, dbeta
-
-
-def _kernel_backward(dout, cache: BatchNormCache, out):
-    from bnlab.kernels.batch_norm import bn_backward_unchecked, bn_eval_backward_unchecked
-
-    lay = cache.layout
-    cl = _is_channel_last_3d(lay)
-    x3, d3 = _canonical_3d(cache.x, lay), _canonical_3d(dout, lay)
-    out = output_like(cache.x) if out is None else out
-    out3 = _kernel_out(out, lay)
-    vectors = [v.astype(np.float64) for v in (cache.mean, cache.rstd, cache.gamma)]
-    fn = bn_backward_unchecked if cache.training else bn_eval_backward_unchecked
-    dx3, dgamma, dbeta = fn(d3, x3, *vectors, cl, out3)
-    return _deliver(dx3, out3, out, cache.x.shape), dgamma, dbeta
+    return _dispatch.deliver(out, dx, dtype), dgamma, dbeta
 
 
 def batch_norm_backward_graph(dout: np.ndarray, cache: BatchNormCache):
@@ -366,7 +344,7 @@ def batch_norm_backward_graph(dout: np.ndarray, cache: BatchNormCache):
     axes = lay.reduce_axes
     m = _per_channel_count(cache.x, lay)
     acc = cache.mean.dtype
-    x = cache.x.astype(acc, copy=False)
+    x = _kept_x(cache).astype(acc, copy=False)
     d = dout.astype(acc, copy=False)
     gamma = lay.per_channel(cache.gamma)
     # forward stages
@@ -389,7 +367,7 @@ def batch_norm_backward_graph(dout: np.ndarray, cache: BatchNormCache):
     dmu = -dx1.sum(axis=axes, keepdims=True)
     dx2 = np.ones_like(x) * dmu / m
     dx = dx1 + dx2
-    return dx.astype(cache.x.dtype, copy=False), dgamma, dbeta
+    return dx.astype(cache.input_dtype, copy=False), dgamma, dbeta
 
 
 # --------------------------------------------------------------------------- torch-style

@@ -46,6 +46,7 @@ import numpy as np
 
 from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
 from bnlab.functional._layout import Layout, check_input
 from bnlab.functional.batch_norm import (
@@ -193,6 +194,10 @@ def ghost_batch_norm_forward(
     (a positive int; see the module docstring for a remainder) and ``running_update``
     (``"mean"`` or ``"sequential"``, see the module docstring). Inference ignores
     ``virtual_batch_size``: it is batch norm with the running statistics.
+
+    The cache keeps x by reference, as batch norm's does: keep x unchanged until the backward
+    (or pass a copy); a modified x makes the backward raise
+    :class:`~bnlab.errors.InputModifiedError` rather than return wrong gradients.
     """
     lay = check_input(x, layout)
     training = v.check_training(training)
@@ -202,7 +207,8 @@ def ghost_batch_norm_forward(
     momentum = resolve_momentum(momentum, conv)
     c = x.shape[lay.channel_axis]
     check_running_buffers(running_mean, running_var, num_batches_tracked, c, training)
-    common = dict(eps=eps, layout=lay.name, on_nonfinite=on_nonfinite, backend=backend)
+    choice = _dispatch.choose(backend, "batch_norm", "train" if training else "eval", x.size)
+    common = dict(eps=eps, layout=lay.name, on_nonfinite=on_nonfinite, backend=choice.backend)
 
     if not training:
         y, bn = batch_norm_forward(
@@ -246,6 +252,6 @@ def ghost_batch_norm_backward(dout: np.ndarray, cache: GhostCache):
     dx = np.empty(cache.shape, cache.dtype)
     dgamma = dbeta = 0.0
     for s, c in zip(cache.slices, cache.caches, strict=True):
-        dx[s], dg, db = batch_norm_backward(dout[s], c)
+        _, dg, db = batch_norm_backward(dout[s], c, out=dx[s])
         dgamma, dbeta = dgamma + dg, dbeta + db
     return dx, dgamma, dbeta

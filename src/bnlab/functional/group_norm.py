@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnlab.backend import resolve_backend
-from bnlab.buffers import output_like
 from bnlab.errors import ShapeError
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import accumulation_dtype, check_input
-from bnlab.functional.layer_norm import (
-    NormCache,
-    NormKernelCache,
-    normalize_backward,
-    normalize_forward,
-)
+from bnlab.functional._layout import check_input
+from bnlab.functional.layer_norm import NormKernelCache, normalize_backward
+from bnlab.functional.stats import NormCache, accumulation_dtype, normalize_forward
 
 
 def _group_views(shape, channel_axis, num_groups):
@@ -59,11 +54,16 @@ def group_norm_forward(
     """Group norm forward; returns ``(out, cache)``. x in ``layout``; gamma, beta (C,) or None.
 
     ``backend``: ``"numpy"`` (the reference) or ``"numba"`` (kernels for channels-first layouts;
-    channels-last ones fall back to the reference); None: the default backend.
+    channels-last ones fall back to the reference); None: the default backend (the kernels from
+    a measured size on, see ``docs/kernels.md``).
+
+    The kernels' cache keeps x by reference (the reference's keeps x̂): keep x unchanged until
+    the backward, or pass a copy; a backward that finds x modified raises
+    :class:`~bnlab.errors.InputModifiedError` instead of returning wrong gradients.
     """
     lay = check_input(x, layout)
     eps = v.check_eps(eps)
-    backend = resolve_backend(backend)
+    choice = _dispatch.choose(backend, "group_norm", "train", x.size)
     c = x.shape[lay.channel_axis]
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
         raise TypeError(f"num_groups must be an int, got {num_groups!r}")
@@ -74,7 +74,7 @@ def group_norm_forward(
     v.check_vector(gamma, "gamma", c)
     v.check_vector(beta, "beta", c)
     acc = accumulation_dtype(x.dtype)
-    if backend == "numba" and not lay.channels_last:
+    if choice.backend == "numba" and not lay.channels_last:
         return _group_norm_kernel(x, int(num_groups), gamma, beta, eps, acc)
     g = None if gamma is None else lay.per_channel(gamma.astype(acc, copy=False))
     b = None if beta is None else lay.per_channel(beta.astype(acc, copy=False))
@@ -85,16 +85,15 @@ def group_norm_forward(
 
 def _group_norm_kernel(x, groups, gamma, beta, eps, acc):
     """Channels-first (NC, NCL, NCHW) input as the kernels' (N, C, S) view."""
-    from bnlab import kernels
-
     n, c = x.shape[0], x.shape[1]
-    x3 = np.ascontiguousarray(x).reshape(n, c, -1)
     g = None if gamma is None else gamma.astype(acc, copy=False)
     b = None if beta is None else beta.astype(acc, copy=False)
-    out = output_like(x3)  # reused memory, as batch norm's outputs
-    y3, mean, rstd = kernels.gn_forward(x3, groups, g, b, eps, out=out)
-    cache = NormKernelCache("group_norm", x3, mean, rstd, g, groups, (c,), x.shape, x.dtype)
-    return y3.reshape(x.shape), cache
+    g64 = np.ones(c) if g is None else g.astype(np.float64)
+    b64 = np.zeros(c) if b is None else b.astype(np.float64)
+    run = _dispatch.gn_kernels(x.reshape(n, c, -1), groups, g64, b64, eps, None)
+    cache = NormKernelCache("group_norm", run.x, run.mean, run.rstd, g, groups, (c,), x.shape,
+                            x.dtype, fingerprint=run.fingerprint)  # fmt: skip
+    return run.y.reshape(x.shape), cache
 
 
 def group_norm_backward(dout, cache: NormCache | NormKernelCache):
@@ -105,7 +104,8 @@ def group_norm_backward(dout, cache: NormCache | NormKernelCache):
 def instance_norm_forward(
     x, gamma=None, beta=None, eps: float = 1e-5, layout="NCHW", *, backend: str | None = None
 ):
-    """Instance norm = group norm with one channel per group (statistics per sample and channel)."""
+    """Instance norm = group norm with one channel per group (statistics per sample and channel).
+    Same backends and the same contract on x as :func:`group_norm_forward`."""
     lay = check_input(x, layout)
     return group_norm_forward(
         x, x.shape[lay.channel_axis], gamma, beta, eps, layout, backend=backend

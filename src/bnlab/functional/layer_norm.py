@@ -8,10 +8,10 @@ For x of shape (*, *normalized_shape), k = len(normalized_shape), M = prod(norma
 No running statistics: training and inference compute the same thing.
 
 Two backends, as for batch norm (``backend=``, :mod:`bnlab.backend`): ``"numpy"`` is the reference
-below (its :class:`NormCache` holds x̂); ``"numba"`` runs ``bnlab.kernels.ln_forward/ln_backward``
-on the (M, D) view (M = samples, D = prod(normalized_shape)) and its :class:`NormKernelCache`
-holds x, mean and rstd instead. Validation happens once, before the dispatch, so both backends
-raise the same errors; the backward dispatches on the cache it is given.
+below (its :class:`NormCache` holds x̂); ``"numba"`` runs the layer-norm kernels on the (M, D) view
+(M = samples, D = prod(normalized_shape)) through the seam (``_dispatch``), and its
+:class:`NormKernelCache` holds x, mean and rstd instead. Validation happens once, before the
+dispatch, so both backends raise the same errors; the backward dispatches on the cache.
 """
 
 from __future__ import annotations
@@ -20,38 +20,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlab.backend import resolve_backend
-from bnlab.buffers import output_like
 from bnlab.errors import ShapeError
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import accumulation_dtype, check_float_array
-from bnlab.functional.stats import inverse_std, moments, standardize, standardize_backward
-
-
-@dataclass
-class NormCache:
-    """Cache of layer/group norm: x̂ and rstd in the grouped view, plus how to undo the view."""
-
-    xhat: np.ndarray  # standardized input, in the *normalization view* (see to_view)
-    rstd: np.ndarray  # 1/sqrt(σ² + ε), keepdims in the normalization view
-    gamma: np.ndarray | None  # affine weight, broadcastable against the input
-    stat_axes: tuple[int, ...]  # axes of the view reduced for the statistics
-    param_axes: tuple[int, ...]  # axes of the input summed for dgamma/dbeta
-    input_shape: tuple[int, ...]
-    dtype: np.dtype
-    to_view: object  # input-shaped array -> normalization view
-    from_view: object  # normalization view -> input-shaped array
+from bnlab.functional._layout import check_float_array
+from bnlab.functional.stats import (
+    NormCache,
+    accumulation_dtype,
+    normalize_forward,
+    normalize_grads,
+)
 
 
 @dataclass
 class NormKernelCache:
     """Cache of layer/group norm on the numba backend: x and the statistics, no x̂.
 
-    ``x`` is the kernel view: (M, D) for layer norm, (N, C, S) for group norm (channels-first).
+    ``x`` is the kernel view: (M, D) for layer norm, (N, C, S) for group norm (channels-first),
+    the caller's memory (then ``fingerprint`` checks it is unchanged) or a private copy.
     """
 
     kind: str  # "layer_norm" | "group_norm"
-    x: np.ndarray  # C-contiguous kernel view of the input
+    x: np.ndarray  # C-contiguous kernel view of the input (compute dtype)
     mean: np.ndarray  # (M,) for layer norm, (N, G) for group norm; accumulation dtype
     rstd: np.ndarray  # same shape as mean
     gamma: np.ndarray | None  # flat (D,) or (C,) in the accumulation dtype; None: no affine
@@ -60,57 +50,35 @@ class NormKernelCache:
     input_shape: tuple[int, ...]
     dtype: np.dtype
     backend: str = "numba"
-
-
-def normalize_forward(x, stat_axes, to_view, from_view, gamma_b, beta_b, param_axes, eps):
-    """Shared forward of the per-sample norms: standardize in a view, apply the affine outside."""
-    xv = to_view(x)
-    mean, var = moments(xv, stat_axes)
-    rstd = inverse_std(var, eps)
-    xhat = standardize(xv, mean, rstd)
-    y = from_view(xhat)
-    if gamma_b is not None:
-        y = y * gamma_b
-    if beta_b is not None:
-        y = y + beta_b
-    cache = NormCache(
-        xhat, rstd, gamma_b, stat_axes, param_axes, x.shape, x.dtype, to_view, from_view
-    )
-    return y.astype(x.dtype, copy=False), cache, mean, var
+    fingerprint: object = None  # _dispatch.Fingerprint of x, None for a private copy
 
 
 def normalize_backward(dout, cache: NormCache | NormKernelCache):
-    """Shared backward: (dx, dgamma, dbeta); dgamma/dbeta are None without affine parameters.
-
-    Dispatches on the cache: a :class:`NormKernelCache` (numba forward) runs the kernels."""
+    """The per-sample norms' backward: (dx, dgamma, dbeta); dgamma/dbeta are None without
+    affine parameters. Dispatches on the cache: a :class:`NormKernelCache` (numba forward) runs
+    the kernels, after checking that x did not change since the forward."""
+    if not isinstance(cache, (NormCache, NormKernelCache)):
+        raise TypeError(f"cache must come from the forward pass, got {type(cache).__name__}")
     check_float_array(dout, "dout")
     if dout.shape != cache.input_shape:
         raise ShapeError(f"dout must have the shape of x {cache.input_shape}, got {dout.shape}")
     if isinstance(cache, NormKernelCache):
         return _kernel_backward(dout, cache)
-    d = dout.astype(cache.xhat.dtype, copy=False)
-    xhat = cache.from_view(cache.xhat)
-    dgamma = dbeta = None
-    if cache.gamma is not None:
-        dgamma = (d * xhat).sum(axis=cache.param_axes)
-        dbeta = d.sum(axis=cache.param_axes)
-        d = d * cache.gamma
-    dx = standardize_backward(cache.to_view(d), cache.xhat, cache.rstd, cache.stat_axes)
-    return cache.from_view(dx).astype(cache.dtype, copy=False), dgamma, dbeta
+    return normalize_grads(dout, cache)
 
 
 def _kernel_backward(dout, cache: NormKernelCache):
-    from bnlab import kernels
-
-    d = np.ascontiguousarray(dout).reshape(cache.x.shape)
-    dx = output_like(cache.x)  # reused memory, as batch norm's outputs
+    _dispatch.check_kept(cache.x, cache.fingerprint)
+    d = dout.reshape(cache.x.shape)  # a view when dout is C-contiguous (the seam stages it)
+    g = np.ones(cache.x.shape[1]) if cache.gamma is None else cache.gamma.astype(np.float64)
+    mean, rstd = cache.mean.astype(np.float64), cache.rstd.astype(np.float64)
     if cache.kind == "layer_norm":
-        dx, dgamma, dbeta = kernels.ln_backward(
-            d, cache.x, cache.mean, cache.rstd, cache.gamma, dx=dx
+        dx, dgamma, dbeta = _dispatch.ln_backward_kernels(
+            d, cache.x, mean, rstd, g, None, dtype=cache.dtype
         )
     else:
-        dx, dgamma, dbeta = kernels.gn_backward(
-            d, cache.x, cache.mean, cache.rstd, cache.gamma, cache.num_groups, dx=dx
+        dx, dgamma, dbeta = _dispatch.gn_backward_kernels(
+            d, cache.x, cache.num_groups, mean, rstd, g, None, dtype=cache.dtype
         )
     if cache.gamma is None:  # as the reference: no parameter gradients without a weight
         return dx.reshape(cache.input_shape), None, None
@@ -150,11 +118,15 @@ def layer_norm_forward(
         normalized_shape: int or tuple, the trailing shape to normalize over.
         gamma, beta: arrays of shape ``normalized_shape`` or None.
         backend: ``"numpy"`` (the reference) or ``"numba"`` (kernels on the (M, D) view);
-            None: the default (:func:`bnlab.backend.get_backend`).
+            None: the default (the kernels from a measured size on, see ``docs/kernels.md``).
+
+    The kernels' cache keeps x by reference (the reference's keeps x̂): keep x unchanged until
+    the backward, or pass a copy; a backward that finds x modified raises
+    :class:`~bnlab.errors.InputModifiedError` instead of returning wrong gradients.
     """
     check_float_array(x, "x")
     eps = v.check_eps(eps)
-    backend = resolve_backend(backend)
+    choice = _dispatch.choose(backend, "layer_norm", "train", x.size)
     shape = _as_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
@@ -171,23 +143,22 @@ def layer_norm_forward(
     param_axes = tuple(range(x.ndim - k))
     g = None if gamma is None else gamma.astype(acc, copy=False)
     b = None if beta is None else beta.astype(acc, copy=False)
-    if backend == "numba" and x.size > 0:  # the kernels refuse empty input; the reference doesn't
+    if choice.backend == "numba":
         return _layer_norm_kernel(x, shape, g, b, eps)
     y, cache, _, _ = normalize_forward(x, axes, _identity, _identity, g, b, param_axes, eps)
     return y, cache
 
 
 def _layer_norm_kernel(x, shape, g, b, eps):
-    from bnlab import kernels
-
     d = int(np.prod(shape))
-    x2 = np.ascontiguousarray(x).reshape(-1, d)
     flat_g = None if g is None else g.reshape(d)
     flat_b = None if b is None else b.reshape(d)
-    out = output_like(x2)  # reused memory, as batch norm's outputs
-    y2, mean, rstd = kernels.ln_forward(x2, flat_g, flat_b, eps, out=out)
-    cache = NormKernelCache("layer_norm", x2, mean, rstd, flat_g, None, shape, x.shape, x.dtype)
-    return y2.reshape(x.shape), cache
+    g64 = np.ones(d) if g is None else flat_g.astype(np.float64)
+    b64 = np.zeros(d) if b is None else flat_b.astype(np.float64)
+    run = _dispatch.ln_kernels(x.reshape(-1, d), g64, b64, eps, None)
+    cache = NormKernelCache("layer_norm", run.x, run.mean, run.rstd, flat_g, None, shape,
+                            x.shape, x.dtype, fingerprint=run.fingerprint)  # fmt: skip
+    return run.y.reshape(x.shape), cache
 
 
 def layer_norm_backward(dout, cache: NormCache | NormKernelCache):

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlab.backend import resolve_backend
 from bnlab.conventions import get_convention
+from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import Layout, accumulation_dtype, check_input
+from bnlab.functional._layout import Layout, check_input
 from bnlab.functional.batch_norm import (
     PRESET,
     BatchNormCache,
@@ -166,23 +166,11 @@ def renorm_corrections(
 
 
 def batch_moments(x: np.ndarray, lay: Layout, backend: str | None) -> tuple[np.ndarray, ...]:
-    """Per-channel batch mean and biased variance (C,), in the accumulation dtype.
-
-    NumPy backend: the family's stats helper. numba backend: the kernels' one-pass parallel
-    reduction (the one ``bn_train_forward`` uses, checked against the helper by the kernel tests
-    and by this module's backend test).
-    """
-    if resolve_backend(backend) == "numba":
-        from bnlab.kernels.core import channel_moments
-
-        acc = accumulation_dtype(x.dtype)
-        native = x.dtype.newbyteorder("=")  # numba takes no byte-swapped arrays
-        xc = np.ascontiguousarray(x, np.float32 if x.dtype.type is np.float16 else native)
-        n, c = x.shape[0], x.shape[lay.channel_axis]
-        last = lay.channels_last or lay.ndim == 2
-        x3 = xc.reshape(n, -1, c) if last else xc.reshape(n, c, -1)
-        mean, var = channel_moments(x3, last)
-        return mean.astype(acc), var.astype(acc)
+    """Per-channel batch mean and biased variance (C,), in the accumulation dtype: the family's
+    stats helper (NumPy backend) or the kernels' statistics pass (numba backend, the one
+    ``bn_train_forward`` runs)."""
+    if _dispatch.choose(backend, "batch_norm", "train", x.size).backend == "numba":
+        return _dispatch.bn_moments_kernels(x, lay.name)
     mean, var = moments(x, lay.reduce_axes)
     return mean.ravel(), var.ravel()
 
@@ -233,6 +221,10 @@ def batch_renorm_forward(
     ``running_mean``/``running_var`` are required; in training they are read (for r, d) and then
     updated in place. Invalid arguments raise before any buffer is touched; a batch with NaN/Inf
     leaves the buffers unchanged (``on_nonfinite``: warn or raise).
+
+    The cache keeps x by reference, as batch norm's does: keep x unchanged until the backward (or
+    pass a copy); a modified x makes the backward raise :class:`~bnlab.errors.InputModifiedError`
+    rather than return wrong gradients.
     """
     lay = check_input(x, layout)
     training = v.check_training(training)
@@ -246,7 +238,8 @@ def batch_renorm_forward(
     v.check_vector(beta, "beta", c)
     _check_buffers(running_mean, running_var, c, training)
     v.check_counter(num_batches_tracked)
-    common = dict(eps=eps, layout=lay.name, backend=backend)
+    choice = _dispatch.choose(backend, "batch_norm", "train" if training else "eval", x.size)
+    common = dict(eps=eps, layout=lay.name, backend=choice.backend)
 
     if not training:
         y, bn = batch_norm_forward(
@@ -258,7 +251,7 @@ def batch_renorm_forward(
 
     check_cumulative_counter(momentum, num_batches_tracked, tracking=True)
     count = check_training_batch(x, lay)
-    mean, var = batch_moments(x, lay, backend)
+    mean, var = batch_moments(x, lay, common["backend"])
     r, d = renorm_corrections(mean, var, running_mean, running_var, eps, rmax, dmax)
     g = np.ones(c, mean.dtype) if gamma is None else gamma.astype(mean.dtype)
     b = np.zeros(c, mean.dtype) if beta is None else beta.astype(mean.dtype)

@@ -90,8 +90,11 @@ def update_running_stats(
 def _new_values(running_mean, running_var, batch_mean, batch_var, w, count, unbiased):
     """(new mean, new var) in float64, before the cast to the buffers' dtype."""
     var = batch_var * (count / (count - 1)) if unbiased else batch_var
-    new_mean = (1.0 - w) * running_mean.astype(np.float64) + w * batch_mean.astype(np.float64)
-    new_var = (1.0 - w) * running_var.astype(np.float64) + w * var.astype(np.float64)
+    f64 = np.float64
+    new_mean = (1.0 - w) * running_mean.astype(f64, copy=False) + w * batch_mean.astype(
+        f64, copy=False
+    )
+    new_var = (1.0 - w) * running_var.astype(f64, copy=False) + w * var.astype(f64, copy=False)
     return new_mean, new_var
 
 
@@ -100,8 +103,8 @@ def _blend_numpy(running_mean, running_var, batch_mean, batch_var, w, count, unb
         running_mean, running_var, batch_mean, batch_var, w, count, unbiased
     )
     with np.errstate(over="ignore"):
-        cast_mean = new_mean.astype(running_mean.dtype)
-        cast_var = new_var.astype(running_var.dtype)
+        cast_mean = new_mean.astype(running_mean.dtype, copy=False)
+        cast_var = new_var.astype(running_var.dtype, copy=False)
     if not (np.isfinite(cast_mean).all() and np.isfinite(cast_var).all()):
         return False
     running_mean[...] = cast_mean

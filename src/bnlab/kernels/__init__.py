@@ -1,22 +1,39 @@
-"""Fused multi-core numba kernels for batch norm (the ``"numba"`` backend of bnlab.functional),
-and layer norm (M, D) and group norm (N, C, S) through the same reduction core.
+"""Multi-core numba kernels for batch norm (the ``"numba"`` backend of bnlab.functional), and
+layer norm (M, D) and group norm (N, C, S) with the same reduction primitive.
 
-See ``docs/kernels.md`` for the pass structure and the measured speed.
+``plan(shape, layout, dtype, threads)`` says which path and kernels a call runs (a table in
+:mod:`.plan`); ``explain(x, ...)`` also says whether the call runs the kernels at all (the default
+backend runs the NumPy reference below a measured size). Importing this package does not import
+numba; each kernel module is imported, and each kernel loaded from numba's disk cache, on the
+first call that needs it. See ``docs/kernels.md`` for the paths and their measured gains.
 """
 
-from .batch_norm import bn_backward, bn_eval_backward, bn_eval_forward, bn_train_forward
-from .core import channel_moments
-from .group_norm import gn_backward, gn_forward
-from .layer_norm import ln_backward, ln_forward
+from __future__ import annotations
 
-__all__ = [
-    "bn_backward",
-    "bn_eval_backward",
-    "bn_eval_forward",
-    "bn_train_forward",
-    "channel_moments",
-    "gn_backward",
-    "gn_forward",
-    "ln_backward",
-    "ln_forward",
-]
+from .explain import Explanation, explain
+from .paths import Plan, plan
+
+_LAZY = {
+    "bn_train_forward": "batch_norm",
+    "bn_eval_forward": "batch_norm",
+    "bn_backward": "batch_norm",
+    "bn_eval_backward": "batch_norm",
+    "channel_moments": "batch_norm",
+    "ln_forward": "layer_norm",
+    "ln_backward": "layer_norm",
+    "gn_forward": "group_norm",
+    "gn_backward": "group_norm",
+}
+
+
+def __getattr__(name: str):
+    """The kernel functions, imported on first use (layer and group norm import numba)."""
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Explanation", "Plan", "explain", "plan", *_LAZY]

@@ -1,136 +1,118 @@
-"""The elementwise passes: one read of the input(s), one write of the output, per channel
-coefficients broadcast along the channel axis. Arithmetic is in the input's dtype (the
-coefficients are passed in that dtype), like the NumPy reference.
+"""The two elementwise expressions of the kernels, each written once, and the rows that apply them.
 
-    affine:    out = (x − m)·a + b                    (normalize; m = 0 gives x·a + b)
-    backward:  dx  = A·dy + B·(x − μ) + D             (the closed-form BN input gradient)
+    affine   y  = (x − m)·a + b          normalize (training: m = μ, a = γ·rstd, b = β;
+                                        inference: m = 0, a = γ·rstd, b = β − μ·a;
+                                        group norm per channel; layer norm with a = rstd·γ_j)
+    dx       dx = A·dy + B·(x − m) + D   the closed-form input gradient of batch/group/layer norm
 
-Shapes: channels-first (N, C, S) with ``pieces`` segments per row (short rows: ``cblocks`` blocks
-of channels per sample); channels-last (R, C) cut into ``blocks`` row ranges. Coefficients (C,).
-``stream``: write with non-temporal stores (:mod:`._stream`, same bits; for outputs much larger
-than the cache).
+The coefficients of a row are scalars (one channel's row, channels-first), arrays indexed like
+the row (a channels-last row of channels), or a pair (s, g) meaning s·g[j] (layer norm's
+rstd·γ): :func:`at` reads each. Arithmetic is
+in the data's dtype (the callers pass the coefficients in it), like the NumPy reference; no
+fused multiply-adds (no ``fastmath``), so every path gives the same bits for the same
+coefficients.
+
+``stream``: write the row's whole lines with non-temporal stores (:mod:`._stream`): each line is
+the same expression evaluated on vectors (its Python source traced into vector instructions,
+operation for operation, so both ways give the same bits). A register lane row says so
+(``lanes``): its indices are then compile-time constants, and its coefficient rows stay in
+registers.
 """
 
 from __future__ import annotations
 
-from numba import njit, prange
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
-from ._stream import (
-    affine_row,
-    affine_row_scalar,
-    backward_row,
-    backward_row_scalar,
-    store_fence,
-)
-
-
-# inline="always" (numba inlines the IR): as an ordinary call per row, the short-row kernels'
-# rows of 49 values ran 1.6-1.9x slower ((8, 2048, 7, 7) affine 0.089 -> 0.144 ms).
-@njit(cache=True, inline="always")
-def scalar_affine_row(x, mc, ac, bc, stream, y):
-    """y = (x − mc)·ac + bc over one 1-D row with scalar coefficients (a channels-first row),
-    with streaming stores if ``stream`` (the caller fences, once per task)."""
-    if stream:
-        affine_row_scalar(x, mc, ac, bc, y)
-    else:
-        for k in range(y.shape[0]):
-            y[k] = (x[k] - mc) * ac + bc
+from ._stream import LINE, head, line_writer
 
 
 @njit(cache=True, inline="always")
-def scalar_backward_row(dy, x, m, a, b, d, stream, dx):
-    """dx = A·dy + B·(x − μ) + D over one 1-D row with scalar coefficients, streaming if
-    ``stream`` (the caller fences)."""
-    if stream:
-        backward_row_scalar(dy, x, m, a, b, d, dx)
-    else:
-        for k in range(dx.shape[0]):
-            dx[k] = a * dy[k] + b * (x[k] - m) + d
+def affine(x, m, a, b):
+    """(x − m)·a + b"""
+    return (x - m) * a + b
 
 
-@njit(parallel=True, cache=True)
-def affine_cf(x, m, a, b, pieces, stream, out):
-    n, c, s = x.shape
-    for t in prange(n * c * pieces):
-        row = t // pieces
-        p = t % pieces
-        i = row // c
-        ch = row % c
-        mc, ac, bc = m[ch], a[ch], b[ch]
-        lo, hi = p * s // pieces, (p + 1) * s // pieces
-        scalar_affine_row(x[i, ch, lo:hi], mc, ac, bc, stream, out[i, ch, lo:hi])
-        if stream:
-            store_fence()
+@njit(cache=True, inline="always")
+def bn_dx(dy, x, m, a, b, d):
+    """A·dy + B·(x − m) + D"""
+    return a * dy + b * (x - m) + d
 
 
-@njit(parallel=True, cache=True)
-def affine_cf_short(x, m, a, b, cblocks, stream, out):
-    """:func:`affine_cf` for short rows (S < ``SHORT_ROW``): one task per (sample, block of
-    channels), so the divisions that find a task's row and the parallel loop's per-iteration
-    cost are paid per block, not per row of a few dozen values ((8, 2048, 7, 7) eval: 0.18 ->
-    0.09 ms)."""
-    n, c, s = x.shape
-    for t in prange(n * cblocks):
-        i = t // cblocks
-        cb = t % cblocks
-        for ch in range(cb * c // cblocks, (cb + 1) * c // cblocks):
-            scalar_affine_row(x[i, ch], m[ch], a[ch], b[ch], stream, out[i, ch])
-        if stream:
-            store_fence()
+def at(v, j):
+    """Coefficient j of a row: v[j] for a coefficient row, v itself for a scalar, s·g[j] for a
+    pair (s, g) (layer norm's rstd·γ, formed on the fly) (compiled code only)."""
+    raise NotImplementedError("at runs inside compiled kernels only")
 
 
-@njit(parallel=True, cache=True)
-def affine_cl(x, m, a, b, blocks, stream, out):
-    rows, c = x.shape
-    for blk in prange(blocks):
-        if stream:
-            for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-                affine_row(x[r], m, a, b, out[r])
-            store_fence()
-        else:
-            for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-                for j in range(c):
-                    out[r, j] = (x[r, j] - m[j]) * a[j] + b[j]
+@overload(at, inline="always")
+def _at(v, j):
+    if isinstance(v, types.Array):
+        return lambda v, j: v[j]
+    if isinstance(v, types.BaseTuple):
+        return lambda v, j: v[0] * v[1][j]
+    return lambda v, j: v
 
 
-@njit(parallel=True, cache=True)
-def backward_cf(dy, x, mu, ca, cb, cd, pieces, stream, dx):
-    n, c, s = x.shape
-    for t in prange(n * c * pieces):
-        row = t // pieces
-        p = t % pieces
-        i = row // c
-        ch = row % c
-        m, a, b, d = mu[ch], ca[ch], cb[ch], cd[ch]
-        lo, hi = p * s // pieces, (p + 1) * s // pieces
-        scalar_backward_row(dy[i, ch, lo:hi], x[i, ch, lo:hi], m, a, b, d, stream, dx[i, ch, lo:hi])
-        if stream:
-            store_fence()
+def values_per_line(a):
+    """Values of a's dtype per 64-byte line, as a compile-time constant (compiled code only)."""
+    return LINE // a.itemsize
 
 
-@njit(parallel=True, cache=True)
-def backward_cf_short(dy, x, mu, ca, cb, cd, cblocks, stream, dx):
-    """:func:`backward_cf` for short rows, one task per (sample, block of channels)."""
-    n, c, s = x.shape
-    for t in prange(n * cblocks):
-        i = t // cblocks
-        blk = t % cblocks
-        for ch in range(blk * c // cblocks, (blk + 1) * c // cblocks):
-            m, a, b, d = mu[ch], ca[ch], cb[ch], cd[ch]
-            scalar_backward_row(dy[i, ch], x[i, ch], m, a, b, d, stream, dx[i, ch])
-        if stream:
-            store_fence()
+@overload(values_per_line, inline="always")
+def _values_per_line(a):
+    n = LINE // (a.dtype.bitwidth // 8)
+    return lambda a: n
 
 
-@njit(parallel=True, cache=True)
-def backward_cl(dy, x, mu, ca, cb, cd, blocks, stream, dx):
-    rows, c = x.shape
-    for blk in prange(blocks):
-        if stream:
-            for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-                backward_row(dy[r], x[r], mu, ca, cb, cd, dx[r])
-            store_fence()
-        else:
-            for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
-                for j in range(c):
-                    dx[r, j] = ca[j] * dy[r, j] + cb[j] * (x[r, j] - mu[j]) + cd[j]
+@intrinsic
+def affine_line(typingctx, y, i, x, m, a, b):
+    """y[i : i + L] = affine(x, m, a, b) over one line, non-temporal (see ``line_writer``)."""
+    return types.void(y, i, x, m, a, b), line_writer(affine)
+
+
+@intrinsic
+def dx_line(typingctx, dx, i, dy, x, m, a, b, d):
+    """dx[i : i + L] = bn_dx(dy, x, m, a, b, d) over one line, non-temporal."""
+    return types.void(dx, i, dy, x, m, a, b, d), line_writer(bn_dx)
+
+
+@njit(cache=True, inline="always")
+def affine_row(x, m, a, b, y, stream, lanes=0):
+    """y = affine(x, m, a, b) over the 1-D row y (x like y; m, a, b scalars or rows).
+    ``lanes`` > 0 (a compile-time constant): the row is exactly that many values from a line
+    boundary (a register lane row: every index is then a constant)."""
+    n = lanes if lanes > 0 else y.shape[0]
+    if not stream:
+        for j in range(n):
+            y[j] = affine(x[j], at(m, j), at(a, j), at(b, j))
+        return
+    step = values_per_line(y)
+    h = 0 if lanes > 0 else head(y)
+    body = h + (n - h) // step * step
+    for j in range(h):
+        y[j] = affine(x[j], at(m, j), at(a, j), at(b, j))
+    for j0 in range(h, body, step):
+        affine_line(y, j0, x, m, a, b)
+    for j in range(body, n):
+        y[j] = affine(x[j], at(m, j), at(a, j), at(b, j))
+
+
+@njit(cache=True, inline="always")
+def dx_row(dy, x, m, a, b, d, dx, stream, lanes=0):
+    """dx = bn_dx(dy, x, m, a, b, d) over the 1-D row dx (coefficients scalars or rows);
+    ``lanes`` as for :func:`affine_row`."""
+    n = lanes if lanes > 0 else dx.shape[0]
+    if not stream:
+        for j in range(n):
+            dx[j] = bn_dx(dy[j], x[j], at(m, j), at(a, j), at(b, j), at(d, j))
+        return
+    step = values_per_line(dx)
+    h = 0 if lanes > 0 else head(dx)
+    body = h + (n - h) // step * step
+    for j in range(h):
+        dx[j] = bn_dx(dy[j], x[j], at(m, j), at(a, j), at(b, j), at(d, j))
+    for j0 in range(h, body, step):
+        dx_line(dx, j0, dy, x, m, a, b, d)
+    for j in range(body, n):
+        dx[j] = bn_dx(dy[j], x[j], at(m, j), at(a, j), at(b, j), at(d, j))
