@@ -16,6 +16,7 @@ is used (training with running statistics), in [0, 1] (``ValueError``); ``eps`` 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -127,3 +128,57 @@ def check_policy(on_nonfinite: str) -> str:
     if on_nonfinite not in ("warn", "raise"):
         raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
     return on_nonfinite
+
+
+class BatchNormArgs(NamedTuple):
+    """A checked ``batch_norm`` call. Buffers are None where they are not used (training
+    without tracking), the counter None unless the statistics are updated."""
+
+    x: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    training: bool
+    momentum: float | None
+    eps: float
+    num_batches_tracked: torch.Tensor | None
+    policy: str
+    backend: str | None
+
+    @property
+    def tracking(self) -> bool:
+        """Training with running statistics to update."""
+        return self.training and self.running_mean is not None
+
+    @property
+    def vectors(self) -> tuple:
+        return (self.weight, self.bias, self.running_mean, self.running_var)
+
+
+def check_call(x, running_mean, running_var, weight, bias, training, momentum, eps,
+               num_batches_tracked, on_nonfinite, backend) -> BatchNormArgs:  # fmt: skip
+    """The checks PyTorch's ``F.batch_norm`` makes before its op, and bnlab's (module doc)."""
+    training = bool(training)
+    if training:
+        check_batch_size(x)
+    eps = check_eps(eps, batch_stats=training)
+    tracking = training and running_mean is not None
+    momentum = check_momentum(momentum, used=tracking)
+    if on_nonfinite != "warn":
+        check_policy(on_nonfinite)
+    if tracking and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
+    if not tracking:
+        num_batches_tracked = None
+        if training:
+            running_mean = running_var = None
+    return BatchNormArgs(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                         num_batches_tracked, on_nonfinite, backend)  # fmt: skip
+
+
+def check_kernel_call(a: BatchNormArgs) -> None:
+    """What PyTorch's op would check, for calls the kernels compute (same errors)."""
+    check_tensor_args(a.x, a.running_mean, a.running_var, a.weight, a.bias)
+    if not a.training and a.running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")

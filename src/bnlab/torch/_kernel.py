@@ -166,8 +166,15 @@ def differentiable_backward(dy, x, weight, mean, var, training: bool, eps: float
 
 
 def needs_differentiable_backward(dy: torch.Tensor) -> bool:
-    """create_graph=True, or dy batched by vmap / ``is_grads_batched``: NumPy can do neither."""
-    return torch.is_grad_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(dy)
+    """create_graph=True, or dy batched (``torch.func.vmap``, or the legacy vmap of
+    ``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)``): the NumPy
+    kernels can do neither."""
+    functorch = torch._C._functorch
+    return (
+        torch.is_grad_enabled()
+        or functorch.is_functorch_wrapped_tensor(dy)
+        or functorch.is_legacy_batchedtensor(dy)
+    )
 
 
 def param_grads(dgamma, dbeta, weight, bias, need):

@@ -41,11 +41,11 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return bool(_finite(*tensors))
 
 
-def _refuse_overflow(new_var: torch.Tensor, dtype: torch.dtype, policy: str) -> None:
+def refuse_overflow(dtype: torch.dtype, policy: str) -> None:
+    """Report an update that is not finite in the buffers' dtype (they were left unchanged)."""
     msg = (
-        f"the running-statistics update overflows the buffers' dtype ({dtype}; largest new "
-        f"variance {float(new_var.max()):.4g}): the running statistics were left unchanged; "
-        "keep buffers in float32"
+        f"the running-statistics update overflows the buffers' dtype ({dtype}): the running "
+        "statistics were left unchanged; keep buffers in float32"
     )
     if policy == "raise":
         raise NonFiniteError(msg)
@@ -70,7 +70,7 @@ def commit_update_(
         report_nonfinite(policy, what)
         return False
     if not all_finite(new_mean, new_var):
-        _refuse_overflow(new_var.to(_F64), running_var.dtype, policy)
+        refuse_overflow(running_var.dtype, policy)
         return False
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)

@@ -26,6 +26,9 @@ import contextlib
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from bnlab.torch._layout import layout_of
 
 MODES = ("auto", "always", "never")
 _state = {"mode": "auto"}
@@ -69,23 +72,17 @@ def exporting() -> bool:
 def tracing() -> bool:
     """Traced by ``torch.compile``/``torch.export`` or under a dispatch mode (fake tensors,
     ``make_fx``): outputs must come from ops the tracer sees, never from NumPy."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
-def _wrapped(tensors) -> bool:
-    """A ``torch.func`` transform (vmap, grad, jvp, functionalize) wraps one of them."""
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(is_wrapped(t) for t in tensors)
+def functorch_active() -> bool:
+    """A ``torch.func`` transform (vmap, grad, jvp, functionalize) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def under_transform(x: torch.Tensor, *vectors) -> bool:
+def under_transform() -> bool:
     """Eager only: forward-mode AD active, or a ``torch.func`` transform around the call."""
-    tensors = [t for t in (x, *vectors) if t is not None]
-    return _forward_ad._current_level >= 0 or _wrapped(tensors)
+    return _forward_ad._current_level >= 0 or functorch_active()
 
 
 def _vector_ok(v, x) -> bool:
@@ -104,12 +101,19 @@ def kernel_eligible(x, vectors, eps: float, traced: bool) -> bool:
         return True
     if not all(type(t) in _PLAIN for t in (x, *vectors) if t is not None):
         return False
-    return not under_transform(x, *vectors)
+    return not under_transform()
 
 
-def use_kernels(x, vectors, training: bool, eps: float, traced: bool) -> bool:
-    """The route decision: eligible, and (mode ``"auto"``) at least the break-even size."""
+def kernel_route_layout(a, traced: bool) -> str | None:
+    """The route decision for a checked call (:class:`bnlab.torch._checks.BatchNormArgs`): the
+    layout the kernels see x in, or None for PyTorch's op. The size test comes first: most
+    calls it rejects are small, and small calls must stay cheap."""
     mode = _state["mode"]
-    if mode == "never" or not kernel_eligible(x, vectors, eps, traced):
-        return False
-    return mode == "always" or x.numel() >= break_even(training, traced)
+    if mode == "never":
+        return None
+    x = a.x
+    if mode == "auto" and x.numel() < break_even(a.training, traced):
+        return None
+    if not kernel_eligible(x, a.vectors, a.eps, traced):
+        return None
+    return layout_of(x)

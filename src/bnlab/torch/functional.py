@@ -29,7 +29,13 @@ from bnlab.torch._kernel import KernelBatchNorm
 from bnlab.torch._layout import layout_of
 from bnlab.torch._pytorch_op import pytorch_batch_norm
 from bnlab.torch._running import guarded_update_
-from bnlab.torch.dispatch import exporting, kernel_eligible, tracing, use_kernels
+from bnlab.torch.dispatch import (
+    exporting,
+    functorch_active,
+    kernel_eligible,
+    kernel_route_layout,
+    tracing,
+)
 from bnlab.torch.reference import (
     accumulation_dtype,
     batch_norm_backward_reference,
@@ -108,155 +114,41 @@ def batch_norm(
         backend: bnlab backend for the kernel route (None: :func:`bnlab.get_backend`).
     Returns: y with the shape and memory format of ``input``, in its dtype.
     """
-    if training:
-        _checks.check_batch_size(input)
-    eps = _checks.check_eps(eps, batch_stats=training)
-    tracking = training and running_mean is not None
-    momentum = _checks.check_momentum(momentum, used=tracking)
-    _checks.check_policy(on_nonfinite)
-    if tracking and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
+    a = _checks.check_call(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, num_batches_tracked, on_nonfinite, backend)  # fmt: skip
     if input.numel() == 0:
         return empty_batch(input, weight, bias)
-    check_tensor_args(input, running_mean, running_var, weight, bias)
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
-    if not tracking:
-        num_batches_tracked = None
-        if training:
-            running_mean = running_var = None
-    return _dispatch(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        bool(training),
-        momentum,
-        eps,
-        num_batches_tracked,
-        on_nonfinite,
-        backend,
-    )
+    return route(a)
 
 
-def _dispatch(
-    x,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked,
-    policy,
-    backend,
-) -> torch.Tensor:
-    """Route the checked call (see :mod:`bnlab.torch.dispatch`)."""
-    if exporting():
-        return pytorch_batch_norm(
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            policy,
-            traced=True,
-        )
+def route(a: _checks.BatchNormArgs) -> torch.Tensor:
+    """Compute a checked call by the kernels or by PyTorch's op (:mod:`bnlab.torch.dispatch`)."""
     traced = tracing()
-    vectors = (weight, bias, running_mean, running_var)
-    layout = layout_of(x)
-    if layout is None or not use_kernels(x, vectors, training, eps, traced):
-        update = traced or not _wrapped_by_transform(x, vectors)
-        return pytorch_batch_norm(
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            policy,
-            traced=traced,
-            update=update,
-        )
-    if traced:
-        return _traced_kernels(
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            layout,
-            backend,
-            policy,
-        )
-    return KernelBatchNorm.apply(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        training,
-        momentum,
-        eps,
-        layout,
-        backend,
-        policy,
-    )
+    layout = kernel_route_layout(a, traced)
+    if layout is not None and not exporting():
+        _checks.check_kernel_call(a)
+        if traced:
+            return _traced_kernels(a, layout)
+        return KernelBatchNorm.apply(a.x, a.weight, a.bias, a.running_mean, a.running_var,
+                                     a.num_batches_tracked, a.training, a.momentum, a.eps,
+                                     layout, a.backend, a.policy)  # fmt: skip
+    # under jit.trace the eager update records as PyTorch's own (in place) plus the counter
+    update = not a.tracking or traced or not functorch_active()
+    return pytorch_batch_norm(a, traced=traced, update=update)
 
 
-def _wrapped_by_transform(x, vectors) -> bool:
-    """Under ``torch.func`` transforms the running statistics are not updated (vmap forbids the
-    data-dependent rule); forward-mode AD alone does not prevent the update."""
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(is_wrapped(t) for t in (x, *vectors) if t is not None)
-
-
-def _traced_kernels(
-    x,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked,
-    layout,
-    backend,
-    policy,
-) -> torch.Tensor:
+def _traced_kernels(a: _checks.BatchNormArgs, layout: str) -> torch.Tensor:
     """The kernel route as custom ops, for ``torch.compile`` / ``torch.export``: one op for the
     output, one declared in-place op for the running statistics."""
-    backend_name = backend or ""
-    y, mean, var, _ = torch.ops.bnlab.batch_norm(
-        x, weight, bias, running_mean, running_var, training, eps, layout, backend_name, policy
-    )
-    if training and running_mean is not None:
-        torch.ops.bnlab.update_running_stats_(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean.detach(),
-            var.detach(),
-            values_per_channel(x),
-            momentum,
-            backend_name,
-            policy,
-        )
+    backend = a.backend or ""
+    y, mean, var, _ = torch.ops.bnlab.batch_norm(a.x, a.weight, a.bias, a.running_mean,
+                                                 a.running_var, a.training, a.eps, layout,
+                                                 backend, a.policy)  # fmt: skip
+    if a.tracking:
+        torch.ops.bnlab.update_running_stats_(a.running_mean, a.running_var,
+                                              a.num_batches_tracked, mean.detach(), var.detach(),
+                                              values_per_channel(a.x), a.momentum, backend,
+                                              a.policy)  # fmt: skip
     return y
 
 
