@@ -23,6 +23,7 @@ from bnlab.errors import NonFiniteBatchWarning, NonFiniteError
 from bnlab.functional.running import report_nonfinite
 
 _F64 = torch.float64
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def _finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _finite(*tensors: torch.Tensor) -> torch.Tensor:
 def all_finite(*tensors: torch.Tensor) -> bool:
     """Host decision: every element finite. NumPy on CPU (a few µs cheaper per call than
     torch's reductions, which matters on layers of a few hundred values)."""
-    if all(t.device.type == "cpu" for t in tensors):
+    if all(t.is_cpu and t.dtype in _NUMPY_FLOATS for t in tensors):
         return all(bool(np.isfinite(t.detach().numpy()).all()) for t in tensors)
     return bool(_finite(*tensors))
 
