@@ -30,12 +30,17 @@ def _route_of(module, x) -> str:
 # --------------------------------------------------------------------------- route decision
 
 
-def test_size_decides_in_auto_mode():
-    n = break_even(training=True, traced=False)
-    small = torch.randn(4, 8, 4, 4)  # far below any break-even
-    big = torch.randn(n // (8 * 64) + 1, 8, 8, 8)
+def test_size_and_layout_decide_in_auto_mode():
+    """Training NCHW takes the kernels from break_even(True, "NCL") bytes; the same tensor
+    channels-last (a larger break-even) and in eval stays on PyTorch's op."""
+    elements = break_even(True, "NCL") // 4  # float32
+    assert break_even(True, "NCL") < break_even(True, "NLC")
+    big = torch.randn(elements // 2048, 8, 16, 16)
+    small = torch.randn(4, 8, 4, 4)
     assert _route_of(bt.BatchNorm2d(8), small) == "pytorch"
     assert _route_of(bt.BatchNorm2d(8), big) == "kernels"
+    assert _route_of(bt.BatchNorm2d(8), big.to(memory_format=torch.channels_last)) == "pytorch"
+    assert _route_of(bt.BatchNorm2d(8).eval(), big) == "pytorch"
     with bt.dispatch.kernel_route("never"):
         assert _route_of(bt.BatchNorm2d(8), big) == "pytorch"
     with bt.dispatch.kernel_route("always"):

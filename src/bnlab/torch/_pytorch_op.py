@@ -25,7 +25,13 @@ import torch
 
 from bnlab.functional.running import report_nonfinite
 from bnlab.torch._guard import keep_or_restore
-from bnlab.torch._running import all_finite, commit_update_, refuse_overflow, traced_update_
+from bnlab.torch._running import (
+    all_finite,
+    commit_update_,
+    refuse_overflow,
+    traced_commit_,
+    traced_update_,
+)
 from bnlab.torch.reference import batch_norm_stats, values_per_channel
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -55,16 +61,34 @@ def pytorch_batch_norm(a, *, traced: bool, update: bool = True) -> torch.Tensor:
     if running_mean is None or not update:
         return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, _cudnn())
     if traced or x.is_meta:
-        y = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, _cudnn())
-        mean, var = batch_norm_stats(x.detach())
-        count = values_per_channel(x)
-        traced_update_(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
-        return y
+        return _traced_update(
+            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
+        )
     if _host_buffers(running_mean, running_var, num_batches_tracked):
-        return _update_in_place(x, running_mean, running_var, weight, bias, momentum, eps,
-                                num_batches_tracked, policy)  # fmt: skip
-    return _update_copies(x, running_mean, running_var, weight, bias, momentum, eps,
-                          num_batches_tracked, policy)  # fmt: skip
+        return _update_in_place(
+            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
+        )
+    return _update_copies(
+        x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
+    )
+
+
+def _traced_update(
+    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
+) -> torch.Tensor:
+    """No host decision: PyTorch updates copies of the buffers (one fused pass once compiled),
+    committed branch-free; momentum=None needs 1/counter as a tensor, so the update is formed
+    from the batch statistics in torch ops instead."""
+    if momentum is not None:
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+        y = torch.native_batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps)[0]
+        traced_commit_(running_mean, running_var, num_batches_tracked, new_mean, new_var)
+        return y
+    y = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, _cudnn())
+    mean, var = batch_norm_stats(x.detach())
+    count = values_per_channel(x)
+    traced_update_(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    return y
 
 
 def _host_buffers(running_mean, running_var, num_batches_tracked) -> bool:
@@ -86,8 +110,9 @@ def _view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _update_in_place(x, running_mean, running_var, weight, bias, momentum, eps,
-                     num_batches_tracked, policy) -> torch.Tensor:  # fmt: skip
+def _update_in_place(
+    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
+) -> torch.Tensor:
     mean_view, var_view = _view(running_mean), _view(running_var)
     old_mean, old_var = mean_view.copy(), var_view.copy()
     factor = _factor(momentum, num_batches_tracked)
@@ -111,13 +136,21 @@ def _batch_finite(save_mean, save_invstd) -> bool:
     return all_finite(save_mean, invstd) and bool((invstd > 0).all())
 
 
-def _update_copies(x, running_mean, running_var, weight, bias, momentum, eps,
-                   num_batches_tracked, policy) -> torch.Tensor:  # fmt: skip
+def _update_copies(
+    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
+) -> torch.Tensor:
     new_mean, new_var = running_mean.clone(), running_var.clone()
     factor = _factor(momentum, num_batches_tracked)
     y, save_mean, save_invstd = torch.native_batch_norm(
         x, weight, bias, new_mean, new_var, True, factor, eps
     )
-    commit_update_(running_mean, running_var, num_batches_tracked, new_mean, new_var,
-                   _batch_finite(save_mean, save_invstd), policy)  # fmt: skip
+    commit_update_(
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        new_mean,
+        new_var,
+        _batch_finite(save_mean, save_invstd),
+        policy,
+    )
     return y

@@ -115,18 +115,28 @@ def guarded_update_(
 
 
 @torch.no_grad()
+def traced_commit_(running_mean, running_var, num_batches_tracked, new_mean, new_var) -> None:
+    """Branch-free commit (for ``torch.compile``): the buffers get ``torch.where(ok, new, old)``
+    and the counter ``+ ok``, ok = every new value finite in the buffers' dtype (a non-finite
+    batch makes them NaN or Inf too). Nothing is reported: that would need a host decision."""
+    ok = _finite(new_mean, new_var)
+    running_mean.copy_(torch.where(ok, new_mean, running_mean))
+    running_var.copy_(torch.where(ok, new_var, running_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+
+
+@torch.no_grad()
 def traced_update_(
     running_mean, running_var, mean, var, count: int, momentum, num_batches_tracked=None
 ) -> None:
-    """:func:`guarded_update_` without a host decision (for ``torch.compile``): the buffers get
-    ``torch.where(ok, new, old)`` and the counter ``+ ok``; nothing is reported."""
+    """:func:`guarded_update_` without a host decision, from batch statistics: w = momentum, or
+    1/(num_batches_tracked + 1) as a tensor for ``momentum=None``."""
     if momentum is None:
         w = 1.0 / (num_batches_tracked.to(_F64) + 1.0)
     else:
         w = momentum
     new_mean, new_var = new_running_values(running_mean, running_var, mean, var, count, w)
-    ok = _finite(mean, var, new_mean, new_var)
-    running_mean.copy_(torch.where(ok, new_mean, running_mean))
-    running_var.copy_(torch.where(ok, new_var, running_var))
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    bad_batch = ~_finite(mean, var)  # NaN the new values of a non-finite batch, whatever w
+    new_mean = torch.where(bad_batch, torch.nan, new_mean)
+    traced_commit_(running_mean, running_var, num_batches_tracked, new_mean, new_var)

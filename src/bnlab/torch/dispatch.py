@@ -8,9 +8,8 @@ custom ops of :mod:`bnlab.torch.ops`) is taken when all of these hold:
   dtype; ``eps > 0``;
 * eagerly: x and the vectors are plain tensors (no subclass), no forward-mode AD level is active
   and no ``torch.func`` transform wraps them;
-* x has at least :func:`break_even` elements: below that, PyTorch's op is faster (measured by
-  ``benchmarks/bench_torch.py --sweep``; bnlab's per-call cost is ~0.1 ms of Python, NumPy
-  views and thread wake-ups, which only a large enough layer repays).
+* x is at least :func:`break_even` bytes: below that, PyTorch's op is as fast or faster
+  (measured by ``benchmarks/bench_torch.py --sweep``; see :data:`BREAK_EVEN_BYTES`).
 
 Everything else takes the **PyTorch route** (:mod:`bnlab.torch._pytorch_op`): PyTorch's
 ``batch_norm`` with bnlab's running-statistics rule. Exporters that need standard ops
@@ -36,19 +35,36 @@ _state = {"mode": "auto"}
 FAST_DTYPES = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-# Elements of x from which the kernels are faster than PyTorch's op, per (traced, training).
-# Measured on the 2-core development machine (see docs/torch.md, "Never slower").
-BREAK_EVEN = {
-    (False, True): 1 << 17,
-    (False, False): 1 << 17,
-    (True, True): 1 << 17,
-    (True, False): 1 << 17,
+MIB = 1 << 20
+# Bytes of x from which the kernels are at least as fast as PyTorch's op, per (traced,
+# training, layout kind); from ``benchmarks/bench_torch.py --sweep`` (eager) and
+# ``--sweep-compiled`` (BN + ReLU under torch.compile), 2 threads; docs/torch.md, "Never slower".
+# * eager training, channels first (NC, NCL: NCHW, NCDHW): PyTorch's per-channel statistics
+#   pass is slow there; the kernels are 1.4-1.8x faster from 8 MiB, mixed at 2 MiB;
+# * eager training, channels last (NLC: NHWC, NDHWC): PyTorch's channels-last kernel is fast;
+#   the kernels only win from 32 MiB, where PyTorch's fresh output memory (glibc maps
+#   allocations that large anew) costs page faults that bnlab's reused memory does not;
+# * compiled training: inductor's batch norm is slower than ATen's; the custom ops win from
+#   4 MiB in both layouts (1.1-1.35x);
+# * eval: PyTorch's inference pass is one multiply-add (fused into its neighbours when
+#   compiled); the kernels only win from 32 MiB, for the page faults (2.9-5.5x there).
+BREAK_EVEN_BYTES = {
+    (False, True, "channels_first"): 8 * MIB,
+    (False, True, "channels_last"): 32 * MIB,
+    (True, True, "channels_first"): 4 * MIB,
+    (True, True, "channels_last"): 4 * MIB,
+    (False, False, "channels_first"): 32 * MIB,
+    (False, False, "channels_last"): 32 * MIB,
+    (True, False, "channels_first"): 32 * MIB,
+    (True, False, "channels_last"): 32 * MIB,
 }
+_SMALLEST = min(BREAK_EVEN_BYTES.values())
 
 
-def break_even(training: bool, traced: bool) -> int:
-    """The smallest x (in elements) for which the kernel route is taken in ``"auto"`` mode."""
-    return BREAK_EVEN[(traced, training)]
+def break_even(training: bool, layout: str, traced: bool = False) -> int:
+    """The smallest x (in bytes) for which the kernel route is taken in ``"auto"`` mode."""
+    kind = "channels_last" if layout == "NLC" else "channels_first"
+    return BREAK_EVEN_BYTES[(bool(traced), bool(training), kind)]
 
 
 @contextlib.contextmanager
@@ -112,8 +128,12 @@ def kernel_route_layout(a, traced: bool) -> str | None:
     if mode == "never":
         return None
     x = a.x
-    if mode == "auto" and x.numel() < break_even(a.training, traced):
+    nbytes = x.numel() * x.element_size()
+    if mode == "auto" and nbytes < _SMALLEST:
         return None
     if not kernel_eligible(x, a.vectors, a.eps, traced):
         return None
-    return layout_of(x)
+    layout = layout_of(x)
+    if layout is None or (mode == "auto" and nbytes < break_even(a.training, layout, traced)):
+        return None
+    return layout
