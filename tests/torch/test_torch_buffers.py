@@ -121,6 +121,14 @@ def test_bad_limit_is_a_clear_error(limit):
 BIG = (2, 8, 128, 130)  # 1.06 MB of float32: above the cache's MIN_BYTES
 
 
+@pytest.fixture(autouse=True)
+def _kernels():
+    """The reused memory belongs to the kernel route, which these sizes would not take by
+    default (bnlab.torch.dispatch): take it."""
+    with bt.dispatch.kernel_route("always"):
+        yield
+
+
 def _fwd_bwd(m, x, dy):
     x = x.detach().requires_grad_()
     y = m(x)

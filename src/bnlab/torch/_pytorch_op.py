@@ -1,21 +1,25 @@
-"""The route through PyTorch's own ``batch_norm``, with bnlab's running-statistics rule.
+"""The route through PyTorch's own batch norm, with bnlab's running-statistics rule.
 
 Taken for everything bnlab's kernels do not handle or would not be faster on (small layers,
 float16/bfloat16, other devices, tensor subclasses, non-contiguous input, forward-mode AD,
 ``torch.func`` transforms; see :mod:`bnlab.torch.dispatch`). The output, the gradients, the
-argument errors, forward-mode AD, vmap and double backward are PyTorch's. The running statistics:
+argument errors, forward-mode AD, vmap and double backward are PyTorch's. In training:
 
 * eager, CPU buffers: PyTorch updates them in place, exactly as ``nn.BatchNorm`` does; the old
-  values are kept aside (two (C,) copies) and put back if the new ones are not finite — a batch
-  with NaN/Inf, or an update past the buffers' dtype (float16) — and the counter is incremented
-  only after a kept update. This costs a few µs: small layers, where PyTorch's op is used
-  because it is faster, stay as fast as ``nn.BatchNorm``;
+  values are kept aside (two (C,) copies) and put back if a new one is not finite — a batch with
+  NaN/Inf, or an update past the buffers' dtype (float16) — and the counter is incremented only
+  after a kept update. A few µs: small layers, where PyTorch's op is used because it is faster,
+  stay as fast as ``nn.BatchNorm``;
 * eager, other devices or bfloat16 buffers: PyTorch updates copies, committed under the rule
   (:func:`bnlab.torch._running.commit_update_`);
-* traced by ``torch.compile``: the rule without a host decision
-  (:func:`bnlab.torch._running.traced_update_`), from the batch statistics in torch ops;
-* under ``torch.func`` transforms: not updated (vmap forbids the data-dependent rule; PyTorch's
-  own modules raise there instead).
+* eager without running statistics: a batch that is not finite is reported all the same (the
+  ``on_nonfinite`` contract of :func:`bnlab.torch.functional.batch_norm`);
+* traced by ``torch.compile``: the rule without a host decision (branch-free, silent);
+* under ``torch.func`` transforms (``host=False``): nothing updated, nothing reported.
+
+``torch.native_batch_norm`` gives the batch statistics with the output, but unlike
+``torch.batch_norm`` it does not check the sizes of the vectors: :func:`check_sizes` does, with
+PyTorch's messages, before it is called.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 from bnlab.functional.running import report_nonfinite
 from bnlab.torch._guard import keep_or_restore
 from bnlab.torch._running import (
-    all_finite,
     commit_update_,
     refuse_overflow,
+    stats_finite,
     traced_commit_,
     traced_update_,
 )
@@ -41,58 +45,61 @@ def _cudnn() -> bool:
     return torch.backends.cudnn.enabled
 
 
-def pytorch_batch_norm(a, *, traced: bool, update: bool = True) -> torch.Tensor:
-    """PyTorch's batch norm of a checked call (:class:`bnlab.torch._checks.BatchNormArgs`; its
-    op checks the tensors itself); in training with running statistics (and ``update``), the
-    buffers are updated under bnlab's rule."""
-    x, running_mean, running_var, weight, bias = (
-        a.x,
-        a.running_mean,
-        a.running_var,
-        a.weight,
-        a.bias,
-    )
-    training, momentum, eps = a.training, a.momentum, a.eps
-    num_batches_tracked, policy = a.num_batches_tracked, a.policy
-    if not training:
+def check_sizes(a) -> None:
+    """PyTorch's size checks of ``torch.batch_norm`` (its order, its messages)."""
+    c = a.x.shape[1]
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        v = getattr(a, name)
+        if v is not None and v.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {v.numel()}")
+
+
+def pytorch_batch_norm(a, *, traced: bool, host: bool = True) -> torch.Tensor:
+    """PyTorch's batch norm of a checked call (:class:`bnlab.torch._checks.BatchNormArgs`), with
+    bnlab's rules in training (module docstring). ``host``: eager decisions are allowed (False
+    under ``torch.func`` transforms)."""
+    x, eps = a.x, a.eps
+    if not a.training:
         return torch.batch_norm(
-            x, weight, bias, running_mean, running_var, False, 0.0, eps, _cudnn()
+            x, a.weight, a.bias, a.running_mean, a.running_var, False, 0.0, eps, _cudnn()
         )
-    if running_mean is None or not update:
-        return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, _cudnn())
-    if traced or x.is_meta:
-        return _traced_update(
-            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
+    if traced or not host or x.is_meta or x.dim() < 2:
+        if a.running_mean is None or not host:
+            return torch.batch_norm(x, a.weight, a.bias, None, None, True, 0.0, eps, _cudnn())
+        return _traced_update(a)
+    check_sizes(a)
+    if a.running_mean is None:
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            x, a.weight, a.bias, None, None, True, 0.0, eps
         )
-    if _host_buffers(running_mean, running_var, num_batches_tracked):
-        return _update_in_place(
-            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
-        )
-    return _update_copies(
-        x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
-    )
+        if not stats_finite(save_mean, save_invstd):
+            report_nonfinite(a.policy)
+        return y
+    if _host_buffers(a.running_mean, a.running_var):
+        return _update_in_place(a)
+    return _update_copies(a)
 
 
-def _traced_update(
-    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
-) -> torch.Tensor:
+def _traced_update(a) -> torch.Tensor:
     """No host decision: PyTorch updates copies of the buffers (one fused pass once compiled),
     committed branch-free; momentum=None needs 1/counter as a tensor, so the update is formed
     from the batch statistics in torch ops instead."""
-    if momentum is not None:
-        new_mean, new_var = running_mean.clone(), running_var.clone()
-        y = torch.native_batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps)[0]
-        traced_commit_(running_mean, running_var, num_batches_tracked, new_mean, new_var)
+    x, rm, rv, nbt = a.x, a.running_mean, a.running_var, a.num_batches_tracked
+    if a.momentum is not None:
+        new_mean, new_var = rm.clone(), rv.clone()
+        y = torch.batch_norm(
+            x, a.weight, a.bias, new_mean, new_var, True, a.momentum, a.eps, _cudnn()
+        )
+        traced_commit_(rm, rv, nbt, new_mean, new_var)
         return y
-    y = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, _cudnn())
+    y = torch.batch_norm(x, a.weight, a.bias, None, None, True, 0.0, a.eps, _cudnn())
     mean, var = batch_norm_stats(x.detach())
-    count = values_per_channel(x)
-    traced_update_(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    traced_update_(rm, rv, mean, var, values_per_channel(x), a.momentum, nbt)
     return y
 
 
-def _host_buffers(running_mean, running_var, num_batches_tracked) -> bool:
-    """Buffers NumPy can view: CPU, float16/32/64 (the counter is only touched by torch)."""
+def _host_buffers(running_mean, running_var) -> bool:
+    """Buffers NumPy can view: CPU, float16/32/64."""
     return (
         running_mean.is_cpu
         and running_var.is_cpu
@@ -110,47 +117,29 @@ def _view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _update_in_place(
-    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
-) -> torch.Tensor:
-    mean_view, var_view = _view(running_mean), _view(running_var)
+def _update_in_place(a) -> torch.Tensor:
+    rm, rv, nbt = a.running_mean, a.running_var, a.num_batches_tracked
+    mean_view, var_view = _view(rm), _view(rv)
     old_mean, old_var = mean_view.copy(), var_view.copy()
-    factor = _factor(momentum, num_batches_tracked)
     y, save_mean, save_invstd = torch.native_batch_norm(
-        x, weight, bias, running_mean, running_var, True, factor, eps
+        a.x, a.weight, a.bias, rm, rv, True, _factor(a.momentum, nbt), a.eps
     )
     if keep_or_restore(mean_view, var_view, old_mean, old_var):
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return y
-    if _batch_finite(save_mean, save_invstd):
-        refuse_overflow(running_var.dtype, policy)
+        if nbt is not None:
+            nbt.add_(1)
+    elif stats_finite(save_mean, save_invstd):
+        refuse_overflow(rv.dtype, a.policy)
     else:
-        report_nonfinite(policy)
+        report_nonfinite(a.policy)
     return y
 
 
-def _batch_finite(save_mean, save_invstd) -> bool:
-    """PyTorch's saved statistics: an infinite variance gives invstd 0, which is finite."""
-    invstd = save_invstd.detach()
-    return all_finite(save_mean, invstd) and bool((invstd > 0).all())
-
-
-def _update_copies(
-    x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, policy
-) -> torch.Tensor:
-    new_mean, new_var = running_mean.clone(), running_var.clone()
-    factor = _factor(momentum, num_batches_tracked)
+def _update_copies(a) -> torch.Tensor:
+    rm, rv, nbt = a.running_mean, a.running_var, a.num_batches_tracked
+    new_mean, new_var = rm.clone(), rv.clone()
     y, save_mean, save_invstd = torch.native_batch_norm(
-        x, weight, bias, new_mean, new_var, True, factor, eps
+        a.x, a.weight, a.bias, new_mean, new_var, True, _factor(a.momentum, nbt), a.eps
     )
-    commit_update_(
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        new_mean,
-        new_var,
-        _batch_finite(save_mean, save_invstd),
-        policy,
-    )
+    finite = stats_finite(save_mean, save_invstd)
+    commit_update_(rm, rv, nbt, new_mean, new_var, finite, a.policy)
     return y

@@ -42,6 +42,16 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return bool(_finite(*tensors))
 
 
+def stats_finite(save_mean: torch.Tensor, save_invstd: torch.Tensor) -> bool:
+    """The batch statistics PyTorch's op saves are finite (an infinite variance gives invstd 0,
+    which is finite: counted as not finite). Host decision, NumPy on CPU."""
+    if save_mean.is_cpu and save_mean.dtype in _NUMPY_FLOATS and save_invstd.dtype in _NUMPY_FLOATS:
+        mean, invstd = save_mean.detach().numpy(), save_invstd.detach().numpy()
+        return bool(np.isfinite(mean).all() and (np.isfinite(invstd) & (invstd > 0)).all())
+    invstd = save_invstd.detach()
+    return all_finite(save_mean, invstd) and bool((invstd > 0).all())
+
+
 def refuse_overflow(dtype: torch.dtype, policy: str) -> None:
     """Report an update that is not finite in the buffers' dtype (they were left unchanged)."""
     msg = (

@@ -132,9 +132,9 @@ def route(a: _checks.BatchNormArgs) -> torch.Tensor:
         return KernelBatchNorm.apply(a.x, a.weight, a.bias, a.running_mean, a.running_var,
                                      a.num_batches_tracked, a.training, a.momentum, a.eps,
                                      layout, a.backend, a.policy)  # fmt: skip
-    # under jit.trace the eager update records as PyTorch's own (in place) plus the counter
-    update = not a.tracking or traced or not functorch_active()
-    return pytorch_batch_norm(a, traced=traced, update=update)
+    # (under jit.trace the eager update records as PyTorch's own, in place, plus the counter)
+    host = not a.training or traced or not functorch_active()
+    return pytorch_batch_norm(a, traced=traced, host=host)
 
 
 def _traced_kernels(a: _checks.BatchNormArgs, layout: str) -> torch.Tensor:
