@@ -164,13 +164,17 @@ def test_jit_script_falls_back_to_pytorch_op_and_saves(route):
     torch.testing.assert_close(loaded(X), eager(X))
 
 
-def test_jit_trace_records_pytorch_op(route):
-    model = _model().eval()
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_records_pytorch_op(route, training):
+    model = _model().train(training)
+    eager = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (X,))
+        traced = torch.jit.trace(model, (X,), check_trace=False)
     assert "aten::batch_norm" in str(traced.inlined_graph)
-    torch.testing.assert_close(traced(X), model(X))
+    eager(X)  # the trace ran the model once
+    torch.testing.assert_close(traced(X), eager(X))
+    _assert_state_equal(traced, eager)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])

@@ -63,6 +63,8 @@ def pytorch_batch_norm(a, *, traced: bool, host: bool = True) -> torch.Tensor:
         return torch.batch_norm(
             x, a.weight, a.bias, a.running_mean, a.running_var, False, 0.0, eps, _cudnn()
         )
+    if torch.jit.is_tracing():  # jit.trace, the TorchScript ONNX exporter: record PyTorch's op
+        return _as_recorded(a)
     if traced or not host or x.is_meta or x.dim() < 2:
         if a.running_mean is None or not host:
             return torch.batch_norm(x, a.weight, a.bias, None, None, True, 0.0, eps, _cudnn())
@@ -78,6 +80,17 @@ def pytorch_batch_norm(a, *, traced: bool, host: bool = True) -> torch.Tensor:
     if _host_buffers(a.running_mean, a.running_var):
         return _update_in_place(a)
     return _update_copies(a)
+
+
+def _as_recorded(a) -> torch.Tensor:
+    """What ``nn.BatchNorm`` does, for a tracer that records ops (no NumPy, no host decision)."""
+    nbt = a.num_batches_tracked
+    if a.tracking and nbt is not None:
+        nbt.add_(1)
+    factor = (1.0 / float(nbt) if a.momentum is None else a.momentum) if a.tracking else 0.0
+    return torch.batch_norm(
+        a.x, a.weight, a.bias, a.running_mean, a.running_var, True, factor, a.eps, _cudnn()
+    )
 
 
 def _traced_update(a) -> torch.Tensor:
