@@ -18,6 +18,7 @@ import copy
 
 import torch
 from _bench_common import time_interleaved
+from _torch_sweep import paired_speedup
 from torch import nn
 
 import bnlab.torch as bt
@@ -100,13 +101,17 @@ def resnet18_case(batch: int = 64, repeat: int = 7, log=print) -> dict:
             raise AssertionError(f"{name} loss {loss} differs from stock eager {base}")
     times = time_interleaved(steps, repeat=repeat, warmup=2)
     ms = {name: t["median_ms"] for name, t in times.items()}
+
+    def speedup(base, peer):  # median over rounds of base/peer in the same round
+        return paired_speedup(times, base, peer)
+
     return {
         "batch": batch,
         "median_ms": ms,
         "runs_ms": {name: t["runs_ms"] for name, t in times.items()},
         "first_loss": first,
-        "converted_eager_vs_stock_eager": ms["stock eager"] / ms["converted eager"],
-        "converted_compiled_vs_stock_compiled": ms["stock compiled"] / ms["converted compiled"],
-        "stock_compiled_vs_stock_eager": ms["stock eager"] / ms["stock compiled"],
-        "converted_compiled_vs_stock_eager": ms["stock eager"] / ms["converted compiled"],
+        "converted_eager_vs_stock_eager": speedup("stock eager", "converted eager"),
+        "converted_compiled_vs_stock_compiled": speedup("stock compiled", "converted compiled"),
+        "stock_compiled_vs_stock_eager": speedup("stock eager", "stock compiled"),
+        "converted_compiled_vs_stock_eager": speedup("stock eager", "converted compiled"),
     }

@@ -30,6 +30,14 @@ MAX_ELEMENTS = 1 << 23  # 32 MB of float32: the largest cases take tens of ms pe
 ROUTES = {"bnlab": "auto", "kernels": "always", "pytorch-op": "never"}
 
 
+def paired_speedup(times: dict, base: str, peer: str) -> float:
+    """Median over rounds of base/peer within the same round: the peers ran back to back in
+    each round, so a burst of load that slows a round slows both (ratios of medians taken over
+    different rounds move with the load)."""
+    pairs = zip(times[base]["runs_ms"], times[peer]["runs_ms"], strict=True)
+    return statistics.median(b / p for b, p in pairs)
+
+
 def grid(quick: bool = False):
     if quick:
         return [(8, 16, 4), (32, 64, 8), (64, 64, 32)]
@@ -73,7 +81,7 @@ def measure_case(n, c, hw, fmt, training, repeat):
     for name, t in times.items():
         row[f"{name}_ms"] = t["median_ms"]
     for name in ROUTES:
-        row[f"{name}_speedup"] = row["torch_ms"] / row[f"{name}_ms"]
+        row[f"{name}_speedup"] = paired_speedup(times, "torch", name)
     return row
 
 
@@ -154,7 +162,7 @@ def measure_compiled(shape, fmt, training, repeat):
     for name, t in times.items():
         row[f"{name}_ms"] = t["median_ms"]
     for name in ("kernels", "pytorch-op"):
-        row[f"{name}_speedup"] = row["torch_ms"] / row[f"{name}_ms"]
+        row[f"{name}_speedup"] = paired_speedup(times, "torch", name)
     return row
 
 

@@ -177,6 +177,14 @@ def check_call(x, running_mean, running_var, weight, bias, training, momentum, e
                          num_batches_tracked, on_nonfinite, backend)  # fmt: skip
 
 
+def check_eval_scalars(eps, momentum, on_nonfinite) -> None:
+    """:func:`check_call`'s checks for an eval call (no batch-size rule, momentum unused)."""
+    check_eps(eps, batch_stats=False)
+    check_momentum(momentum, used=False)
+    if on_nonfinite != "warn":
+        check_policy(on_nonfinite)
+
+
 def check_kernel_call(a: BatchNormArgs) -> None:
     """What PyTorch's op would check, for calls the kernels compute (same errors)."""
     check_tensor_args(a.x, a.running_mean, a.running_var, a.weight, a.bias)

@@ -39,6 +39,7 @@ from bnlab.torch._running import (
 from bnlab.torch.reference import batch_norm_stats, values_per_channel
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+_VECTOR_NAMES = ("running_mean", "running_var", "weight", "bias")
 
 
 def _cudnn() -> bool:
@@ -48,8 +49,8 @@ def _cudnn() -> bool:
 def check_sizes(a) -> None:
     """PyTorch's size checks of ``torch.batch_norm`` (its order, its messages)."""
     c = a.x.shape[1]
-    for name in ("running_mean", "running_var", "weight", "bias"):
-        v = getattr(a, name)
+    vectors = (a.running_mean, a.running_var, a.weight, a.bias)
+    for name, v in zip(_VECTOR_NAMES, vectors, strict=True):
         if v is not None and v.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {v.numel()}")
 

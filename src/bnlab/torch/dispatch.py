@@ -59,6 +59,7 @@ BREAK_EVEN_BYTES = {
     (True, False, "channels_last"): 32 * MIB,
 }
 _SMALLEST = min(BREAK_EVEN_BYTES.values())
+_SMALLEST_EVAL = min(v for (_, training, _), v in BREAK_EVEN_BYTES.items() if not training)
 
 
 def break_even(training: bool, layout: str, traced: bool = False) -> int:
@@ -118,6 +119,13 @@ def kernel_eligible(x, vectors, eps: float, traced: bool) -> bool:
     if not all(type(t) in _PLAIN for t in (x, *vectors) if t is not None):
         return False
     return not under_transform()
+
+
+def small_eval(x: torch.Tensor) -> bool:
+    """An eval call PyTorch's op computes whatever else holds (below every eval break-even, or
+    the kernels switched off): the caller may skip straight to it."""
+    mode = _state["mode"]
+    return mode == "never" or (mode == "auto" and x.numel() * x.element_size() < _SMALLEST_EVAL)
 
 
 def kernel_route_layout(a, traced: bool) -> str | None:

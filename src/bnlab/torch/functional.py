@@ -34,6 +34,7 @@ from bnlab.torch.dispatch import (
     functorch_active,
     kernel_eligible,
     kernel_route_layout,
+    small_eval,
     tracing,
 )
 from bnlab.torch.reference import (
@@ -114,6 +115,12 @@ def batch_norm(
         backend: bnlab backend for the kernel route (None: :func:`bnlab.get_backend`).
     Returns: y with the shape and memory format of ``input``, in its dtype.
     """
+    if not training and running_mean is not None and small_eval(input):
+        # the most frequent small call, kept as cheap as F.batch_norm: PyTorch's op checks the
+        # tensors, handles an empty batch and is what the PyTorch route would call anyway
+        _checks.check_eval_scalars(eps, momentum, on_nonfinite)
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)  # fmt: skip
     a = _checks.check_call(input, running_mean, running_var, weight, bias, training, momentum,
                            eps, num_batches_tracked, on_nonfinite, backend)  # fmt: skip
     if input.numel() == 0:
