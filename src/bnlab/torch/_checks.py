@@ -158,13 +158,18 @@ class BatchNormArgs(NamedTuple):
 
 def check_call(x, running_mean, running_var, weight, bias, training, momentum, eps,
                num_batches_tracked, on_nonfinite, backend) -> BatchNormArgs:  # fmt: skip
-    """The checks PyTorch's ``F.batch_norm`` makes before its op, and bnlab's (module doc)."""
+    """The checks PyTorch's ``F.batch_norm`` makes before its op, and bnlab's (module doc).
+    Every call pays for them: the common cases (float eps and momentum) are tested inline."""
     training = bool(training)
-    if training:
-        check_batch_size(x)
-    eps = check_eps(eps, batch_stats=training)
     tracking = training and running_mean is not None
-    momentum = check_momentum(momentum, used=tracking)
+    if training:
+        c = x.shape[1] if x.dim() > 1 else 0
+        if c == 0 or x.numel() // c == 1:  # N·spatial == 1, or an odd shape: the full check
+            check_batch_size(x)
+    if not (type(eps) is float and 0.0 < eps < math.inf):
+        eps = check_eps(eps, batch_stats=training)
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+        momentum = check_momentum(momentum, used=tracking)
     if on_nonfinite != "warn":
         check_policy(on_nonfinite)
     if tracking and momentum is None and num_batches_tracked is None:

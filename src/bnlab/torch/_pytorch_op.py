@@ -49,9 +49,10 @@ def _cudnn() -> bool:
 def check_sizes(a) -> None:
     """PyTorch's size checks of ``torch.batch_norm`` (its order, its messages)."""
     c = a.x.shape[1]
-    vectors = (a.running_mean, a.running_var, a.weight, a.bias)
-    for name, v in zip(_VECTOR_NAMES, vectors, strict=True):
+    for v in (a.running_mean, a.running_var, a.weight, a.bias):
         if v is not None and v.numel() != c:
+            vectors = (a.running_mean, a.running_var, a.weight, a.bias)
+            name = _VECTOR_NAMES[next(i for i, u in enumerate(vectors) if u is v)]
             raise RuntimeError(f"{name} should contain {c} elements not {v.numel()}")
 
 
@@ -64,7 +65,7 @@ def pytorch_batch_norm(a, *, traced: bool, host: bool = True) -> torch.Tensor:
         return torch.batch_norm(
             x, a.weight, a.bias, a.running_mean, a.running_var, False, 0.0, eps, _cudnn()
         )
-    if torch.jit.is_tracing():  # jit.trace, the TorchScript ONNX exporter: record PyTorch's op
+    if torch._C._is_tracing():  # jit.trace, the TorchScript ONNX exporter: record PyTorch's op
         return _as_recorded(a)
     if traced or not host or x.is_meta or x.dim() < 2:
         if a.running_mean is None or not host:
@@ -128,15 +129,19 @@ def _factor(momentum, num_batches_tracked) -> float:
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    try:
+        return t.numpy()  # buffers do not require grad: no detach() needed
+    except RuntimeError:
+        return t.detach().numpy()
 
 
 def _update_in_place(a) -> torch.Tensor:
-    rm, rv, nbt = a.running_mean, a.running_var, a.num_batches_tracked
+    rm, rv, nbt, momentum = a.running_mean, a.running_var, a.num_batches_tracked, a.momentum
     mean_view, var_view = _view(rm), _view(rv)
     old_mean, old_var = mean_view.copy(), var_view.copy()
+    factor = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
     y, save_mean, save_invstd = torch.native_batch_norm(
-        a.x, a.weight, a.bias, rm, rv, True, _factor(a.momentum, nbt), a.eps
+        a.x, a.weight, a.bias, rm, rv, True, factor, a.eps
     )
     if keep_or_restore(mean_view, var_view, old_mean, old_var):
         if nbt is not None:

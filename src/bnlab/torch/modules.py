@@ -82,22 +82,25 @@ class _BnlabBatchNorm:
 
     @torch.jit.unused
     def _bnlab_forward(self, input: Tensor) -> Tensor:
-        # PyTorch's rule: batch statistics in training, and in eval when there are no buffers
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        # PyTorch's rule: batch statistics in training, and in eval when there are no buffers;
         # buffers are passed only when they are read (eval) or updated (training + tracking)
-        pass_buffers = not self.training or self.track_running_stats
-        updating = self.training and self.track_running_stats
+        tracking = training and self.track_running_stats
+        if training and not tracking:
+            running_mean = running_var = None
+        use_batch_stats = training or (running_mean is None and running_var is None)
         return bnlab_batch_norm(
             input,
             self._input_dims,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
             self.momentum,
             self.eps,
-            self.num_batches_tracked if updating else None,
+            self.num_batches_tracked if tracking else None,
             self.backend,
         )
 
