@@ -65,7 +65,7 @@ def pytorch_batch_norm(a, *, traced: bool, host: bool = True) -> torch.Tensor:
         return torch.batch_norm(
             x, a.weight, a.bias, a.running_mean, a.running_var, False, 0.0, eps, _cudnn()
         )
-    if torch._C._is_tracing():  # jit.trace, the TorchScript ONNX exporter: record PyTorch's op
+    if not traced and torch._C._is_tracing():  # jit.trace, the TorchScript ONNX exporter
         return _as_recorded(a)
     if traced or not host or x.is_meta or x.dim() < 2:
         if a.running_mean is None or not host:
