@@ -128,15 +128,15 @@ def test_custom_ops_pass_pytorch_opcheck(training):
     """Schema, fake tensors, autograd registration and AOT dispatch (torch.library.opcheck)."""
     x, w, b, running, (rm, rv) = _op_args(training)
     ops = torch.ops.bnlab
-    for layout, xi in (("NCL", x), ("NLC", x.detach().to(memory_format=torch.channels_last))):
+    for xi in (x, x.detach().to(memory_format=torch.channels_last).requires_grad_()):
         torch.library.opcheck(ops.batch_norm.default,
-                              (xi, w, b, *running, training, 1e-5, layout, "", "warn"))  # fmt: skip
-        y, *stats = ops.batch_norm(xi, w, b, *running, training, 1e-5, layout, "", "warn")
+                              (xi, w, b, *running, training, 1e-5, "", "warn"))  # fmt: skip
+        y, *stats = ops.batch_norm(xi, w, b, *running, training, 1e-5, "", "warn")
         mean, var, rstd = (s.detach() for s in stats)
         dy = torch.randn_like(y)
         torch.library.opcheck(ops.batch_norm_backward.default,
                               (dy, xi.detach(), w.detach(), mean, var, rstd, training, 1e-5,
-                               layout, ""))  # fmt: skip
+                               ""))  # fmt: skip
     args = (rm, rv, torch.tensor(0), mean, var, x[:, 0].numel(), None, "", "warn")
     torch.library.opcheck(ops.update_running_stats_.default, args)
 
@@ -147,7 +147,7 @@ def test_custom_ops_vmap_rule_loops_over_the_batch():
 
     def fn(x):
         return torch.ops.bnlab.batch_norm(x, w.detach(), b.detach(), None, None, True, 1e-5,
-                                          "NCL", "", "warn")[0]  # fmt: skip
+                                          "", "warn")[0]  # fmt: skip
 
     want = torch.stack([fn(xi) for xi in xs])
     torch.testing.assert_close(vmap(fn)(xs), want, rtol=0, atol=0)

@@ -135,7 +135,7 @@ def route(a: _checks.BatchNormArgs) -> torch.Tensor:
     if layout is not None and not exporting():
         _checks.check_kernel_call(a)
         if traced:
-            return _traced_kernels(a, layout)
+            return _traced_kernels(a)
         return KernelBatchNorm.apply(a.x, a.weight, a.bias, a.running_mean, a.running_var,
                                      a.num_batches_tracked, a.training, a.momentum, a.eps,
                                      layout, a.backend, a.policy)  # fmt: skip
@@ -144,13 +144,13 @@ def route(a: _checks.BatchNormArgs) -> torch.Tensor:
     return pytorch_batch_norm(a, traced=traced, host=host)
 
 
-def _traced_kernels(a: _checks.BatchNormArgs, layout: str) -> torch.Tensor:
+def _traced_kernels(a: _checks.BatchNormArgs) -> torch.Tensor:
     """The kernel route as custom ops, for ``torch.compile`` / ``torch.export``: one op for the
     output, one declared in-place op for the running statistics."""
     backend = a.backend or ""
     y, mean, var, _ = torch.ops.bnlab.batch_norm(a.x, a.weight, a.bias, a.running_mean,
-                                                 a.running_var, a.training, a.eps, layout,
-                                                 backend, a.policy)  # fmt: skip
+                                                 a.running_var, a.training, a.eps, backend,
+                                                 a.policy)  # fmt: skip
     if a.tracking:
         torch.ops.bnlab.update_running_stats_(a.running_mean, a.running_var,
                                               a.num_batches_tracked, mean.detach(), var.detach(),
