@@ -27,6 +27,7 @@ import bnlab.torch as bt
 FORMATS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 GRID = {"n": (8, 32, 128), "c": (16, 64, 256), "hw": (1, 4, 8, 16, 32)}  # hw: H = W
 MAX_ELEMENTS = 1 << 23  # 32 MB of float32: the largest cases take tens of ms per call
+EVAL_LARGE = ((64, 64, 56), (128, 128, 32))  # 49 and 64 MiB, eval only: where page faults start
 ROUTES = {"bnlab": "auto", "kernels": "always", "pytorch-op": "never"}
 
 
@@ -38,11 +39,12 @@ def paired_speedup(times: dict, base: str, peer: str) -> float:
     return statistics.median(b / p for b, p in pairs)
 
 
-def grid(quick: bool = False):
+def grid(quick: bool = False, training: bool = True):
     if quick:
         return [(8, 16, 4), (32, 64, 8), (64, 64, 32)]
     cases = itertools.product(GRID["n"], GRID["c"], GRID["hw"])
-    return [(n, c, hw) for n, c, hw in cases if n * c * hw * hw <= MAX_ELEMENTS]
+    small = [(n, c, hw) for n, c, hw in cases if n * c * hw * hw <= MAX_ELEMENTS]
+    return small if training else small + list(EVAL_LARGE)
 
 
 def _step(module, x, dy, route: str, training: bool):
@@ -89,7 +91,7 @@ def sweep(repeat: int = 15, quick: bool = False, log=print):
     rows = []
     for training in (True, False):
         for fmt in FORMATS:
-            for n, c, hw in grid(quick):
+            for n, c, hw in grid(quick, training):
                 row = measure_case(n, c, hw, fmt, training, repeat)
                 rows.append(row)
                 log(

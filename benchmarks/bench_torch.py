@@ -36,14 +36,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# What the OpenMP runtimes see: torch's reads OMP_WAIT_POLICY when torch is imported (below),
+# before ``import bnlab`` sets it to PASSIVE for the numba pool when the caller has not chosen one.
+OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
+LOADAVG_AT_START = list(os.getloadavg())  # the benchmark's own threads are not in it yet
 
-import numpy as np
-import torch
-from torch import nn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-import bnlab
-import bnlab.torch as bt
-from bnlab.torch.models import lenet_bn
+import bnlab  # noqa: E402
+import bnlab.torch as bt  # noqa: E402
+from bnlab.torch.models import lenet_bn  # noqa: E402
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -211,10 +215,12 @@ def environment(args) -> dict:
         "numba_threads": numba_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "loadavg_1_5_15": list(os.getloadavg()),
+        "loadavg_1_5_15_at_start": LOADAVG_AT_START,
+        "loadavg_1_5_15_at_end": list(os.getloadavg()),
         "repeats": args.repeats,
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy_torch": OMP_WAIT_POLICY_AT_START or "unset (libgomp: active spin)",
+        "omp_wait_policy_numba": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 
