@@ -16,6 +16,7 @@ PyTorch's time on CPU; bnlab.torch reuses freed output memory, see bnlab/torch/_
     python benchmarks/bench_torch.py --sweep              # N × C × H·W sweep, break-even sizes
     python benchmarks/bench_torch.py --sweep-compiled     # BN+ReLU under torch.compile
     python benchmarks/bench_torch.py --resnet18           # ResNet-18 step, 4 variants
+    python benchmarks/bench_torch.py --table RESULT.json  # the tables of a saved run again
 
 The sweep (``_torch_sweep.py``) times one layer over a grid of sizes, both memory formats, training
 and eval, against ``nn.BatchNorm2d``: bnlab as dispatched, forced onto its kernels, and forced onto
@@ -43,6 +44,7 @@ LOADAVG_AT_START = list(os.getloadavg())  # the benchmark's own threads are not 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _torch_tables import tables  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bnlab  # noqa: E402
@@ -168,27 +170,6 @@ def summarize(name, times, nbytes=None, copy_gbs=None, faults=None):
     return row
 
 
-def markdown(rows, env) -> str:
-    lines = [
-        f"bnlab backend `{env['bnlab_backend']}`, torch {env['torch']} with "
-        f"{env['torch_threads']} threads, numba {env['numba_threads']} threads, "
-        f"{env['cpu_count']} CPUs; NumPy copy bandwidth "
-        f"{env['copy_gbs']:.1f} GB/s",
-        "",
-        "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) "
-        "| page faults per call: torch / bnlab |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        bw = f"{r['bnlab_gbs']:.1f} ({r['bnlab_pct_of_copy']:.0f}%)" if "bnlab_gbs" in r else "-"
-        pf = f"{r['torch_page_faults']:.0f} / {r['bnlab_page_faults']:.0f}"
-        lines.append(
-            f"| {r['case']} | {r['torch_ms']:.2f} | {r['bnlab_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {bw} | {pf} |"
-        )
-    return "\n".join(lines)
-
-
 def set_threads(n: int) -> None:
     """The same thread count for both peers: torch intra-op and bnlab's numba kernels."""
     torch.set_num_threads(n)
@@ -244,6 +225,7 @@ def run_sweep(args) -> dict:
             f"{s['pytorch_op_speedup_median']:.2f}x median, "
             f"{s['pytorch_op_speedup_min']:.2f}x worst"
         )
+    print(tables(result))
     return result
 
 
@@ -251,7 +233,9 @@ def run_sweep_compiled(args) -> dict:
     from _torch_sweep import sweep_compiled
 
     rows = sweep_compiled(repeat=args.repeats, quick=args.quick)
-    return {"env": environment(args), "rows": rows}
+    result = {"env": environment(args), "rows": rows}
+    print(tables(result))
+    return result
 
 
 def run_resnet18(args) -> dict:
@@ -259,17 +243,8 @@ def run_resnet18(args) -> dict:
 
     r = resnet18_case(batch=args.resnet_batch, repeat=args.repeats)
     env = environment(args)
-    print(f"ResNet-18 (CIFAR) SGD step, batch {r['batch']}, {env['torch_threads']} threads")
-    print("| variant | median ms |\n|---|---:|")
-    for name, ms in r["median_ms"].items():
-        print(f"| {name} | {ms:.1f} |")
-    print(
-        "speedups (median of per-round ratios): "
-        f"converted eager vs stock eager {r['converted_eager_vs_stock_eager']:.3f}x, "
-        f"converted compiled vs stock compiled {r['converted_compiled_vs_stock_compiled']:.3f}x, "
-        f"stock compiled vs stock eager {r['stock_compiled_vs_stock_eager']:.3f}x, "
-        f"converted compiled vs stock eager {r['converted_compiled_vs_stock_eager']:.3f}x"
-    )
+    print(f"ResNet-18 (CIFAR) SGD step, batch {r['batch']}")
+    print(tables({"env": env, **r}))
     return {"env": env, **r}
 
 
@@ -289,7 +264,7 @@ def run_layers(args) -> dict:
     times = interleaved(lenet_case(args.batch), args.repeats, args.warmup, faults)
     rows.append(summarize(f"LeNet-BN train step, batch {args.batch}", times, faults=faults))
     env = environment(args) | {"copy_gbs": copy_gbs}
-    print(markdown(rows, env))
+    print(tables({"env": env, "rows": rows}))
     return {"env": env, "rows": rows}
 
 
@@ -307,8 +282,12 @@ def main(argv=None) -> int:
     p.add_argument("--resnet18", action="store_true", help="the end-to-end ResNet-18 step")
     p.add_argument("--resnet-batch", type=int, default=64)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--table", type=Path, default=None, help="print the tables of a saved run")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads (same)")
     args = p.parse_args(argv)
+    if args.table:
+        print(tables(json.loads(args.table.read_text())))
+        return 0
     if args.threads:
         set_threads(args.threads)
     if args.sweep:
