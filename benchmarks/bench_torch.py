@@ -13,6 +13,15 @@ PyTorch's time on CPU; bnlab.torch reuses freed output memory, see bnlab/torch/_
 
     python benchmarks/bench_torch.py                      # full table (Markdown) + JSON
     python benchmarks/bench_torch.py --quick              # small shapes, a smoke run
+    python benchmarks/bench_torch.py --sweep              # N × C × H·W sweep, break-even sizes
+    python benchmarks/bench_torch.py --sweep-compiled     # BN+ReLU under torch.compile
+    python benchmarks/bench_torch.py --resnet18           # ResNet-18 step, 4 variants
+    python benchmarks/bench_torch.py --table RESULT.json  # the tables of a saved run again
+
+The sweep (``_torch_sweep.py``) times one layer over a grid of sizes, both memory formats, training
+and eval, against ``nn.BatchNorm2d``: bnlab as dispatched, forced onto its kernels, and forced onto
+PyTorch's op; it reports the break-even size from which the kernels win. The end-to-end case
+(``_torch_resnet18.py``) times a CIFAR-style ResNet-18 training step four ways in one run.
 """
 
 from __future__ import annotations
@@ -23,16 +32,24 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# What the OpenMP runtimes see: torch's reads OMP_WAIT_POLICY when torch is imported (below),
+# before ``import bnlab`` sets it to PASSIVE for the numba pool when the caller has not chosen one.
+OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
+LOADAVG_AT_START = list(os.getloadavg())  # the benchmark's own threads are not in it yet
 
-import bnlab
-import bnlab.torch as bt
-from bnlab.torch.models import lenet_bn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _torch_tables import tables  # noqa: E402
+from torch import nn  # noqa: E402
+
+import bnlab  # noqa: E402
+import bnlab.torch as bt  # noqa: E402
+from bnlab.torch.models import lenet_bn  # noqa: E402
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -153,27 +170,6 @@ def summarize(name, times, nbytes=None, copy_gbs=None, faults=None):
     return row
 
 
-def markdown(rows, env) -> str:
-    lines = [
-        f"bnlab backend `{env['bnlab_backend']}`, torch {env['torch']} with "
-        f"{env['torch_threads']} threads, numba {env['numba_threads']} threads, "
-        f"{env['cpu_count']} CPUs; NumPy copy bandwidth "
-        f"{env['copy_gbs']:.1f} GB/s",
-        "",
-        "| case | nn.BatchNorm2d ms | bnlab ms | speedup | bnlab GB/s (% of copy) "
-        "| page faults per call: torch / bnlab |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        bw = f"{r['bnlab_gbs']:.1f} ({r['bnlab_pct_of_copy']:.0f}%)" if "bnlab_gbs" in r else "-"
-        pf = f"{r['torch_page_faults']:.0f} / {r['bnlab_page_faults']:.0f}"
-        lines.append(
-            f"| {r['case']} | {r['torch_ms']:.2f} | {r['bnlab_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {bw} | {pf} |"
-        )
-    return "\n".join(lines)
-
-
 def set_threads(n: int) -> None:
     """The same thread count for both peers: torch intra-op and bnlab's numba kernels."""
     torch.set_num_threads(n)
@@ -192,23 +188,69 @@ def numba_threads() -> int | None:
     return numba.get_num_threads()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--shape", type=int, nargs=4, default=[64, 64, 56, 56], metavar=("N", "C", "H", "W")
-    )
-    p.add_argument("--batch", type=int, default=256, help="LeNet-BN batch size")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="small shape, few repeats (smoke test)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (same)")
-    args = p.parse_args(argv)
-    if args.threads:
-        set_threads(args.threads)
+def environment(args) -> dict:
+    return {
+        "bnlab_backend": bnlab.get_backend(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_1_5_15_at_start": LOADAVG_AT_START,
+        "loadavg_1_5_15_at_end": list(os.getloadavg()),
+        "repeats": args.repeats,
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+        "omp_wait_policy_torch": OMP_WAIT_POLICY_AT_START or "unset (libgomp: active spin)",
+        "omp_wait_policy_numba": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def write(path: Path | None, payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def run_sweep(args) -> dict:
+    from _torch_sweep import summary, sweep
+
+    rows = sweep(repeat=args.repeats, quick=args.quick)
+    result = {"env": environment(args), "summary": summary(rows), "rows": rows}
+    for mode, s in result["summary"].items():
+        b = s["break_even_bytes"]
+        where = f"{b / 2**20:g} MiB" if b else "nowhere measured"
+        print(
+            f"{mode}: kernels at least as fast as torch from {where}; bnlab as dispatched "
+            f"{s['bnlab_speedup_min']:.2f}x-{s['bnlab_speedup_max']:.2f}x; PyTorch route "
+            f"{s['pytorch_op_speedup_median']:.2f}x median, "
+            f"{s['pytorch_op_speedup_min']:.2f}x worst"
+        )
+    print(tables(result))
+    return result
+
+
+def run_sweep_compiled(args) -> dict:
+    from _torch_sweep import sweep_compiled
+
+    rows = sweep_compiled(repeat=args.repeats, quick=args.quick)
+    result = {"env": environment(args), "rows": rows}
+    print(tables(result))
+    return result
+
+
+def run_resnet18(args) -> dict:
+    from _torch_resnet18 import resnet18_case
+
+    r = resnet18_case(batch=args.resnet_batch, repeat=args.repeats)
+    env = environment(args)
+    print(f"ResNet-18 (CIFAR) SGD step, batch {r['batch']}")
+    print(tables({"env": env, **r}))
+    return {"env": env, **r}
+
+
+def run_layers(args) -> dict:
     if args.quick:
         args.shape, args.batch, args.repeats, args.warmup = [8, 16, 14, 14], 32, 3, 1
-
     shape = tuple(args.shape)
     nbytes = 5 * int(np.prod(shape)) * 4  # x, y, x, dy, dx in float32
     copy_gbs = copy_bandwidth_gbs(int(np.prod(shape)) * 4)
@@ -221,22 +263,41 @@ def main(argv=None) -> int:
     faults = {}
     times = interleaved(lenet_case(args.batch), args.repeats, args.warmup, faults)
     rows.append(summarize(f"LeNet-BN train step, batch {args.batch}", times, faults=faults))
+    env = environment(args) | {"copy_gbs": copy_gbs}
+    print(tables({"env": env, "rows": rows}))
+    return {"env": env, "rows": rows}
 
-    env = {
-        "bnlab_backend": bnlab.get_backend(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "copy_gbs": copy_gbs,
-        "repeats": args.repeats,
-        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-    }
-    print(markdown(rows, env))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--shape", type=int, nargs=4, default=[64, 64, 56, 56], metavar=("N", "C", "H", "W")
+    )
+    p.add_argument("--batch", type=int, default=256, help="LeNet-BN batch size")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    p.add_argument("--sweep", action="store_true", help="the N x C x H*W sweep, break-even sizes")
+    p.add_argument("--sweep-compiled", action="store_true", help="BN+ReLU under torch.compile")
+    p.add_argument("--resnet18", action="store_true", help="the end-to-end ResNet-18 step")
+    p.add_argument("--resnet-batch", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--table", type=Path, default=None, help="print the tables of a saved run")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (same)")
+    args = p.parse_args(argv)
+    if args.table:
+        print(tables(json.loads(args.table.read_text())))
+        return 0
+    if args.threads:
+        set_threads(args.threads)
+    if args.sweep:
+        write(args.json, run_sweep(args))
+    if args.sweep_compiled:
+        write(args.json, run_sweep_compiled(args))
+    if args.resnet18:
+        write(args.json, run_resnet18(args))
+    if not (args.sweep or args.sweep_compiled or args.resnet18):
+        write(args.json, run_layers(args))
     return 0
 
 

@@ -44,7 +44,7 @@ def stats_scenario(sizes, tail, channels_last=False, dtype=torch.float64, steps=
     rank = dist.get_rank()
     c = 3
     g = torch.Generator().manual_seed(42)
-    ref = (nn.BatchNorm2d if len(tail) == 2 else nn.BatchNorm1d)(c, dtype=dtype)
+    ref = {3: nn.BatchNorm3d, 2: nn.BatchNorm2d}.get(len(tail), nn.BatchNorm1d)(c, dtype=dtype)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5, generator=g)
         ref.bias.uniform_(-1, 1, generator=g)
@@ -55,7 +55,7 @@ def stats_scenario(sizes, tail, channels_last=False, dtype=torch.float64, steps=
         x = torch.randn(sum(sizes), c, *tail, generator=g, dtype=dtype) * 2 + step
         dy = torch.randn(sum(sizes), c, *tail, generator=g, dtype=dtype)
         if channels_last:
-            x = x.to(memory_format=torch.channels_last)
+            x = x.to(memory_format={3: torch.channels_last_3d}.get(len(tail), torch.channels_last))
         xg = x.clone().requires_grad_()
         y_ref = ref(xg)
         y_ref.backward(dy)
@@ -72,9 +72,8 @@ def stats_scenario(sizes, tail, channels_last=False, dtype=torch.float64, steps=
         ref.zero_grad()
         for a, b in zip(ours.buffers(), ref.buffers(), strict=True):
             diffs["buffers"] = max(diffs["buffers"], _max_diff(a, b))
-    diffs["channels_last_kept"] = bool(
-        not channels_last or y.is_contiguous(memory_format=torch.channels_last)
-    )
+    fmt = torch.channels_last_3d if len(tail) == 3 else torch.channels_last
+    diffs["channels_last_kept"] = bool(not channels_last or y.is_contiguous(memory_format=fmt))
     return diffs
 
 
@@ -167,6 +166,8 @@ SCENARIOS = {
     "one_sample_2d": lambda: stats_scenario([1, 3], ()),
     "empty_rank": lambda: stats_scenario([0, 5], (2, 2)),
     "uneven_float32": lambda: stats_scenario([3, 5], (2, 2), dtype=torch.float32),
+    "uneven_5d": lambda: stats_scenario([3, 5], (2, 2, 3)),
+    "even_5d_channels_last": lambda: stats_scenario([4, 4], (2, 3, 2), channels_last=True),
     "mismatch": mismatch_scenario,
     "bad_input_one_rank": bad_input_on_one_rank_scenario,
     "bad_dims_one_rank": bad_dims_on_one_rank_scenario,

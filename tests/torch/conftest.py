@@ -27,3 +27,35 @@ def one_thread():
     torch.set_num_threads(before)
     if numba:
         numba.set_num_threads(numba_before)
+
+
+@pytest.fixture(scope="session")
+def pytorch_module_db():
+    """PyTorch's own ModuleInfo database (``torch.testing._internal.common_modules.module_db``,
+    shipped in the torch wheel), imported without letting the import change this test session:
+    ``common_utils`` loads its own hypothesis profile, freezes ``torch.backends`` flags, adds a
+    warnings filter, wraps ``torch._C.ScriptFunction.__call__`` and sets an environment
+    variable, all at import. Each is put back as it was."""
+    pytest.importorskip("expecttest")  # common_utils needs it (bnlab's dev extra pins it)
+    torch = pytest.importorskip("torch")
+    import os
+    import warnings
+
+    import hypothesis
+
+    profile = hypothesis.settings._current_profile
+    filters = list(warnings.filters)
+    environ = dict(os.environ)
+    calls = (torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__)
+    flags_open = not torch.backends.flags_frozen()
+    try:
+        from torch.testing._internal.common_modules import module_db
+    finally:
+        hypothesis.settings.load_profile(profile)
+        warnings.filters[:] = filters
+        os.environ.clear()
+        os.environ.update(environ)
+        torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = calls
+        if flags_open:  # the flag lives in the globals of torch/backends/__init__.py
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    return {info.name: info for info in module_db}

@@ -78,6 +78,8 @@ def _no_crash(res):
         "even",
         "even_channels_last",
         "uneven_3_5",
+        "uneven_5d",
+        "even_5d_channels_last",
         "one_sample_4d",
         "one_sample_2d",
         "empty_rank",

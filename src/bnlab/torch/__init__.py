@@ -5,10 +5,12 @@ Optional: ``import bnlab`` never imports torch; only ``import bnlab.torch`` does
 =========================== =====================================================================
 ``batch_norm``, ``BatchNorm``  d2l's from-scratch function and module, with an explicit ``training``
                              flag and the moving statistics registered as buffers
-``BatchNorm1d/2d``           drop-in ``torch.nn.BatchNorm1d/2d`` whose math is bnlab's kernels
-``convert`` / ``revert``     swap every ``nn.BatchNorm1d/2d`` of a model for bnlab's and back
+``BatchNorm1d/2d/3d``        drop-in ``torch.nn.BatchNorm1d/2d/3d`` whose math is bnlab's kernels
+``convert`` / ``revert``     swap every ``nn.BatchNorm1d/2d/3d`` of a model for bnlab's and back
 ``SyncBatchNorm``            batch statistics over a ``torch.distributed`` group (gloo on CPU)
 ``functional``               the stateless math (``functional.batch_norm`` mirrors ``F.batch_norm``)
+``ops``                      the custom ops ``torch.ops.bnlab.*`` that compile and export see
+``dispatch``                 which calls run bnlab's kernels and which PyTorch's op
 ``set_buffer_cache_limit``   bytes of freed fast-path outputs kept for reuse (``bnlab.buffers``)
 ``empty_buffer_cache``       release the idle ones
 =========================== =====================================================================
@@ -33,24 +35,27 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
     ) from err
 
 from bnlab.buffers import empty_buffer_cache, set_buffer_cache_limit
-from bnlab.torch import functional
+from bnlab.torch import dispatch, functional, ops
 from bnlab.torch.d2l import BatchNorm, batch_norm
 from bnlab.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d
-from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, convert, revert
+from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
 from bnlab.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "SyncBatchNorm",
     "batch_norm",
     "convert",
     "convert_sync_batchnorm",
+    "dispatch",
     "empty_buffer_cache",
     "functional",
+    "ops",
     "revert",
     "set_buffer_cache_limit",
 ]

@@ -33,9 +33,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from bnlab.errors import ShapeError
-from bnlab.functional._validate import check_eps, check_momentum, check_policy
 from bnlab.functional.running import report_nonfinite
+from bnlab.torch import _checks
 from bnlab.torch import functional as BF
+from bnlab.torch._running import guarded_update_
 from bnlab.torch.modules import _rebuild
 
 STATS_DTYPE = torch.float64
@@ -118,12 +119,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             )
         acc = BF.accumulation_dtype(x.dtype)
         y = BF.normalize(x, mean.to(acc), var.to(acc), weight, bias, eps).to(x.dtype)
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        if running_mean is not None:  # bnlab's rule; identical numbers, so every rank agrees
+            guarded_update_(running_mean, running_var, mean, var, total, momentum,
+                            num_batches_tracked, on_nonfinite, "the global batch")  # fmt: skip
+        elif not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             report_nonfinite(on_nonfinite, "the global batch")
-        elif running_mean is not None:
-            BF.update_running_stats_(
-                running_mean, running_var, mean, var, total, momentum, num_batches_tracked
-            )
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.total, ctx.group = total, group
         return y  # elementwise ops keep x's memory format (channels_last stays channels_last)
@@ -210,8 +210,9 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps,
         if check_input is not None:
             check_input(x)
         BF.check_tensor_args(x, running_mean, running_var, weight, bias)
-        momentum, eps = check_momentum(momentum), check_eps(eps)
-        check_policy(on_nonfinite)
+        momentum = _checks.check_momentum(momentum, used=running_mean is not None)
+        eps = _checks.check_eps(eps, batch_stats=True)
+        _checks.check_policy(on_nonfinite)
         if running_mean is not None and momentum is None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
@@ -224,9 +225,9 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps,
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm1d/2d (torch's or bnlab's) by :class:`SyncBatchNorm`, keeping
+    """Replace every BatchNorm1d/2d/3d (torch's or bnlab's) by :class:`SyncBatchNorm`, keeping
     weights, statistics and mode; in place, returns the model (a bare BN module is converted)."""
-    if isinstance(model, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(model, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         new = _rebuild(model, SyncBatchNorm)
         new.process_group = process_group
         return new
