@@ -126,6 +126,9 @@ def test_cli_bad_input(resnet_file, lenet_file, tmp_path, capsys):
     _refused(["fold", "--weights", str(garbage), "--out", str(out)], capsys, "junk")
     _refused(["fold", "--weights", str(lenet), "--out", str(tmp_path / "o.txt")], capsys, "--out")
     _refused(["fold", "--weights", str(lenet), "--out", str(lenet)], capsys, "--out")
-    _refused(["fold", "--weights", str(lenet), "--out", str(out), "--calibration", str(bad_img)],
-             capsys, "error")  # fmt: skip
+    _refused(
+        ["fold", "--weights", str(lenet), "--out", str(out), "--calibration", str(bad_img)],
+        capsys,
+        "error",
+    )
     assert not out.exists()

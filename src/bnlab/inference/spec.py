@@ -68,8 +68,9 @@ def resnet_spec(layers=RESNET50_LAYERS, num_classes: int = 1000) -> ResNetSpec:
             out = width * EXPANSION
             ds = None
             if b == 0 and (stride != 1 or inplanes != out):
-                ds = ConvSpec(f"{name}.downsample.0", f"{name}.downsample.1", inplanes, out, 1,
-                              stride, 0)  # fmt: skip
+                ds = ConvSpec(
+                    f"{name}.downsample.0", f"{name}.downsample.1", inplanes, out, 1, stride, 0
+                )
             blocks.append(
                 BlockSpec(
                     name,
@@ -186,8 +187,10 @@ def check_state_dict(sd: dict[str, np.ndarray], spec: ResNetSpec) -> None:
     ]
     if not (missing or unexpected or wrong or bad_dtype):
         return
-    lines = ["weights do not match a bottleneck ResNet "
-             f"(layers={tuple(_layer_counts(spec))}, {spec.num_classes} classes):"]  # fmt: skip
+    lines = [
+        "weights do not match a bottleneck ResNet "
+        f"(layers={tuple(_layer_counts(spec))}, {spec.num_classes} classes):"
+    ]
     for title, items in (
         ("missing keys", missing),
         ("unexpected keys", unexpected),
