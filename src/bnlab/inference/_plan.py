@@ -269,17 +269,12 @@ class Planner:
         elif op == "mul":
             self.steps.append((S.mul, pool, srcs[0], srcs[1], out))
         elif op == "affine":
-            self.steps.append(
-                (
-                    S.affine,
-                    pool,
-                    srcs[0],
-                    np.asarray(nd.params["scale"], np.float32),
-                    np.asarray(nd.params["shift"], np.float32),
-                    out,
-                    nd.attrs["act"],
-                )
+            c = self.shapes[nd.output][0]  # a scalar constant applies to every channel
+            scale, shift = (
+                np.broadcast_to(np.asarray(nd.params[k], np.float32), (c,)).copy()
+                for k in ("scale", "shift")
             )
+            self.steps.append((S.affine, pool, srcs[0], scale, shift, out, nd.attrs["act"]))
         else:
             self.steps.append((S.activation, pool, srcs[0], out, nd.attrs["act"]))
 

@@ -171,7 +171,7 @@ def _node_shape(nd: Node, ins: list[tuple[int, ...]]) -> tuple[int, ...]:
         return (nd.params["weight"].shape[0],)
     if op in ("bn", "affine"):
         c = len(nd.params["scale" if op == "affine" else "mean"])
-        if x[0] != c:
+        if x[0] != c and not (op == "affine" and c == 1):  # one value for every channel
             raise ShapeError(f"has {c} channels, its input {x[0]}")
         return x
     if op == "act" or op == "softmax":

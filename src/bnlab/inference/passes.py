@@ -153,7 +153,7 @@ def _fuse_activations(g: Graph) -> None:
 # --------------------------------------------------------------------------- certificate
 
 
-def certify(graph: Graph, folded: Graph, pairs, calibration) -> FoldCertificate:
+def certify(graph: Graph, folded: Graph, pairs, calibration, whole_model=None) -> FoldCertificate:
     """Errors of every folded pair and of the whole model on ``calibration`` (N, C, H, W).
 
     For each pair the layer's input is taken from a float64 run of the unfolded graph; the
@@ -161,6 +161,8 @@ def certify(graph: Graph, folded: Graph, pairs, calibration) -> FoldCertificate:
     and with the unfolded layer + BN in float32 (the rounding one has anyway). The whole model:
     the folded and the unfolded graph in float32 against the unfolded graph in float64.
     Relative errors divide by max |reference| (see :class:`bnlab.fold.PairError`).
+    ``whole_model`` replaces the folded graph in the whole-model row (e.g. the graph of the
+    file that was written).
     """
     from bnlab.inference import reference as R  # noqa: PLC0415
 
@@ -190,7 +192,7 @@ def certify(graph: Graph, folded: Graph, pairs, calibration) -> FoldCertificate:
     whole = error_row(
         "<whole model>",
         values[graph.output],
-        R.run(folded, x32, np.float32),
+        R.run(folded if whole_model is None else whole_model, x32, np.float32),
         R.run(graph, x32, np.float32),
     )
     return FoldCertificate(rows, whole)
