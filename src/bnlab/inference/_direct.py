@@ -10,8 +10,9 @@ next output pixel's start sw·C floats further. So for 6 consecutive output pixe
     C[6 pixels, 32 columns] = Σ_i  A_i @ Bp[i·kw·C : (i+1)·kw·C]           (kh micro-kernel calls)
     A_i[r, q] = xp_flat[start(n, sh·oh + i, sw·ow0) + r·sw·C + q],   q < kw·C
 
-is the GEMM micro-kernel with row stride lda = sw·C and K = kw·C per kernel row, accumulating
-over i (the weights are packed with rows (i, j, c), as for the implicit GEMM). The last block of
+is the GEMM micro-kernel with row stride lda = sw·C, run once over K = kh·kw·C in kh segments
+of kw·C floats one padded input row apart (:func:`._microkernel.microkernel_seg`; the weights
+are packed with rows (i, j, c), as for the implicit GEMM). The last block of
 a row has fewer than 6 pixels: the micro-kernel's row count handles it. Dilation 1 only.
 """
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bnlab.inference._gemm import epilogue_rows
-from bnlab.inference._microkernel import MR, NR, microkernel
+from bnlab.inference._act import CLIP, NONE, activate_rows
+from bnlab.inference._gemm import clip_bounds
+from bnlab.inference._microkernel import MR, NR, microkernel_seg
 
 
 def padded_shape(n: int, h: int, w: int, c: int, pads) -> tuple[int, int, int, int]:
@@ -53,34 +55,44 @@ def direct_conv_range(
     k = bp.shape[1]
     span = kw * ch  # K of one kernel row
     lda = sw * ch
-    xf = xp.reshape(-1)
-    bf = bp.reshape(-1)
-    cf = c.reshape(-1)
-    no_res = np.zeros((0, 1), np.float32)
+    xf, bf, cf = xp.reshape(-1), bp.reshape(-1), c.reshape(-1)
+    none = np.zeros(0, np.float32)
+    lo, hi = clip_bounds(act, pa, pb)
     j_hi = min(pan1 * NR, n_out)
     for r in range(r0, r1):
         n, oh = r // ho, r % ho
         for ow0 in range(0, wo, MR):
             row = (n * ho + oh) * wo + ow0
             rows = min(MR, wo - ow0)
-            for i in range(kh):
-                a_off = ((n * hp + sh * oh + i) * wp + sw * ow0) * ch
-                for p in range(pan0, pan1):
-                    microkernel(
-                        xf,
-                        a_off,
-                        lda,
-                        bf,
-                        p * k * NR + i * span * NR,
-                        cf,
-                        row * n_out + p * NR,
-                        n_out,
-                        span,
-                        i,
-                        rows,
-                        min(NR, n_out - p * NR),
-                    )
-            epilogue_rows(c, row, row + rows, pan0 * NR, j_hi, scale, shift, no_res, act, pa, pb)
+            a_off = ((n * hp + sh * oh) * wp + sw * ow0) * ch
+            for p in range(pan0, pan1):  # K = kh·kw·C in kh segments, one input row apart
+                microkernel_seg(
+                    xf,
+                    a_off,
+                    lda,
+                    bf,
+                    p * k * NR,
+                    cf,
+                    row * n_out + p * NR,
+                    n_out,
+                    kh * span,
+                    0,
+                    rows,
+                    min(NR, n_out - p * NR),
+                    span,
+                    wp * ch,
+                    1,
+                    p * NR,
+                    shift,
+                    scale,
+                    none,
+                    0,
+                    1,
+                    lo,
+                    hi,
+                )
+            if act != NONE and act != CLIP:
+                activate_rows(c, row, row + rows, pan0 * NR, j_hi, act, pa, pb)
 
 
 def work_items(rows: int, n_threads: int) -> list[tuple[int, int]]:

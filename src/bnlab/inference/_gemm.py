@@ -89,31 +89,42 @@ def epilogue_rows(c, r0, r1, j0, j1, scale, shift, residual, act, pa, pb):  # pr
         activate_rows(c, r0, r1, j0, j1, act, pa, pb)
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def clip_bounds(act, pa, pb):  # pragma: no cover - compiled
+    """(lo, hi) the micro-kernel's store clips to: the CLIP activation's, else ±inf."""
+    if act == CLIP:
+        return pa, pb
+    return _NEG_INF, _POS_INF
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def gemm_tile_range(
     a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, act, pa, pb
 ):  # pragma: no cover - compiled
     """Rows [6·blk0, 6·blk1) ∩ [0, M) and panels [pan0, pan1) of c = epilogue(a @ B).
 
-    a (M, K) float32 C-contiguous; bp (ceil(N/32), K, 32) packed B; c (M, N) C-contiguous.
+    a (M, K) float32 C-contiguous; bp (ceil(N/32), K, 32) packed B; c (M, N) C-contiguous;
+    the epilogue (scale, shift, residual, a CLIP) is applied by the micro-kernel on the last K
+    block, other activations on the finished rows while they are in L1.
     """
     m, k = a.shape
-    lda = k
     n = c.shape[1]
-    af = a.reshape(-1)
-    bf = bp.reshape(-1)
-    cf = c.reshape(-1)
-    hi = min(blk1, -(-m // MR))
+    af, bf, cf, rf = a.reshape(-1), bp.reshape(-1), c.reshape(-1), residual.reshape(-1)
+    ldr = residual.shape[1]
+    lo, hi = clip_bounds(act, pa, pb)
+    last = min(blk1, -(-m // MR))
+    pan1 = min(pan1, bp.shape[0])
     j_hi = min(pan1 * NR, n)
     if k > KC or n > m:
         # big K or more weights than rows (the later stages at small batch): K blocks of KC; a
         # 64 KB piece of each B panel serves a whole L2-sized chunk of row blocks, so the weights
         # are read once per chunk, not once per row block, and the next piece is prefetched
         chunk = max(1, A_CHUNK_FLOATS // (MR * KC))
-        for c0 in range(blk0, hi, chunk):
-            c1 = min(c0 + chunk, hi)
+        for c0 in range(blk0, last, chunk):
+            c1 = min(c0 + chunk, last)
             for kb in range(0, k, KC):
                 kc = min(KC, k - kb)
+                epi = 1 if kb + kc == k else 0
                 for p in range(pan0, pan1):
                     b_off = p * k * NR + kb * NR
                     nxt = next_piece(p, pan0, pan1, kb, k)
@@ -123,8 +134,8 @@ def gemm_tile_range(
                         pf, st = prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
                         microkernel_pf(
                             af,
-                            i * lda + kb,
-                            lda,
+                            i * k + kb,
+                            k,
                             bf,
                             b_off,
                             cf,
@@ -132,25 +143,33 @@ def gemm_tile_range(
                             n,
                             kc,
                             kb,
-                            pf,
-                            st,
                             min(MR, m - i),
                             width,
+                            pf,
+                            st,
+                            epi,
+                            p * NR,
+                            shift,
+                            scale,
+                            rf,
+                            i * ldr + p * NR,
+                            ldr,
+                            lo,
+                            hi,
                         )
-            epilogue_rows(
-                c, c0 * MR, min(c1 * MR, m), pan0 * NR, j_hi, scale, shift, residual, act, pa, pb
-            )
+            if act != NONE and act != CLIP:
+                activate_rows(c, c0 * MR, min(c1 * MR, m), pan0 * NR, j_hi, act, pa, pb)
     else:
         # one row block against every panel (its A rows stay in L1, C rows are written
-        # contiguously), then the epilogue on the whole row block
-        for blk in range(blk0, hi):
+        # contiguously)
+        for blk in range(blk0, last):
             i = blk * MR
             rows = min(MR, m - i)
             for p in range(pan0, pan1):
                 microkernel(
                     af,
-                    i * lda,
-                    lda,
+                    i * k,
+                    k,
                     bf,
                     p * k * NR,
                     cf,
@@ -160,8 +179,18 @@ def gemm_tile_range(
                     0,
                     rows,
                     min(NR, n - p * NR),
+                    1,
+                    p * NR,
+                    shift,
+                    scale,
+                    rf,
+                    i * ldr + p * NR,
+                    ldr,
+                    lo,
+                    hi,
                 )
-            epilogue_rows(c, i, i + rows, pan0 * NR, j_hi, scale, shift, residual, act, pa, pb)
+            if act != NONE and act != CLIP:
+                activate_rows(c, i, i + rows, pan0 * NR, j_hi, act, pa, pb)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -204,20 +233,23 @@ def conv_tile_range(
     """
     m, n = c.shape
     k = bp.shape[1]
-    bf = bp.reshape(-1)
-    cf = c.reshape(-1)
-    hi = min(blk1, -(-m // MR))
+    bf, cf, rf = bp.reshape(-1), c.reshape(-1), residual.reshape(-1)
+    ldr = residual.shape[1]
+    lo, hi = clip_bounds(act, pa, pb)
+    last = min(blk1, -(-m // MR))
+    pan1 = min(pan1, bp.shape[0])
     chunk = max(1, A_CHUNK_FLOATS // (MR * min(k, KC)))
     scratch = np.empty((chunk * MR, k), np.float32)
     sf = scratch.reshape(-1)
     j_hi = min(pan1 * NR, n)
-    for c0 in range(blk0, hi, chunk):
-        c1 = min(c0 + chunk, hi)
+    for c0 in range(blk0, last, chunk):
+        c1 = min(c0 + chunk, last)
         r0 = c0 * MR
         r1 = min(c1 * MR, m)
         gather_rows(x, geom, ch0, chn, r0, r1, scratch)
         for kb in range(0, k, KC):
             kc = min(KC, k - kb)
+            epi = 1 if kb + kc == k else 0
             for p in range(pan0, pan1):  # one B panel piece stays in L1 across the chunk's rows
                 b_off = p * k * NR + kb * NR
                 nxt = next_piece(p, pan0, pan1, kb, k)
@@ -236,12 +268,22 @@ def conv_tile_range(
                         n,
                         kc,
                         kb,
-                        pf,
-                        st,
                         min(MR, m - i),
                         width,
+                        pf,
+                        st,
+                        epi,
+                        p * NR,
+                        shift,
+                        scale,
+                        rf,
+                        i * ldr + p * NR,
+                        ldr,
+                        lo,
+                        hi,
                     )
-        epilogue_rows(c, r0, r1, pan0 * NR, j_hi, scale, shift, residual, act, pa, pb)
+        if act != NONE and act != CLIP:
+            activate_rows(c, r0, r1, pan0 * NR, j_hi, act, pa, pb)
 
 
 def pack_panels(w_kn: np.ndarray) -> np.ndarray:

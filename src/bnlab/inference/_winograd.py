@@ -283,6 +283,7 @@ def winograd_tile_range(
         nn, r = t // (th * tw), t % (th * tw)
         _input_tile(x, nn, (r // tw) * TILE - 1, (r % tw) * TILE - 1, patch, tmp_in, v, t - t0)
     vf, uf, mf = v.reshape(-1), up.reshape(-1), m.reshape(-1)
+    none, zero = np.zeros(0, np.float32), np.float32(0.0)  # no epilogue on the GEMMs
     n_blk = -(-nt // MR)
     for p in range(POINTS):  # M[p] = V[p] @ U[p], one L1-resident weight panel at a time
         for pan in range(pan0, pan1):
@@ -307,10 +308,19 @@ def winograd_tile_range(
                     k_out,
                     ch,
                     0,
-                    pf,
-                    st,
                     min(MR, nt - i),
                     width,
+                    pf,
+                    st,
+                    0,
+                    0,
+                    none,
+                    none,
+                    none,
+                    0,
+                    1,
+                    zero,
+                    zero,
                 )
     for t in range(t0, t1):
         nn, r = t // (th * tw), t % (th * tw)

@@ -91,11 +91,44 @@ def _rename_output(g: Graph, nd: Node, new: str, producers: dict) -> None:
 
 
 def fuse(graph: Graph) -> Graph:
-    """Residual adds into the conv that feeds them, then activations into their producer."""
+    """Gated activations, residual adds into the conv that feeds them, then activations into
+    their producer."""
     g = graph.copy()
+    _fuse_gated_activations(g)
     _fuse_residual_adds(g)
     _fuse_activations(g)
     return g.validate()
+
+
+GATED = {  # x · gate(x) as one activation: what exporters write SiLU and Hardswish as
+    _act.SIGMOID: lambda a, b: (_act.SILU, 0.0, 0.0),
+    _act.HARDSIGMOID: lambda a, b: (_act.HARDSWISH, a, b),
+}
+
+
+def _fuse_gated_activations(g: Graph) -> None:
+    """mul(x, sigmoid(x)) -> silu(x), mul(x, hardsigmoid(x)) -> hardswish(x): one node that the
+    producer of x can then take into its epilogue."""
+    producers = g.producers()
+    drop: set[int] = set()
+    for nd in g.nodes:
+        if nd.op != "mul" or nd.inputs[0] == nd.inputs[1]:
+            continue
+        for i in (0, 1):
+            gate, x = producers.get(nd.inputs[i]), nd.inputs[1 - i]
+            if (
+                gate is not None
+                and gate.op == "act"
+                and gate.inputs[0] == x
+                and gate.attrs["act"][0] in GATED
+                and _sole_reader(g, gate.output) is nd
+            ):
+                code, a, b = gate.attrs["act"]
+                nd.op, nd.inputs, nd.params = "act", [x], {}
+                nd.attrs = {"act": GATED[code](a, b)}
+                drop.add(id(gate))
+                break
+    g.nodes = [nd for nd in g.nodes if id(nd) not in drop]
 
 
 def _fuse_residual_adds(g: Graph) -> None:
