@@ -265,3 +265,52 @@ def test_depthwise_conv_matches_float64(
             nhwc(x), DW.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
         )
     np.testing.assert_allclose(out, A.reference(pre, act), rtol=1e-5, atol=1e-5 * k)
+
+
+# --------------------------------------------------------------------------- grouped
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    cg=st.sampled_from([2, 4, 8, 16]),
+    vectors=st.integers(1, 3),
+    h=st.integers(1, 11),
+    w=st.integers(1, 11),
+    k=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    pads=st.tuples(*[st.integers(0, 2)] * 4),
+    act=st.sampled_from(ACTS[:7]),
+    with_scale=st.booleans(),
+    with_res=st.booleans(),
+    seed=SEEDS,
+)
+def test_grouped_conv_matches_float64(
+    n, cg, vectors, h, w, k, stride, pads, act, with_scale, with_res, seed
+):
+    """Groups of 2-16 channels (ResNeXt's), C a multiple of 16, against the float64 conv."""
+    from bnlab.inference import _grouped as GR
+
+    c = max(16, 2 * cg) * vectors  # at least two groups, a multiple of 16
+    ho, wo = conv_out_hw(h, w, (k, k), (stride, stride), pads)
+    if ho < 1 or wo < 1:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, cg, k, k)).astype(np.float32)
+    shift = rng.standard_normal(c).astype(np.float32)
+    scale = rng.uniform(0.5, 2, c).astype(np.float32) if with_scale else EMPTY
+    res = rng.standard_normal((n * ho * wo, c)).astype(np.float32) if with_res else NO_RES
+    y = R.conv2d(
+        x.astype(np.float64), wt.astype(np.float64), (stride, stride), pads, (1, 1), c // cg
+    )
+    y = y.transpose(0, 2, 3, 1).reshape(-1, c) * (scale if with_scale else 1) + shift
+    pre = y + (res if with_res else 0)
+    assert GR.supported(c, c, c // cg)
+    out = np.full((n * ho * wo, c), np.nan, np.float32)
+    geom = (k, k, stride, stride, pads[0], pads[1], 1, 1, ho, wo)
+    for r0, r1 in DW.work_items(n * ho, 2):
+        GR.grouped_rows(
+            nhwc(x), GR.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
+        )
+    np.testing.assert_allclose(out, A.reference(pre, act), rtol=1e-5, atol=1e-5 * k * np.sqrt(cg))

@@ -10,6 +10,7 @@ A graph conv (BN already folded, or kept as a per-channel scale) becomes a :clas
   channel): exact, and one GEMM kernel for every group size (ResNeXt's groups of 4-32
   channels would otherwise be GEMMs 4-32 columns wide);
 * depthwise convs (groups = C_in = C_out): taps (kh·kw, C) for :mod:`._depthwise`;
+* grouped convs with 2-16 channels per group: taps (kh·kw, cg, C) for :mod:`._grouped`;
 * 3x3 convs: the Winograd transform of the weight, made on first use (:mod:`._winograd`).
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from bnlab.inference import _act
 from bnlab.inference import _depthwise as DW
 from bnlab.inference import _gemm as G
+from bnlab.inference import _grouped as GR
 from bnlab.inference import _winograd as WG
 from bnlab.inference.graph import Node
 
@@ -44,7 +46,7 @@ class PackedConv:
     panels: np.ndarray | None = None  # GEMM panels (ceil(C_out/32), kh·kw·chn, 32)
     ch0: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # window per panel
     chn: int = 0  # input channels of each panel's window
-    taps: np.ndarray | None = None  # depthwise (kh·kw, C)
+    taps: np.ndarray | None = None  # depthwise (kh·kw, C), or grouped (kh·kw, cg, C)
     wino: np.ndarray | None = None  # Winograd U panels, made on demand
 
     @property
@@ -86,6 +88,8 @@ def pack_conv(nd: Node) -> PackedConv:
     )
     if pc.depthwise:
         pc.taps = DW.pack_weight(w)
+    elif GR.supported(pc.c_in, pc.c_out, pc.groups):
+        pc.taps = GR.pack_weight(w)
     else:
         pc.panels, pc.ch0, pc.chn = pack_grouped(w, pc.groups)
     return pc

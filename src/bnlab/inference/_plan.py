@@ -331,6 +331,8 @@ class Planner:
         out = self._mat(nd.output)
         if conv.depthwise:
             self.steps.append((S.depthwise_conv, pool, xm, conv, geom, out, res))
+        elif conv.taps is not None:  # grouped, few channels per group
+            self.steps.append((S.grouped_conv, pool, xm, conv, geom, out, res))
         elif self._use_direct(conv, c_in, residual):
             xp = np.zeros(DC.padded_shape(n, h, w, c_in, conv.pads), np.float32)
             self.steps.append((S.direct_conv, pool, xm, conv, xp, (ho, wo), out))
