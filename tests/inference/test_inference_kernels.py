@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from bnlab.inference import _act as A
 from bnlab.inference import _depthwise as DW
 from bnlab.inference import _kernels as K
+from bnlab.inference import _strips as ST
 from bnlab.inference import reference as R
 from bnlab.inference.graph import conv_out_hw
 
@@ -261,7 +262,7 @@ def test_depthwise_conv_matches_float64(
     out = np.full((n * ho * wo, c), np.nan, np.float32)
     geom = (k, k, stride, stride, pads[0], pads[1], dil, dil, ho, wo)
     for r0, r1 in DW.work_items(n * ho, 2):
-        DW.depthwise_rows(
+        ST.strip_rows(
             nhwc(x), DW.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
         )
     np.testing.assert_allclose(out, A.reference(pre, act), rtol=1e-5, atol=1e-5 * k)
@@ -310,7 +311,7 @@ def test_grouped_conv_matches_float64(
     out = np.full((n * ho * wo, c), np.nan, np.float32)
     geom = (k, k, stride, stride, pads[0], pads[1], 1, 1, ho, wo)
     for r0, r1 in DW.work_items(n * ho, 2):
-        GR.grouped_rows(
+        ST.strip_rows(
             nhwc(x), GR.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
         )
     np.testing.assert_allclose(out, A.reference(pre, act), rtol=1e-5, atol=1e-5 * k * np.sqrt(cg))

@@ -21,62 +21,8 @@ import numba
 import numpy as np
 
 from bnlab.inference._act import CLIP, NONE, activate_rows
-from bnlab.inference._gemm import clip_bounds
-from bnlab.inference._microkernel import (
-    A_CHUNK_FLOATS,
-    KC,
-    MR,
-    NR,
-    microkernel_pf,
-    next_piece,
-    prefetch_target,
-)
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _accumulate(
-    af, k, bf, cf, m, n, blk0, blk1, pan0, pan1, first, last, shift, lo, hi
-):  # pragma: no cover - compiled
-    """C[rows of blocks blk0..blk1, panels pan0..pan1] (+)= A @ B for one K segment: A flat
-    (M, k), B panels flat (panels, k, 32), C flat (M, n); ``first`` overwrites C, ``last``
-    applies the epilogue (+ shift, clip to [lo, hi]) in the micro-kernel's last K block."""
-    none = np.zeros(0, np.float32)
-    for kb in range(0, k, KC):
-        kc = min(KC, k - kb)
-        acc = 0 if first and kb == 0 else 1
-        epi = 1 if last and kb + kc == k else 0
-        for p in range(pan0, pan1):
-            b_off = p * k * NR + kb * NR
-            nxt = next_piece(p, pan0, pan1, kb, k)
-            width = min(NR, n - p * NR)
-            for blk in range(blk0, blk1):
-                i = blk * MR
-                pf, st = prefetch_target(b_off, nxt, blk - blk0, blk1 - blk0, kc)
-                microkernel_pf(
-                    af,
-                    i * k + kb,
-                    k,
-                    bf,
-                    b_off,
-                    cf,
-                    i * n + p * NR,
-                    n,
-                    kc,
-                    acc,
-                    min(MR, m - i),
-                    width,
-                    pf,
-                    st,
-                    epi,
-                    p * NR,
-                    shift,
-                    none,
-                    none,
-                    0,
-                    1,
-                    lo,
-                    hi,
-                )
+from bnlab.inference._gemm import clip_bounds, sweep_k
+from bnlab.inference._microkernel import A_CHUNK_FLOATS, KC, MR, NR
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
@@ -100,12 +46,15 @@ def gemm2_tile_range(
         c.reshape(-1),
     )
     lo, hi = clip_bounds(act, pa, pb)
+    none = np.zeros(0, np.float32)
     last = min(blk1, -(-m // MR))
     chunk = max(1, A_CHUNK_FLOATS // (MR * min(max(k1, k2), KC)))
     for c0 in range(blk0, last, chunk):
         c1 = min(c0 + chunk, last)
-        _accumulate(af, k1, bf, cf, m, n, c0, c1, pan0, pan1, True, False, shift, lo, hi)
-        _accumulate(a2f, k2, b2f, cf, m, n, c0, c1, pan0, pan1, False, True, shift, lo, hi)
+        sweep_k(af, 0, k1, bf, cf, m, n, c0, c1, pan0, pan1, True, False, shift, none, none, 1,
+                lo, hi)  # fmt: skip
+        sweep_k(a2f, 0, k2, b2f, cf, m, n, c0, c1, pan0, pan1, False, True, shift, none, none, 1,
+                lo, hi)  # fmt: skip
         if act != NONE and act != CLIP:
             activate_rows(c, c0 * MR, min(c1 * MR, m), pan0 * NR, min(pan1 * NR, n), act, pa, pb)
 

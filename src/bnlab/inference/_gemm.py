@@ -97,10 +97,34 @@ def clip_bounds(act, pa, pb):  # pragma: no cover - compiled
     return _NEG_INF, _POS_INF
 
 
+# fmt: off
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def sweep_k(af, a_row0, k, bf, cf, m, n, c0, c1, pan0, pan1, first, last, shift, scale, rf, ldr,
+            lo, hi):  # pragma: no cover - compiled
+    """C[rows of blocks c0..c1, panels pan0..pan1] (+)= A @ B, K blocked by KC: A flat, row i
+    at af[(i − a_row0)·k]; B panels flat (panels, k, 32); C flat (M, n). ``first`` overwrites
+    C (else adds to it), ``last`` applies the epilogue (scale, shift, residual rf (ldr per row),
+    clip to [lo, hi]) in the last K block. Each 64 KB piece of a B panel serves every row block
+    of the chunk while the next piece is prefetched."""
+    for kb in range(0, k, KC):
+        kc = min(KC, k - kb)
+        acc = 0 if first and kb == 0 else 1
+        epi = 1 if last and kb + kc == k else 0
+        for p in range(pan0, pan1):
+            b_off = p * k * NR + kb * NR
+            nxt = next_piece(p, pan0, pan1, kb, k)
+            width = min(NR, n - p * NR)
+            for blk in range(c0, c1):
+                i = blk * MR
+                pf, st = prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
+                microkernel_pf(af, (i - a_row0) * k + kb, k, bf, b_off, cf, i * n + p * NR, n,
+                               kc, acc, min(MR, m - i), width, pf, st, epi, p * NR, shift, scale,
+                               rf, i * ldr + p * NR, ldr, lo, hi)
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def gemm_tile_range(
-    a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, act, pa, pb
-):  # pragma: no cover - compiled
+def gemm_tile_range(a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, act, pa,
+                    pb):  # pragma: no cover - compiled
     """Rows [6·blk0, 6·blk1) ∩ [0, M) and panels [pan0, pan1) of c = epilogue(a @ B).
 
     a (M, K) float32 C-contiguous; bp (ceil(N/32), K, 32) packed B; c (M, N) C-contiguous;
@@ -116,47 +140,14 @@ def gemm_tile_range(
     pan1 = min(pan1, bp.shape[0])
     j_hi = min(pan1 * NR, n)
     if k > KC or n > m:
-        # big K or more weights than rows (the later stages at small batch): K blocks of KC; a
-        # 64 KB piece of each B panel serves a whole L2-sized chunk of row blocks, so the weights
-        # are read once per chunk, not once per row block, and the next piece is prefetched
+        # big K or more weights than rows (the later stages at small batch): a 64 KB piece of
+        # each B panel serves a whole L2-sized chunk of row blocks, so the weights are read
+        # once per chunk, not once per row block
         chunk = max(1, A_CHUNK_FLOATS // (MR * KC))
         for c0 in range(blk0, last, chunk):
             c1 = min(c0 + chunk, last)
-            for kb in range(0, k, KC):
-                kc = min(KC, k - kb)
-                epi = 1 if kb + kc == k else 0
-                for p in range(pan0, pan1):
-                    b_off = p * k * NR + kb * NR
-                    nxt = next_piece(p, pan0, pan1, kb, k)
-                    width = min(NR, n - p * NR)
-                    for blk in range(c0, c1):
-                        i = blk * MR
-                        pf, st = prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
-                        microkernel_pf(
-                            af,
-                            i * k + kb,
-                            k,
-                            bf,
-                            b_off,
-                            cf,
-                            i * n + p * NR,
-                            n,
-                            kc,
-                            kb,
-                            min(MR, m - i),
-                            width,
-                            pf,
-                            st,
-                            epi,
-                            p * NR,
-                            shift,
-                            scale,
-                            rf,
-                            i * ldr + p * NR,
-                            ldr,
-                            lo,
-                            hi,
-                        )
+            sweep_k(af, 0, k, bf, cf, m, n, c0, c1, pan0, pan1, True, True, shift, scale, rf, ldr,
+                    lo, hi)
             if act != NONE and act != CLIP:
                 activate_rows(c, c0 * MR, min(c1 * MR, m), pan0 * NR, j_hi, act, pa, pb)
     else:
@@ -166,31 +157,12 @@ def gemm_tile_range(
             i = blk * MR
             rows = min(MR, m - i)
             for p in range(pan0, pan1):
-                microkernel(
-                    af,
-                    i * k,
-                    k,
-                    bf,
-                    p * k * NR,
-                    cf,
-                    i * n + p * NR,
-                    n,
-                    k,
-                    0,
-                    rows,
-                    min(NR, n - p * NR),
-                    1,
-                    p * NR,
-                    shift,
-                    scale,
-                    rf,
-                    i * ldr + p * NR,
-                    ldr,
-                    lo,
-                    hi,
-                )
+                microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k, 0, rows,
+                            min(NR, n - p * NR), 1, p * NR, shift, scale, rf, i * ldr + p * NR,
+                            ldr, lo, hi)
             if act != NONE and act != CLIP:
                 activate_rows(c, i, i + rows, pan0 * NR, j_hi, act, pa, pb)
+# fmt: on
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -247,41 +219,8 @@ def conv_tile_range(
         r0 = c0 * MR
         r1 = min(c1 * MR, m)
         gather_rows(x, geom, ch0, chn, r0, r1, scratch)
-        for kb in range(0, k, KC):
-            kc = min(KC, k - kb)
-            epi = 1 if kb + kc == k else 0
-            for p in range(pan0, pan1):  # one B panel piece stays in L1 across the chunk's rows
-                b_off = p * k * NR + kb * NR
-                nxt = next_piece(p, pan0, pan1, kb, k)
-                width = min(NR, n - p * NR)
-                for blk in range(c0, c1):
-                    i = blk * MR
-                    pf, st = prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
-                    microkernel_pf(
-                        sf,
-                        (i - r0) * k + kb,
-                        k,
-                        bf,
-                        b_off,
-                        cf,
-                        i * n + p * NR,
-                        n,
-                        kc,
-                        kb,
-                        min(MR, m - i),
-                        width,
-                        pf,
-                        st,
-                        epi,
-                        p * NR,
-                        shift,
-                        scale,
-                        rf,
-                        i * ldr + p * NR,
-                        ldr,
-                        lo,
-                        hi,
-                    )
+        sweep_k(sf, r0, k, bf, cf, m, n, c0, c1, pan0, pan1, True, True, shift, scale, rf, ldr,
+                lo, hi)  # fmt: skip
         if act != NONE and act != CLIP:
             activate_rows(c, r0, r1, pan0 * NR, j_hi, act, pa, pb)
 

@@ -13,63 +13,15 @@ runs inside that conv's GEMM (:mod:`._fused`, two K segments, one epilogue).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from bnlab.inference import _direct as DC
 from bnlab.inference import _steps as S
 from bnlab.inference import _winograd as WG
+from bnlab.inference._arena import Arena, Plan, bind, label
 from bnlab.inference.graph import Node, UnsupportedOperatorError, infer_shapes
 
 ELEMENTWISE = ("act", "affine", "add", "mul")
-
-
-@dataclass
-class Plan:
-    """Buffers and bound steps for one input shape (N, H, W)."""
-
-    x_nhwc: np.ndarray
-    steps: list = field(default_factory=list)
-    labels: list = field(default_factory=list)  # one per step, for profiles
-    output: np.ndarray | None = None  # NHWC map (N, H, W, C) or vector (N, C)
-
-
-class _Arena:
-    """Flat float32 buffers; a released buffer is reused by the next value that needs one."""
-
-    def __init__(self):
-        self.sizes: list[int] = []
-        self.free: list[int] = []
-        self.requests: list[tuple[int, tuple[int, ...], list]] = []
-
-    def take(self, size: int) -> int:
-        fits = [b for b in self.free if self.sizes[b] >= size]
-        pick = (
-            min(fits, key=lambda b: self.sizes[b])
-            if fits
-            else (max(self.free, key=lambda b: self.sizes[b]) if self.free else None)
-        )
-        if pick is None:
-            self.sizes.append(0)
-            pick = len(self.sizes) - 1
-        else:
-            self.free.remove(pick)
-        self.sizes[pick] = max(self.sizes[pick], size)
-        return pick
-
-    def release(self, buf: int) -> None:
-        self.free.append(buf)
-
-    def view(self, buf: int, shape) -> list:
-        slot: list = []
-        self.requests.append((buf, tuple(shape), slot))
-        return slot
-
-    def materialize(self) -> None:
-        flat = [np.empty(n, np.float32) for n in self.sizes]
-        for buf, shape, slot in self.requests:
-            slot.append(flat[buf][: int(np.prod(shape))].reshape(shape))
 
 
 class Planner:
@@ -83,7 +35,7 @@ class Planner:
         graph = self.net.graph
         self.n = n
         self.shapes = infer_shapes(graph, h, w)
-        self.arena = _Arena()
+        self.arena = Arena()
         self.steps: list = []
         self.where: dict[str, int] = {}  # value -> buffer
         self.live: dict[int, int] = {}  # buffer -> live values in it
@@ -100,8 +52,8 @@ class Planner:
                     self._drop(v)
         out = self._view(graph.output, self._storage(graph.output))
         self.arena.materialize()
-        steps = [_bind(s) for s in self.steps]
-        return Plan(x_slot[0], steps, [_label(s) for s in self.steps], out[0])
+        steps = [bind(s) for s in self.steps]
+        return Plan(x_slot[0], steps, [label(s) for s in self.steps], out[0])
 
     # ------------------------------------------------------------------ buffers
 
@@ -329,10 +281,8 @@ class Planner:
             return
         self._new(nd.output)
         out = self._mat(nd.output)
-        if conv.depthwise:
-            self.steps.append((S.depthwise_conv, pool, xm, conv, geom, out, res))
-        elif conv.taps is not None:  # grouped, few channels per group
-            self.steps.append((S.grouped_conv, pool, xm, conv, geom, out, res))
+        if conv.taps is not None:  # depthwise, or grouped with few channels per group
+            self.steps.append((S.strip_conv, pool, xm, conv, geom, out, res))
         elif self._use_direct(conv, c_in, residual):
             xp = np.zeros(DC.padded_shape(n, h, w, c_in, conv.pads), np.float32)
             self.steps.append((S.direct_conv, pool, xm, conv, xp, (ho, wo), out))
@@ -378,38 +328,9 @@ class Planner:
         return n * th * tw >= WG.MIN_TILES
 
 
-# --------------------------------------------------------------------------- binding
-
-
 def _reads(nd: Node, extra: dict) -> set[str]:
     """The values a node's step reads: its inputs, or for a conv that absorbed the 1x1 conv
     of its residual, its own input and that conv's input (the residual is never made)."""
     if id(nd) in extra:
         return {nd.inputs[0], extra[id(nd)].inputs[0]}
     return set(nd.inputs)
-
-
-def _bind(step):
-    fn, *args = step
-    resolved = [_resolve(a) for a in args]
-    return lambda: fn(*resolved)
-
-
-def _resolve(a):
-    if isinstance(a, list) and a and isinstance(a[0], list):  # a list of slots (concat)
-        return [s[0] for s in a]
-    return a[0] if isinstance(a, list) else a
-
-
-def _label(step) -> str:
-    """'packed_gemm 1x1', 'winograd_conv 3x3', 'depthwise_conv 5x5/2', 'maxpool'...: what a
-    step is, for profiles."""
-    from bnlab.inference._packing import PackedConv  # noqa: PLC0415
-
-    fn, *args = step
-    conv = next((a for a in args if isinstance(a, PackedConv)), None)
-    kind = fn.__name__
-    if conv is None:
-        return kind + (" linear" if kind == "packed_gemm" else "")
-    (kh, kw), s = conv.kernel, conv.stride[0]
-    return f"{kind} {kh}x{kw}" + (f"/{s}" if s > 1 else "")

@@ -13,8 +13,8 @@ from bnlab.inference import _depthwise as DW
 from bnlab.inference import _direct as DC
 from bnlab.inference import _fused as FU
 from bnlab.inference import _gemm as G
-from bnlab.inference import _grouped as GR
 from bnlab.inference import _kernels as K
+from bnlab.inference import _strips as ST
 from bnlab.inference import _winograd as WG
 from bnlab.inference._act import as_params
 
@@ -117,20 +117,12 @@ def winograd_conv(pool, x, conv, out, residual):
     pool.run(tile, WG.work_items(n * th * tw, c, conv.c_out, pool.n_threads))
 
 
-def depthwise_conv(pool, x, conv, geom, out, residual):
+def strip_conv(pool, x, conv, geom, out, residual):
+    """A depthwise or grouped conv (few channels per group) through the strip kernels."""
     res, prm = _res(residual), as_params(conv.act)
 
     def rows(r0, r1):
-        DW.depthwise_rows(x, conv.taps, geom, out, r0, r1, conv.scale, conv.shift, res, *prm)
-
-    pool.run(rows, DW.work_items(x.shape[0] * geom[8], pool.n_threads))
-
-
-def grouped_conv(pool, x, conv, geom, out, residual):
-    res, prm = _res(residual), as_params(conv.act)
-
-    def rows(r0, r1):
-        GR.grouped_rows(x, conv.taps, geom, out, r0, r1, conv.scale, conv.shift, res, *prm)
+        ST.strip_rows(x, conv.taps, geom, out, r0, r1, conv.scale, conv.shift, res, *prm)
 
     pool.run(rows, DW.work_items(x.shape[0] * geom[8], pool.n_threads))
 

@@ -30,8 +30,9 @@ import numpy as np
 from bnlab.errors import DTypeError, NonFiniteError, ShapeError
 from bnlab.inference import _kernels as K
 from bnlab.inference import _pool
+from bnlab.inference._arena import Plan
 from bnlab.inference._packing import pack_conv, pack_linear
-from bnlab.inference._plan import Plan, Planner
+from bnlab.inference._plan import Planner
 from bnlab.inference.graph import Graph
 
 __all__ = ["CompiledNet"]
