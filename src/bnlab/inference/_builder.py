@@ -11,29 +11,23 @@ from bnlab.inference.graph import Graph, Node, UnsupportedOperatorError
 
 
 def pair(v, what: str, node: str) -> tuple[int, int]:
-    """An int or a 1- or 2-element sequence -> (a, b)."""
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    v = [int(x) for x in v]
-    if len(v) == 1:
-        return v[0], v[0]
-    if len(v) != 2:
+    """An int or a 1- or 2-element sequence of positive ints -> (a, b)."""
+    v = [int(v)] if isinstance(v, (int, np.integer)) else [int(x) for x in v]
+    if len(v) not in (1, 2):
         raise UnsupportedOperatorError(f"node {node}: {what} {v} is not 2-D (only 2-D ops run)")
-    return v[0], v[1]
+    if min(v) < 1:
+        raise DataFormatError(f"node {node}: {what} must be positive, got {v}")
+    return (v[0], v[-1])
 
 
 def pads4(v, node: str) -> tuple[int, int, int, int]:
     """Padding as (top, left, bottom, right) from an int, (ph, pw) or ONNX's (t, l, b, r)."""
-    if isinstance(v, (int, np.integer)):
-        return (int(v),) * 4
-    v = [int(x) for x in v]
-    if len(v) == 1:
-        return (v[0],) * 4
-    if len(v) == 2:
-        return v[0], v[1], v[0], v[1]
-    if len(v) == 4:
-        return v[0], v[1], v[2], v[3]
-    raise UnsupportedOperatorError(f"node {node}: padding {v} is not 2-D")
+    v = [int(v)] if isinstance(v, (int, np.integer)) else [int(x) for x in v]
+    if len(v) not in (1, 2, 4):
+        raise UnsupportedOperatorError(f"node {node}: padding {v} is not 2-D")
+    if min(v) < 0:
+        raise DataFormatError(f"node {node}: padding must be >= 0, got {v}")
+    return (v[0],) * 4 if len(v) == 1 else (v[0], v[1], v[0], v[1]) if len(v) == 2 else tuple(v)
 
 
 class Builder:
@@ -65,6 +59,8 @@ class Builder:
             raise UnsupportedOperatorError(
                 f"node {name}: only 2-D convolutions run, got a weight of shape {w.shape}"
             )
+        if 0 in w.shape:
+            raise DataFormatError(f"node {name}: an empty conv weight of shape {w.shape}")
         groups = int(groups)
         if groups < 1 or w.shape[0] % groups:
             raise DataFormatError(f"node {name}: {w.shape[0]} output channels, groups={groups}")

@@ -118,9 +118,31 @@ class Graph:
             if nd.output in known:
                 raise DataFormatError(f"node {nd.name} ({nd.op}) redefines value {nd.output!r}")
             known.add(nd.output)
+            _check_params(nd)
         if self.output not in known:
             raise DataFormatError(f"the graph's output {self.output!r} is never produced")
         return self
+
+
+def _check_params(nd: Node) -> None:
+    """The arrays of a node fit together (what the kernels index by, unchecked)."""
+    p = nd.params
+    vectors = {"conv": ("bias", "scale"), "linear": ("bias",), "affine": ("scale", "shift"),
+               "bn": ("mean", "var", "gamma", "beta")}.get(nd.op, ())  # fmt: skip
+    width = None
+    if nd.op in ("conv", "linear"):
+        w = p["weight"]
+        if w.ndim != (4 if nd.op == "conv" else 2):
+            raise ShapeError(f"node {nd.name}: a {nd.op} weight of shape {w.shape}")
+        if nd.op == "conv" and w.shape[0] % nd.attrs["groups"]:
+            raise ShapeError(f"node {nd.name}: {w.shape[0]} output channels, groups "
+                             f"{nd.attrs['groups']}")  # fmt: skip
+        width = w.shape[0]
+    for k in vectors:
+        if k in p:
+            width = len(p[k]) if width is None else width
+            if p[k].shape != (width,):
+                raise ShapeError(f"node {nd.name}: {k} of shape {p[k].shape}, expected ({width},)")
 
 
 # --------------------------------------------------------------------------- shapes
