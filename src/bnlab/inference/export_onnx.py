@@ -71,8 +71,8 @@ def fold_onnx(path):
             drop.update(v for v in layer.input[1:] if v)
             del layer.input[1:]
             layer.input.extend([f"{stem}.weight_bnfolded", f"{stem}.bias_bnfolded"])
+            folded.append(stem)
             layer.output[0] = nd.output[0]
-            folded.append(layer.name or layer.output[0])
         else:
             s, t = bn_scale_shift(gamma, beta, mean, var, eps)
             shape = (-1, 1, 1) if ranks.get(nd.input[0], 4) == 4 else (-1,)

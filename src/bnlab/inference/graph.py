@@ -143,6 +143,8 @@ def _check_params(nd: Node) -> None:
             width = len(p[k]) if width is None else width
             if p[k].shape != (width,):
                 raise ShapeError(f"node {nd.name}: {k} of shape {p[k].shape}, expected ({width},)")
+    if nd.op == "bn" and (p["var"] < 0).any():
+        raise DataFormatError(f"node {nd.name}: a negative running variance")
 
 
 # --------------------------------------------------------------------------- shapes

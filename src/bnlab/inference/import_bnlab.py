@@ -157,10 +157,13 @@ def from_state_dict(sd: dict[str, np.ndarray]) -> Graph:
 
 
 def _lenet_for(sd):
+    """LeNet-BN, LeNet or folded LeNet-BN (what ``bnlab fold`` writes) with ``sd`` loaded."""
+    from bnlab.fold import fold  # noqa: PLC0415
     from bnlab.models import lenet, lenet_bn  # noqa: PLC0415
 
-    for build in (lenet_bn, lenet):
-        model = build(seed=0)
+    for build in (lambda: lenet_bn(seed=0), lambda: lenet(seed=0),
+                  lambda: fold(lenet_bn(seed=0).eval())[0]):  # fmt: skip
+        model = build()
         if set(model.state_dict()) == set(sd):
             model.load_state_dict(sd, strict=True)
             return model.eval()

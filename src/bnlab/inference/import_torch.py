@@ -342,7 +342,7 @@ def _binary(b: Builder, node, kind, a, consts) -> None:
         [_ref(var)],
         name,
         name,
-        {"scale": scale.astype(np.float32), "shift": shift.astype(np.float32)},
+        {"scale": scale.astype(np.float64), "shift": shift.astype(np.float64)},
     )
 
 
