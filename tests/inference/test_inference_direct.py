@@ -54,7 +54,7 @@ def test_direct_conv_matches_float64_conv(
     D.pad_input(x, pt, pl, xp)
     out = np.full((n * ho * wo, c_out), np.nan, np.float32)  # every entry must be written
     panels = G.pack_panels(pack_weight(wt))
-    for r0, r1 in D.work_items(n * ho, threads):
+    for r0, r1 in D.work_items(n * ho, threads, 1e18):
         D.direct_conv_range(
             xp,
             kh,
@@ -79,6 +79,6 @@ def test_direct_conv_matches_float64_conv(
 def test_work_items_cover_every_row_once():
     for rows, t in [(112, 2), (1, 4), (7, 1), (224, 3)]:
         seen = np.zeros(rows, int)
-        for r0, r1 in D.work_items(rows, t):
+        for r0, r1 in D.work_items(rows, t, 1e18):
             seen[r0:r1] += 1
         assert (seen == 1).all()

@@ -33,7 +33,10 @@ def test_two_segment_gemm_matches_reference(rng, m, k1, k2, n, threads):
     shift = rng.standard_normal(n).astype(np.float32)
     for act in (A.RELU, A.IDENTITY, (A.SILU, 0.0, 0.0)):
         c = np.full((m, n), np.nan, np.float32)  # every entry must be written
-        for item in G.work_items(m, n, k1 + k2, threads):
+        items = G.work_items(m, n, k1 + k2, threads)
+        if threads > 1:  # each row block on its own, too: every split path
+            items = [(b, b + 1, 0, -(-n // G.NR)) for b in range(-(-m // G.MR))]
+        for item in items:
             F.gemm2_tile_range(
                 a, G.pack_panels(w), a2, G.pack_panels(w2), c, *item, shift, *A.as_params(act)
             )

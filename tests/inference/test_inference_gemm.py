@@ -60,11 +60,17 @@ def test_packed_gemm_matches_reference(rng, m, k, n, threads):
         (rng.standard_normal(n).astype("f4"), rng.standard_normal((m, n)).astype("f4"), A.RELU),
     ] + [(EMPTY, NO_RES, act) for act in ACTS[2:]]
     for scale, res, act in cases:
-        c = np.full((m, n), np.nan, np.float32)  # every entry must be written
-        for item in G.work_items(m, n, k, threads):
-            G.gemm_tile_range(a, panels, c, *item, scale, shift, res, *A.as_params(act))
         ref = G.gemm_reference(a, w, scale, shift, res, act)
-        np.testing.assert_allclose(c, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+        for items in (G.work_items(m, n, k, threads), finest(m, n)):
+            c = np.full((m, n), np.nan, np.float32)  # every entry must be written
+            for item in items:
+                G.gemm_tile_range(a, panels, c, *item, scale, shift, res, *A.as_params(act))
+            np.testing.assert_allclose(c, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def finest(m, n):
+    """One item per (row block, panel): every tile computed on its own."""
+    return [(b, b + 1, p, p + 1) for b in range(-(-m // G.MR)) for p in range(-(-n // G.NR))]
 
 
 def test_gemm_writes_nothing_outside_its_matrix(rng):

@@ -261,7 +261,7 @@ def test_depthwise_conv_matches_float64(
     pre = y + (res if with_res else 0)
     out = np.full((n * ho * wo, c), np.nan, np.float32)
     geom = (k, k, stride, stride, pads[0], pads[1], dil, dil, ho, wo)
-    for r0, r1 in DW.work_items(n * ho, 2):
+    for r0, r1 in DW.work_items(n * ho, 2, 1e18):
         ST.strip_rows(
             nhwc(x), DW.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
         )
@@ -310,7 +310,7 @@ def test_grouped_conv_matches_float64(
     assert GR.supported(c, c, c // cg)
     out = np.full((n * ho * wo, c), np.nan, np.float32)
     geom = (k, k, stride, stride, pads[0], pads[1], 1, 1, ho, wo)
-    for r0, r1 in DW.work_items(n * ho, 2):
+    for r0, r1 in DW.work_items(n * ho, 2, 1e18):
         ST.strip_rows(
             nhwc(x), GR.pack_weight(wt), geom, out, r0, r1, scale, shift, res, *A.as_params(act)
         )

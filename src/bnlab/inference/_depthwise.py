@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnlab.inference._ir import strip_codegen, strip_intrinsic
+from bnlab.inference._pool import MIN_ITEM_FLOPS, n_items
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
@@ -42,8 +43,9 @@ def _kernel(pix: int):
 STRIP8, STRIP4, STRIP1 = _kernel(8), _kernel(4), _kernel(1)
 
 
-def work_items(rows: int, n_threads: int) -> list[tuple[int, int]]:
-    """(r0, r1) ranges of output rows (n, oh): 4 per thread, or one."""
-    parts = max(1, min(rows, 4 * n_threads if n_threads > 1 else 1))
+def work_items(rows: int, n_threads: int, flops: float) -> list[tuple[int, int]]:
+    """(r0, r1) ranges of output rows (n, oh): 4 per thread, none under MIN_ITEM_FLOPS / 2 (the
+    strip kernels run at about half the GEMM's rate)."""
+    parts = min(rows, n_items(flops, MIN_ITEM_FLOPS / 2, n_threads))
     step = -(-rows // parts)
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]

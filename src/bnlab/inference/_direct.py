@@ -24,6 +24,7 @@ import numpy as np
 from bnlab.inference._act import CLIP, NONE, activate_rows
 from bnlab.inference._gemm import clip_bounds
 from bnlab.inference._microkernel import MR, NR, microkernel_seg
+from bnlab.inference._pool import MIN_ITEM_FLOPS, n_items
 
 
 def padded_shape(n: int, h: int, w: int, c: int, pads) -> tuple[int, int, int, int]:
@@ -95,9 +96,9 @@ def direct_conv_range(
                 activate_rows(c, row, row + rows, pan0 * NR, j_hi, act, pa, pb)
 
 
-def work_items(rows: int, n_threads: int) -> list[tuple[int, int]]:
-    """(r0, r1) ranges of output rows (n, oh): one per thread count x 4, or one."""
-    parts = max(1, min(rows, 4 * n_threads if n_threads > 1 else 1))
+def work_items(rows: int, n_threads: int, flops: float) -> list[tuple[int, int]]:
+    """(r0, r1) ranges of output rows (n, oh): 4 per thread, none under MIN_ITEM_FLOPS."""
+    parts = min(rows, n_items(flops, MIN_ITEM_FLOPS, n_threads))
     step = -(-rows // parts)
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 

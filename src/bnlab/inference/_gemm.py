@@ -35,7 +35,14 @@ from bnlab.inference._microkernel import (
     next_piece,
     prefetch_target,
 )
-from bnlab.inference._pool import WorkPool, default_threads, host_has_avx512, shared_pool
+from bnlab.inference._pool import (
+    MIN_ITEM_FLOPS,
+    WorkPool,
+    default_threads,
+    host_has_avx512,
+    n_items,
+    shared_pool,
+)
 
 __all__ = [
     "MR",
@@ -244,9 +251,7 @@ def work_items(m: int, n: int, k: int, n_threads: int) -> list[tuple[int, int, i
     had each of 8 items stream all of layer4's 4-8 MB weights).
     """
     blocks, panels = -(-m // MR), -(-n // NR)
-    want = max(1, 4 * n_threads) if n_threads > 1 else 1
-    if 2.0 * m * n * k / want < 2e5:  # too small to share: fewer items (one when tiny)
-        want = max(1, min(want, int(2.0 * m * n * k / 2e5)))
+    want = n_items(2.0 * m * n * k, MIN_ITEM_FLOPS, n_threads)
     by_rows = m >= n or panels < min(want, blocks)
     if by_rows:
         step = -(-blocks // want)

@@ -13,6 +13,19 @@ import itertools
 import os
 import threading
 
+# What one work item must be worth before a step is shared among threads: waking a worker and
+# dispatching an item cost 10-30 µs, so an item should take ~40 µs or more.
+MIN_ITEM_FLOPS = 4e6  # ~40 µs of GEMM at ~100 GFLOP/s
+MIN_ITEM_BYTES = 1 << 19  # ~40 µs of streaming through L2/L3
+
+
+def n_items(work: float, unit: float, n_threads: int, per_thread: int = 4) -> int:
+    """How many items to cut ``work`` into: ``per_thread`` per thread, but none smaller than
+    ``unit`` (one item, run on the calling thread, when the whole step is smaller)."""
+    if n_threads <= 1:
+        return 1
+    return max(1, min(per_thread * n_threads, int(work // unit)))
+
 
 class _Job:
     """One parallel call: items claimed from a shared counter by whoever is running."""

@@ -17,13 +17,15 @@ from bnlab.inference import _kernels as K
 from bnlab.inference import _strips as ST
 from bnlab.inference import _winograd as WG
 from bnlab.inference._act import as_params
+from bnlab.inference._pool import MIN_ITEM_BYTES, n_items
 
 NO_RES = np.zeros((0, 1), np.float32)
 
 
-def row_items(rows: int, n_threads: int, parts_per_thread: int = 2) -> tuple:
-    """[r0, r1) ranges of rows for the memory-bound kernels (a tuple: not an arena slot)."""
-    parts = max(1, min(rows, parts_per_thread * n_threads if n_threads > 1 else 1))
+def row_items(rows: int, n_threads: int, row_bytes: float) -> tuple:
+    """[r0, r1) ranges of rows for the memory-bound kernels: 2 per thread, none moving less
+    than MIN_ITEM_BYTES (a tuple: not an arena slot)."""
+    parts = min(rows, n_items(rows * row_bytes, MIN_ITEM_BYTES, n_threads, per_thread=2))
     step = -(-rows // parts)
     return tuple((r, min(r + step, rows)) for r in range(0, rows, step))
 
@@ -102,7 +104,8 @@ def direct_conv(pool, x, conv, xp, out_hw, out):
             *prm,
         )
 
-    pool.run(rows, DC.work_items(x.shape[0] * ho, pool.n_threads))
+    flops = 2.0 * out.size * conv.weight[0].size
+    pool.run(rows, DC.work_items(x.shape[0] * ho, pool.n_threads, flops))
 
 
 def winograd_conv(pool, x, conv, out, residual):
@@ -124,7 +127,8 @@ def strip_conv(pool, x, conv, geom, out, residual):
     def rows(r0, r1):
         ST.strip_rows(x, conv.taps, geom, out, r0, r1, conv.scale, conv.shift, res, *prm)
 
-    pool.run(rows, DW.work_items(x.shape[0] * geom[8], pool.n_threads))
+    flops = 2.0 * out.size * conv.weight[0].size
+    pool.run(rows, DW.work_items(x.shape[0] * geom[8], pool.n_threads, flops))
 
 
 def fused_tail(pool, a, conv, xs, second, out):
@@ -143,25 +147,25 @@ def subsample(x, stride, out):
     K.subsample_nhwc(x, stride[0], stride[1], out)
 
 
+def _split(pool, fn, rows: int, *arrays) -> None:
+    """Run fn(r0, r1) over ``rows`` rows, shared when the arrays' traffic is worth it."""
+    row_bytes = 4.0 * sum(a.size for a in arrays) / max(rows, 1)
+    pool.run(fn, row_items(rows, pool.n_threads, row_bytes))
+
+
 def maxpool(pool, x, geom, out):
-    pool.run(
-        lambda r0, r1: K.maxpool_nhwc(x, geom, out, r0, r1),
-        row_items(out.shape[0] * out.shape[1], pool.n_threads),
-    )
+    _split(pool, lambda r0, r1: K.maxpool_nhwc(x, geom, out, r0, r1), out.shape[0] * out.shape[1],
+           x, out)  # fmt: skip
 
 
 def avgpool(pool, x, geom, include_pad, out):
-    pool.run(
-        lambda r0, r1: K.avgpool_nhwc(x, geom, include_pad, out, r0, r1),
-        row_items(out.shape[0] * out.shape[1], pool.n_threads),
-    )
+    _split(pool, lambda r0, r1: K.avgpool_nhwc(x, geom, include_pad, out, r0, r1),
+           out.shape[0] * out.shape[1], x, out)  # fmt: skip
 
 
 def adaptive_avgpool(pool, x, out):
-    pool.run(
-        lambda r0, r1: K.adaptive_avgpool_nhwc(x, out, r0, r1),
-        row_items(out.shape[0] * out.shape[1], pool.n_threads),
-    )
+    _split(pool, lambda r0, r1: K.adaptive_avgpool_nhwc(x, out, r0, r1),
+           out.shape[0] * out.shape[1], x, out)  # fmt: skip
 
 
 def global_avgpool(x, out):
@@ -170,33 +174,27 @@ def global_avgpool(x, out):
 
 def add(pool, a, b, out, act):
     prm = as_params(act)
-    pool.run(
-        lambda r0, r1: K.add_rows(a, b, out, r0, r1, *prm), row_items(out.shape[0], pool.n_threads)
-    )
+    _split(pool, lambda r0, r1: K.add_rows(a, b, out, r0, r1, *prm), out.shape[0], a, b, out)
 
 
 def mul(pool, a, b, out):
-    pool.run(lambda r0, r1: K.mul_rows(a, b, out, r0, r1), row_items(out.shape[0], pool.n_threads))
+    _split(pool, lambda r0, r1: K.mul_rows(a, b, out, r0, r1), out.shape[0], a, b, out)
 
 
 def scale_channels(pool, x, s, out):
-    rows = x.shape[0] * x.shape[1]
-    pool.run(lambda r0, r1: K.scale_channels(x, s, out, r0, r1), row_items(rows, pool.n_threads))
+    _split(pool, lambda r0, r1: K.scale_channels(x, s, out, r0, r1), x.shape[0] * x.shape[1],
+           x, out)  # fmt: skip
 
 
 def affine(pool, x, scale, shift, out, act):
     prm = as_params(act)
-    pool.run(
-        lambda r0, r1: K.affine_rows(x, scale, shift, out, r0, r1, *prm),
-        row_items(out.shape[0], pool.n_threads),
-    )
+    _split(pool, lambda r0, r1: K.affine_rows(x, scale, shift, out, r0, r1, *prm), out.shape[0],
+           x, out)  # fmt: skip
 
 
 def activation(pool, x, out, act):
     prm = as_params(act)
-    pool.run(
-        lambda r0, r1: K.act_rows(x, out, r0, r1, *prm), row_items(out.shape[0], pool.n_threads)
-    )
+    _split(pool, lambda r0, r1: K.act_rows(x, out, r0, r1, *prm), out.shape[0], x, out)
 
 
 def flatten(x, out):
