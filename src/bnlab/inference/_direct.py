@@ -21,8 +21,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bnlab.inference._act import CLIP, NONE, activate_rows
-from bnlab.inference._gemm import clip_bounds
 from bnlab.inference._microkernel import MR, NR, microkernel_seg
 from bnlab.inference._pool import MIN_ITEM_FLOPS, n_items
 
@@ -58,8 +56,6 @@ def direct_conv_range(
     lda = sw * ch
     xf, bf, cf = xp.reshape(-1), bp.reshape(-1), c.reshape(-1)
     none = np.zeros(0, np.float32)
-    lo, hi = clip_bounds(act, pa, pb)
-    j_hi = min(pan1 * NR, n_out)
     for r in range(r0, r1):
         n, oh = r // ho, r % ho
         for ow0 in range(0, wo, MR):
@@ -67,33 +63,9 @@ def direct_conv_range(
             rows = min(MR, wo - ow0)
             a_off = ((n * hp + sh * oh) * wp + sw * ow0) * ch
             for p in range(pan0, pan1):  # K = kh·kw·C in kh segments, one input row apart
-                microkernel_seg(
-                    xf,
-                    a_off,
-                    lda,
-                    bf,
-                    p * k * NR,
-                    cf,
-                    row * n_out + p * NR,
-                    n_out,
-                    kh * span,
-                    0,
-                    rows,
-                    min(NR, n_out - p * NR),
-                    span,
-                    wp * ch,
-                    1,
-                    p * NR,
-                    shift,
-                    scale,
-                    none,
-                    0,
-                    1,
-                    lo,
-                    hi,
-                )
-            if act != NONE and act != CLIP:
-                activate_rows(c, row, row + rows, pan0 * NR, j_hi, act, pa, pb)
+                microkernel_seg(xf, a_off, lda, bf, p * k * NR, cf, row * n_out + p * NR, n_out,
+                                kh * span, 0, rows, min(NR, n_out - p * NR), span, wp * ch, 1,
+                                p * NR, shift, scale, none, 0, 1, act, pa, pb)  # fmt: skip
 
 
 def work_items(rows: int, n_threads: int, flops: float) -> list[tuple[int, int]]:

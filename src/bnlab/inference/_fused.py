@@ -20,9 +20,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from bnlab.inference._act import CLIP, NONE, activate_rows
-from bnlab.inference._gemm import clip_bounds, sweep_k
-from bnlab.inference._microkernel import A_CHUNK_FLOATS, KC, MR, NR
+from bnlab.inference._gemm import sweep_k
+from bnlab.inference._microkernel import A_CHUNK_FLOATS, KC, MR
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
@@ -45,18 +44,15 @@ def gemm2_tile_range(
         bp2.reshape(-1),
         c.reshape(-1),
     )
-    lo, hi = clip_bounds(act, pa, pb)
     none = np.zeros(0, np.float32)
     last = min(blk1, -(-m // MR))
     chunk = max(1, A_CHUNK_FLOATS // (MR * min(max(k1, k2), KC)))
     for c0 in range(blk0, last, chunk):
         c1 = min(c0 + chunk, last)
         sweep_k(af, 0, k1, bf, cf, m, n, c0, c1, pan0, pan1, True, False, shift, none, none, 1,
-                lo, hi)  # fmt: skip
+                act, pa, pb)  # fmt: skip
         sweep_k(a2f, 0, k2, b2f, cf, m, n, c0, c1, pan0, pan1, False, True, shift, none, none, 1,
-                lo, hi)  # fmt: skip
-        if act != NONE and act != CLIP:
-            activate_rows(c, c0 * MR, min(c1 * MR, m), pan0 * NR, min(pan1 * NR, n), act, pa, pb)
+                act, pa, pb)  # fmt: skip
 
 
 def gemm2_reference(a, w, a2, w2, shift, act):

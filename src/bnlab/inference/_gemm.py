@@ -96,23 +96,15 @@ def epilogue_rows(c, r0, r1, j0, j1, scale, shift, residual, act, pa, pb):  # pr
         activate_rows(c, r0, r1, j0, j1, act, pa, pb)
 
 
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def clip_bounds(act, pa, pb):  # pragma: no cover - compiled
-    """(lo, hi) the micro-kernel's store clips to: the CLIP activation's, else ±inf."""
-    if act == CLIP:
-        return pa, pb
-    return _NEG_INF, _POS_INF
-
-
 # fmt: off
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def sweep_k(af, a_row0, k, bf, cf, m, n, c0, c1, pan0, pan1, first, last, shift, scale, rf, ldr,
-            lo, hi):  # pragma: no cover - compiled
+            act, pa, pb):  # pragma: no cover - compiled
     """C[rows of blocks c0..c1, panels pan0..pan1] (+)= A @ B, K blocked by KC: A flat, row i
     at af[(i − a_row0)·k]; B panels flat (panels, k, 32); C flat (M, n). ``first`` overwrites
-    C (else adds to it), ``last`` applies the epilogue (scale, shift, residual rf (ldr per row),
-    clip to [lo, hi]) in the last K block. Each 64 KB piece of a B panel serves every row block
-    of the chunk while the next piece is prefetched."""
+    C (else adds to it), ``last`` applies the epilogue (scale, shift, residual rf (ldr per
+    row), activation act(pa, pb)) in the last K block. Each 64 KB piece of a B panel serves
+    every row block of the chunk while the next piece is prefetched."""
     for kb in range(0, k, KC):
         kc = min(KC, k - kb)
         acc = 0 if first and kb == 0 else 1
@@ -126,7 +118,7 @@ def sweep_k(af, a_row0, k, bf, cf, m, n, c0, c1, pan0, pan1, first, last, shift,
                 pf, st = prefetch_target(b_off, nxt, blk - c0, c1 - c0, kc)
                 microkernel_pf(af, (i - a_row0) * k + kb, k, bf, b_off, cf, i * n + p * NR, n,
                                kc, acc, min(MR, m - i), width, pf, st, epi, p * NR, shift, scale,
-                               rf, i * ldr + p * NR, ldr, lo, hi)
+                               rf, i * ldr + p * NR, ldr, act, pa, pb)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
@@ -142,10 +134,8 @@ def gemm_tile_range(a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, ac
     n = c.shape[1]
     af, bf, cf, rf = a.reshape(-1), bp.reshape(-1), c.reshape(-1), residual.reshape(-1)
     ldr = residual.shape[1]
-    lo, hi = clip_bounds(act, pa, pb)
     last = min(blk1, -(-m // MR))
     pan1 = min(pan1, bp.shape[0])
-    j_hi = min(pan1 * NR, n)
     if k > KC or n > m:
         # big K or more weights than rows (the later stages at small batch): a 64 KB piece of
         # each B panel serves a whole L2-sized chunk of row blocks, so the weights are read
@@ -154,9 +144,7 @@ def gemm_tile_range(a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, ac
         for c0 in range(blk0, last, chunk):
             c1 = min(c0 + chunk, last)
             sweep_k(af, 0, k, bf, cf, m, n, c0, c1, pan0, pan1, True, True, shift, scale, rf, ldr,
-                    lo, hi)
-            if act != NONE and act != CLIP:
-                activate_rows(c, c0 * MR, min(c1 * MR, m), pan0 * NR, j_hi, act, pa, pb)
+                    act, pa, pb)
     else:
         # one row block against every panel (its A rows stay in L1, C rows are written
         # contiguously)
@@ -166,9 +154,7 @@ def gemm_tile_range(a, bp, c, blk0, blk1, pan0, pan1, scale, shift, residual, ac
             for p in range(pan0, pan1):
                 microkernel(af, i * k, k, bf, p * k * NR, cf, i * n + p * NR, n, k, 0, rows,
                             min(NR, n - p * NR), 1, p * NR, shift, scale, rf, i * ldr + p * NR,
-                            ldr, lo, hi)
-            if act != NONE and act != CLIP:
-                activate_rows(c, i, i + rows, pan0 * NR, j_hi, act, pa, pb)
+                            ldr, act, pa, pb)
 # fmt: on
 
 
@@ -214,22 +200,18 @@ def conv_tile_range(
     k = bp.shape[1]
     bf, cf, rf = bp.reshape(-1), c.reshape(-1), residual.reshape(-1)
     ldr = residual.shape[1]
-    lo, hi = clip_bounds(act, pa, pb)
     last = min(blk1, -(-m // MR))
     pan1 = min(pan1, bp.shape[0])
     chunk = max(1, A_CHUNK_FLOATS // (MR * min(k, KC)))
     scratch = np.empty((chunk * MR, k), np.float32)
     sf = scratch.reshape(-1)
-    j_hi = min(pan1 * NR, n)
     for c0 in range(blk0, last, chunk):
         c1 = min(c0 + chunk, last)
         r0 = c0 * MR
         r1 = min(c1 * MR, m)
         gather_rows(x, geom, ch0, chn, r0, r1, scratch)
         sweep_k(sf, r0, k, bf, cf, m, n, c0, c1, pan0, pan1, True, True, shift, scale, rf, ldr,
-                lo, hi)  # fmt: skip
-        if act != NONE and act != CLIP:
-            activate_rows(c, r0, r1, pan0 * NR, j_hi, act, pa, pb)
+                act, pa, pb)  # fmt: skip
 
 
 def pack_panels(w_kn: np.ndarray) -> np.ndarray:

@@ -97,7 +97,7 @@ def strip_intrinsic(name: str, codegen, doc: str):
 # --------------------------------------------------------------------------- strip kernels
 
 STRIP_GEO = "x x_off pix_step tap_step row_step w w_off w_tap w_row rows_k kw out out_off out_step"
-STRIP_EPI = "shift scale col lo hi"
+STRIP_EPI = "shift scale col act pa pb"
 STRIP_ARGS = "geo npix lanes epi"  # geo and epi: tuples of the fields above
 
 
@@ -119,7 +119,7 @@ def strip_codegen(pix: int, body):
 
         acc[p] = Σ_{i < rows_k, j < kw} body(x at x_off + i·row_step + j·tap_step + p·pix_step,
                                              w at w_off + i·w_row + j·w_tap)
-        out[out_off + p·out_step] = clip(acc[p]·scale[col] + shift[col], lo, hi)
+        out[out_off + p·out_step] = act(acc[p]·scale[col] + shift[col])   (act, pa, pb)
 
     (scale skipped when empty). ``body(ctx, x_at, w_at, acc) -> acc`` emits the multiply-adds of
     one tap; ``x_at(p)`` and ``w_at(extra)`` are the element offsets of pixel p's input and of
@@ -222,13 +222,88 @@ def _strip_store(ctx: _StripContext, res, pix: int) -> None:
     c = x.const
     sh = x.load(builder, x.vec_ptr(builder, ctx.sh_data, a["col"]), ctx.mask)
     has_sc = splat(builder, builder.icmp_signed(">", ctx.sc_n, c(0)))
-    sc = x.load(builder, x.vec_ptr(builder, ctx.sc_data, a["col"]), builder.and_(ctx.mask, has_sc))
+    sc = x.load(builder, x.vec_ptr(builder, ctx.sc_data, a["col"]),
+                builder.and_(ctx.mask, has_sc))  # fmt: skip
     sc = builder.select(has_sc, sc, ir.Constant(x.v16, [1.0] * VW))
-    lo_v, hi_v = splat(builder, a["lo"]), splat(builder, a["hi"])
+    ys = activate(builder, x, [builder.call(x.fma, [r, sc, sh]) for r in res], a["act"], a["pa"],
+                  a["pb"])  # fmt: skip
     for p in range(pix):
-        v = x.clip(builder, builder.call(x.fma, [res[p], sc, sh]), lo_v, hi_v)
         valid = splat(builder, builder.icmp_signed("<", c(p), a["npix"]))
         ptr = x.vec_ptr(
             builder, ctx.o_data, builder.add(a["out_off"], builder.mul(c(p), a["out_step"]))
         )
-        x.store(builder, v, ptr, builder.and_(ctx.mask, valid))
+        x.store(builder, ys[p], ptr, builder.and_(ctx.mask, valid))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _vexp(builder, x, v):
+    """e^v for a <16 x float>, the algorithm of :func:`bnlab.inference._act.exp32`: 2^n · p(r),
+    n = round(v·log2 e), r = v − n·ln 2 (two parts), p the degree-7 Taylor polynomial."""
+    from bnlab.inference import _act as A  # noqa: PLC0415
+
+    def k(c):
+        return ir.Constant(x.v16, [float(c)] * VW)
+
+    floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(x.v16, [x.v16]),
+                                           "llvm.floor.v16f32")  # fmt: skip
+    v = x.clip(builder, v, k(A._LO), k(A._HI))
+    n = builder.call(floor, [builder.call(x.fma, [v, k(A._LOG2E), k(0.5)])])
+    r = builder.call(x.fma, [n, k(-A._LN2_HI), v])
+    r = builder.call(x.fma, [n, k(-A._LN2_LO), r])
+    p = k(A._C[7])
+    for c in A._C[6::-1]:
+        p = builder.call(x.fma, [p, r, k(c)])
+    vi32 = ir.VectorType(x.i32, VW)
+    bits = builder.shl(builder.add(builder.fptosi(n, vi32), ir.Constant(vi32, [127] * VW)),
+                       ir.Constant(vi32, [23] * VW))  # fmt: skip
+    return builder.fmul(p, builder.bitcast(bits, x.v16))
+
+
+def activate(builder, x, vals, act, pa, pb):
+    """The activation (code ``act``, parameters pa, pb: :mod:`bnlab.inference._act`) of each
+    <16 x float> in vals. A clip (ReLU, ReLU6; ±inf bounds for the others) is applied in line;
+    the exp-based and hard activations behind one run-time branch for all the vectors, so a
+    ReLU epilogue pays nothing for them."""
+    from bnlab.inference import _act as A  # noqa: PLC0415
+
+    one, zero = ir.Constant(x.v16, [1.0] * VW), ir.Constant(x.v16, None)
+    inf = ir.Constant(x.f32, float("inf"))
+    is_clip = builder.icmp_signed("==", act, ir.Constant(act.type, A.CLIP))
+    lo = splat(builder, builder.select(is_clip, pa, builder.fsub(ir.Constant(x.f32, 0.0), inf)))
+    hi = splat(builder, builder.select(is_clip, pb, inf))
+    vals = [x.clip(builder, v, lo, hi) for v in vals]
+    a, b = splat(builder, pa), splat(builder, pb)
+
+    def hsig(v):
+        return x.clip(builder, builder.call(x.fma, [a, v, b]), zero, one)
+
+    def sigmoid(v):
+        return builder.fdiv(one, builder.fadd(one, _vexp(builder, x, builder.fsub(zero, v))))
+
+    cases = {
+        A.SIGMOID: sigmoid,
+        A.SILU: lambda v: builder.fmul(v, sigmoid(v)),
+        A.HARDSIGMOID: hsig,
+        A.HARDSWISH: lambda v: builder.fmul(v, hsig(v)),
+    }
+    merge = builder.append_basic_block("act_done")
+    start = builder.block
+    switch = builder.switch(act, merge)  # NONE and CLIP: straight to merge
+    ends = [(start, vals)]
+    for code, fn in cases.items():
+        blk = builder.append_basic_block(f"act{code}")
+        switch.add_case(ir.Constant(act.type, code), blk)
+        builder.position_at_end(blk)
+        out = [fn(v) for v in vals]
+        ends.append((builder.block, out))
+        builder.branch(merge)
+    builder.position_at_end(merge)
+    result = []
+    for i in range(len(vals)):
+        phi = builder.phi(x.v16)
+        for blk, out in ends:
+            phi.add_incoming(out[i], blk)
+        result.append(phi)
+    return result

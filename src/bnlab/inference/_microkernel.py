@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from bnlab.inference._ir import IR, data, lane_masks, splat
+from bnlab.inference._ir import IR, activate, data, lane_masks, splat
 
 MR, NR = 6, 32  # micro-tile: 6 rows x 32 columns (two 16-float vectors)
 A_CHUNK_FLOATS = 64 * 1024  # rows of A swept per B panel: 256 KB, a quarter of a 1 MB L2
@@ -33,7 +33,7 @@ KC = 512  # K block: a (KC x 32) piece of a B panel is 64 KB
 
 
 _ARGS = "a a_off lda b b_off c c_off ldc k acc rows width"
-_EPI = "epi col shift scale res res_off ldr lo hi"
+_EPI = "epi col shift scale res res_off ldr act pa pb"
 
 
 def _microkernel_codegen(prefetch: bool, segmented: bool = False):
@@ -126,8 +126,9 @@ def _prefetch(builder, ptr, x) -> None:
 
 
 def _epilogue_and_store(context, builder, x, v, t, results, c_ptrs, masks, col_masks):
-    """Store the accumulators; with ``epi`` nonzero first y = min(max(y·scale + shift +
-    residual, lo), hi) per column (scale and residual only when their arrays are not empty)."""
+    """Store the accumulators; with ``epi`` nonzero first y = act(y·scale + shift + residual)
+    per column (scale and residual only when their arrays are not empty; the activation one
+    run-time branch for the whole tile: :func:`bnlab.inference._ir.activate`)."""
     c = x.const
     sh_data, _ = data(context, builder, t["shift"], v["shift"])
     sc_data, sc_n = data(context, builder, t["scale"], v["scale"])
@@ -136,7 +137,6 @@ def _epilogue_and_store(context, builder, x, v, t, results, c_ptrs, masks, col_m
     has_sc = splat(builder, builder.and_(apply, builder.icmp_signed(">", sc_n, c(0))))
     has_res = builder.and_(apply, builder.icmp_signed(">", res_n, c(0)))
     on = splat(builder, apply)
-    lo_v, hi_v = splat(builder, v["lo"]), splat(builder, v["hi"])
     shift, scale = [], []
     for h in range(2):
         j = builder.add(v["col"], c(16 * h))
@@ -145,50 +145,53 @@ def _epilogue_and_store(context, builder, x, v, t, results, c_ptrs, masks, col_m
         sc = x.load(builder, x.vec_ptr(builder, sc_data, j), builder.and_(col_masks[h], has_sc))
         scale.append(builder.select(has_sc, sc, ir.Constant(x.v16, [1.0] * 16)))
     res_base = builder.gep(res_data, [v["res_off"]])
+    ys = []
     for r in range(MR):
         rrow = builder.gep(res_base, [builder.mul(v["ldr"], c(r))])
         valid = builder.icmp_signed("<", c(r), v["rows"])
         for h in range(2):
             i = 2 * r + h
-            y = builder.call(x.fma, [results[i], scale[h], shift[h]])  # zero shift when off
+            y = builder.call(x.fma, [results[i], scale[h], shift[h]])  # = results when off
             rm = builder.and_(masks[i], splat(builder, builder.and_(has_res, valid)))
-            y = builder.fadd(y, x.load(builder, x.vec_ptr(builder, rrow, c(16 * h)), rm))
-            y = builder.select(on, x.clip(builder, y, lo_v, hi_v), results[i])
-            x.store(builder, y, c_ptrs[i], masks[i])
+            ys.append(builder.fadd(y, x.load(builder, x.vec_ptr(builder, rrow, c(16 * h)), rm)))
+    act = builder.select(apply, v["act"], ir.Constant(v["act"].type, 0))
+    for y, ptr, m in zip(activate(builder, x, ys, act, v["pa"], v["pb"]), c_ptrs, masks,
+                         strict=True):  # fmt: skip
+        x.store(builder, y, ptr, m)
 
 
 # fmt: off
 @intrinsic
 def microkernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width, epi, col,
-                shift, scale, res, res_off, ldr, lo, hi):
+                shift, scale, res, res_off, ldr, act, pa, pb):
     """c[r·ldc + j] (+)= Σ_k a[r·lda + k] · b[k·32 + j] for r < rows <= 6, j < width <= 32
     (offsets in elements, all int64); ``acc`` nonzero adds to what c holds (the K blocks after
     the first), zero overwrites. With ``epi`` nonzero (the last K block) the stored value is
-    min(max(v·scale[col + j] + shift[col + j] + res[res_off + r·ldr + j], lo), hi), scale and
-    res skipped when empty: the epilogue of :func:`bnlab.inference._gemm.epilogue_rows` while
-    the accumulators are still in registers."""
+    act(v·scale[col + j] + shift[col + j] + res[res_off + r·ldr + j]) (activation code act,
+    parameters pa, pb), scale and res skipped when empty: the epilogue of
+    :func:`bnlab.inference._gemm.epilogue_rows` while the accumulators are in registers."""
     sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width, epi, col,
-                     shift, scale, res, res_off, ldr, lo, hi)
+                     shift, scale, res, res_off, ldr, act, pa, pb)
     return sig, _microkernel_codegen(False)
 
 
 @intrinsic
 def microkernel_seg(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width, span,
-                    seg_a, epi, col, shift, scale, res, res_off, ldr, lo, hi):
+                    seg_a, epi, col, shift, scale, res, res_off, ldr, act, pa, pb):
     """:func:`microkernel` whose A rows are segments: step k reads a[r·lda + (k // span)·seg_a
     + k mod span] (B stays contiguous). A direct conv takes its kh kernel rows of one output
     tile in one call this way (K = kh·kw·C) instead of kh calls of K = kw·C."""
     sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width, span, seg_a,
-                     epi, col, shift, scale, res, res_off, ldr, lo, hi)
+                     epi, col, shift, scale, res, res_off, ldr, act, pa, pb)
     return sig, _microkernel_codegen(False, segmented=True)
 
 
 @intrinsic
 def microkernel_pf(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width,
-                   pf_off, pf_step, epi, col, shift, scale, res, res_off, ldr, lo, hi):
+                   pf_off, pf_step, epi, col, shift, scale, res, res_off, ldr, act, pa, pb):
     """:func:`microkernel`, also prefetching b[pf_off + k·pf_step] at every k step."""
     sig = types.void(a, a_off, lda, b, b_off, c, c_off, ldc, k, acc, rows, width, pf_off,
-                     pf_step, epi, col, shift, scale, res, res_off, ldr, lo, hi)
+                     pf_step, epi, col, shift, scale, res, res_off, ldr, act, pa, pb)
     return sig, _microkernel_codegen(True)
 # fmt: on
 

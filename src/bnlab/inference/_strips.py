@@ -4,8 +4,8 @@ For each output row (n, oh) and each vector of 16 channels, the row's pixels go 
 strip kernels: 8 at a time (then 4, then 1) where the whole window lies inside the row, one at
 a time with its valid kernel columns at the left and right border; kernel rows outside the image
 (top and bottom border) are skipped by starting at the first valid one. The strips apply scale,
-shift and a clip before their store; a residual, or an activation other than a clip, is applied
-to the finished row while it is in cache.
+shift and the activation before their store; a residual (and then the activation) is added to
+the finished row while it is in cache.
 
 Speed: the depthwise 3x3 and 5x5 windows with stride 1 or 2 and all 16 lanes valid call the
 kernel with the tap counts, steps and lane count as literal constants (``kind`` 1-4). LLVM then
@@ -20,8 +20,7 @@ import numpy as np
 
 from bnlab.inference import _depthwise as D
 from bnlab.inference import _grouped as G
-from bnlab.inference._act import CLIP, NONE, activate_rows
-from bnlab.inference._gemm import clip_bounds, epilogue_rows
+from bnlab.inference._gemm import epilogue_rows
 
 VW = 16
 _JIT = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
@@ -123,7 +122,7 @@ def strip_rows(
     cg = wt.shape[1] if wt.ndim == 3 else 1
     xf, wf, of = x.reshape(-1), wt.reshape(-1), out.reshape(-1)
     fused = residual.shape[0] == 0  # the strips' epilogue is the whole epilogue
-    lo, hi = clip_bounds(act, pa, pb) if fused else (np.float32(-np.inf), np.float32(np.inf))
+    zero = np.float32(0.0)
     # output columns whose window lies inside the row: ow·sw − pl >= 0 and the last tap < W
     ow_lo = min(wo, -(-pl // sw))
     ow_hi = max(ow_lo, min(wo, (w - 1 + pl - (kw - 1) * dw) // sw + 1))
@@ -139,7 +138,7 @@ def strip_rows(
         for c0 in range(0, c, VW):
             lanes = min(VW, c - c0)
             full = kind if i1 - i0 == kh and lanes == VW else 0
-            e = (shift, scale, c0, lo, hi)
+            e = (shift, scale, c0, act, pa, pb) if fused else (shift, scale, c0, 0, zero, zero)
             ow = 0
             while ow < wo:
                 if ow_lo <= ow < ow_hi:  # inside: strips of 8, 4 or 1 pixels
@@ -157,5 +156,3 @@ def strip_rows(
         if not fused:  # a residual: added (with the activation) after scale + shift
             epilogue_rows(out, row0, row0 + wo, 0, c, np.zeros(0, np.float32),
                           np.zeros(c, np.float32), residual, act, pa, pb)  # fmt: skip
-        elif act != NONE and act != CLIP:
-            activate_rows(out, row0, row0 + wo, 0, c, act, pa, pb)

@@ -319,6 +319,7 @@ def winograd_tile_range(
                     none,
                     0,
                     1,
+                    0,
                     zero,
                     zero,
                 )
