@@ -131,7 +131,7 @@ def test_pooling_flatten_gemm_softmax(tmp_path, pool):
                                 providers=["CPUExecutionProvider"])  # fmt: skip
     size["p"] = int(np.prod(sess.run(None, {"x": np.zeros((1, 4, 9, 9), np.float32)})[0].shape[1:]))
     inits += [init("fc_w", (10, size["p"])), init("fc_b", (10,))]
-    check_against_ort(model(nodes, inits), tmp_path, tol=1e-6)
+    check_against_ort(model(nodes, inits), tmp_path)
 
 
 def test_concat_reshape_matmul_and_unfoldable_bn(tmp_path):
