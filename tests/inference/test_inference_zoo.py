@@ -64,6 +64,11 @@ def test_network_from_torch_matches_pytorch(models, name):
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert len(predict.folded_pairs) == n_bn  # every BN folded into its conv
     assert not any(nd.op in ("bn", "affine") for nd in predict.graph.nodes)
+    labels = set(predict._plans[(1, 1, SIZE, SIZE)].labels)  # lane 1 of 2 images on 2 threads
+    if name in ("efficientnet_b0", "mobilenet_v3_large"):  # squeeze-excitation in the weights
+        assert "se_gemm 1x1" in labels
+    if name.startswith("resnext"):
+        assert "strip_conv 3x3" in labels  # the grouped kernel, no block-diagonal GEMM
 
 
 def export_onnx(model, path, size):

@@ -207,6 +207,18 @@ def scale_channels(x, s, out, r0, r1):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
+def scale_panel_rows(panels, s, out):  # pragma: no cover - compiled
+    """out[p, k, :] = panels[p, k, :] · s[k]: packed GEMM weights (P, K, 32) with row k scaled
+    (a squeeze-excitation gate folded into the next 1x1 conv, one image at a time)."""
+    for p in range(panels.shape[0]):
+        for k in range(panels.shape[1]):
+            sk = s[k]
+            src, dst = panels[p, k], out[p, k]
+            for j in range(src.shape[0]):
+                dst[j] = src[j] * sk
+
+
+@numba.njit(**_JIT)
 def affine_rows(x, scale, shift, out, r0, r1, act, pa, pb):  # pragma: no cover - compiled
     """out[r, c] = act(x[r, c]·scale[c] + shift[c]) for r0 <= r < r1 (a BN that is not folded)."""
     lo, hi = (pa, pb) if act == CLIP else (np.float32(-np.inf), np.float32(np.inf))

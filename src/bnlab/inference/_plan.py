@@ -114,8 +114,14 @@ class Planner:
     # ------------------------------------------------------------------ fusions
 
     def _fusions(self):
-        """1x1 convs whose output is only the residual of another pointwise conv (folded BN):
-        (absorbed node ids, {conv id: absorbed conv})."""
+        """Nodes another node's step does the work of: (absorbed node ids, {id: absorbed node}).
+
+        * a 1x1 conv whose output is only the residual of another pointwise conv (folded BN):
+          one GEMM with two K segments;
+        * a squeeze-excitation scale x · s (s per image and channel) read only by a pointwise
+          conv: the conv's GEMM runs per image with its weight rows scaled by s instead
+          (K·C_out multiplies instead of H·W·K), when the map has more pixels than the conv
+          has output channels."""
         net, graph = self.net, self.net.graph
         producers, consumers = graph.producers(), graph.consumers()
         absorbed, extra = set(), {}
@@ -138,6 +144,17 @@ class Planner:
             ):
                 absorbed.add(id(src))
                 extra[id(nd)] = src
+        for nd in graph.nodes:
+            mul = producers.get(nd.inputs[0]) if nd.op == "conv" else None
+            if mul is None or mul.op != "mul" or len(consumers[mul.output]) != 1:
+                continue
+            big, gate = _gated(mul, self.shapes)
+            conv = net.packed[nd.name]
+            if (big is not None and conv.pointwise and conv.stride == (1, 1)
+                    and self.shapes[big][1] * self.shapes[big][2] >= conv.c_out
+                    and mul.output != graph.output):  # fmt: skip
+                absorbed.add(id(mul))
+                extra[id(nd)] = mul
         return absorbed, extra
 
     # ------------------------------------------------------------------ nodes
@@ -263,6 +280,14 @@ class Planner:
                 f"node {nd.name}: a residual of shape {self.shapes[residual]} added to an output "
                 f"of shape {self.shapes[nd.output]}"
             )
+        if second is not None and second.op == "mul":  # squeeze-excitation scale in the weights
+            big, gate = _gated(second, self.shapes)
+            res = None if residual is None else self._mat(residual)
+            self._new(nd.output)
+            self.steps.append((S.se_gemm, pool, self._view(big, (n, h * w, c_in)),
+                               self._view(gate, (n, c_in)), conv, self._mat(nd.output), res,
+                               np.empty_like(conv.panels)))  # fmt: skip
+            return
         xm = self._map(x)
         if second is not None:  # conv3 + downsample branch as one two-segment GEMM
             sec = net.packed[second.name]
@@ -328,9 +353,22 @@ class Planner:
         return n * th * tw >= WG.MIN_TILES
 
 
+def _gated(mul: Node, shapes) -> tuple[str | None, str | None]:
+    """(map, gate) of a mul of a map (C, H, W) by a per-channel gate (C, 1, 1), or (None, None)."""
+    a, b = mul.inputs
+    for big, gate in ((a, b), (b, a)):
+        sb, sg = shapes[big], shapes[gate]
+        if len(sb) == 3 and sb[1:] != (1, 1) and sg == (sb[0], 1, 1):
+            return big, gate
+    return None, None
+
+
 def _reads(nd: Node, extra: dict) -> set[str]:
     """The values a node's step reads: its inputs, or for a conv that absorbed the 1x1 conv
-    of its residual, its own input and that conv's input (the residual is never made)."""
+    of its residual, its own input and that conv's input (the residual is never made); for a
+    conv that absorbed a squeeze-excitation scale, the scale's inputs."""
+    if id(nd) in extra and extra[id(nd)].op == "mul":  # a squeeze-excitation scale
+        return set(extra[id(nd)].inputs) | set(nd.inputs[1:])
     if id(nd) in extra:
         return {nd.inputs[0], extra[id(nd)].inputs[0]}
     return set(nd.inputs)

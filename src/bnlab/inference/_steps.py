@@ -143,6 +143,22 @@ def fused_tail(pool, a, conv, xs, second, out):
     pool.run(tile, items)
 
 
+def se_gemm(pool, x, s, conv, out, residual, scratch):
+    """out = act(((x · s) @ W)·scale + shift + residual) as, per image n, x[n] @ (diag(s[n]) W):
+    the squeeze-excitation scale s (N, C_in) applied to the weight rows. x (N, HW, C_in)."""
+    n_img, hw, k = x.shape
+    res, prm = _res(residual), as_params(conv.act)
+    for n in range(n_img):
+        K.scale_panel_rows(conv.panels, s[n], scratch)
+        a, o = x[n], out[n * hw : (n + 1) * hw]
+        r = res[n * hw : (n + 1) * hw] if res.shape[0] else res
+
+        def tile(b0, b1, p0, p1, a=a, o=o, r=r):
+            G.gemm_tile_range(a, scratch, o, b0, b1, p0, p1, conv.scale, conv.shift, r, *prm)
+
+        pool.run(tile, G.work_items(hw, o.shape[1], k, pool.n_threads))
+
+
 def subsample(x, stride, out):
     K.subsample_nhwc(x, stride[0], stride[1], out)
 
