@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     p.add_argument("--profile", action="store_true", help="print bnlab's ms per step kind")
     p.add_argument("--name", type=result_name, default="bench_zoo", help="results/NAME.json")
+    p.add_argument("--quiet-below", type=float, default=None, metavar="LOAD",
+                   help="before each network, wait (up to 20 min) until the 1-minute load "
+                        "average is below LOAD: the machine is shared")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -253,6 +256,12 @@ def print_row(r: dict) -> None:
     )
 
 
+def wait_for_quiet(limit: float, timeout_s: float = 1200) -> None:
+    t0 = time.time()
+    while os.getloadavg()[0] >= limit and time.time() - t0 < timeout_s:
+        time.sleep(10)
+
+
 def main(args) -> int:
     peaks = {t: gemm_peak(t) for t in args.threads}
     print(
@@ -265,6 +274,8 @@ def main(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            if args.quiet_below is not None:
+                wait_for_quiet(args.quiet_below)
             rows += run_model(name, args, peaks, Path(tmp))
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
     payload = {

@@ -11,8 +11,8 @@ What "compiled" means here, done once by :func:`bnlab.inference.compile`:
 
 Per input shape a plan is made (:mod:`._plan`): which kernel runs each conv (1x1: a GEMM on the
 NHWC matrix; 3x3 stride 1: Winograd when the map has enough tiles; few input channels: a direct
-conv; depthwise: :mod:`._depthwise`; others: an implicit GEMM), and buffers allocated once and
-reused between layers and between calls.
+conv; depthwise and grouped with 2-16 channels per group: the strip kernels of :mod:`._strips`;
+others: an implicit GEMM), and buffers allocated once and reused between layers and calls.
 
 Threads: the items of each step are shared by a small work-claiming pool (:mod:`._pool`); a
 batch that divides evenly among the threads is instead split into one lane per thread, each lane
