@@ -76,12 +76,14 @@ def resnet_flops(spec, h: int, w: int) -> float:
 def gemm_peak(threads: int, repeats: int = 5) -> dict[str, float]:
     """Best GFLOP/s of np.matmul (OpenBLAS) and of bnlab's packed GEMM, float32, on a large square
     and on ResNet-50-shaped products (M = rows of the activation matrix at batch 1)."""
+    from bnlab.inference import _act as A
     from bnlab.inference import _gemm as G
 
     shapes = {"1024^3": (1024, 1024, 1024), "3136x576x64": (3136, 576, 64),
               "784x1152x128": (784, 1152, 128), "49x4608x512": (49, 4608, 512)}  # fmt: skip
     rng = np.random.default_rng(0)
     pool = G.shared_pool(threads)
+    IDENTITY = A.as_params(A.IDENTITY)  # noqa: N806
     out = {}
     for name, (m, k, n) in shapes.items():
         a = rng.standard_normal((m, k), dtype=np.float32)
@@ -91,8 +93,12 @@ def gemm_peak(threads: int, repeats: int = 5) -> dict[str, float]:
         items = G.work_items(m, n, k, threads)
 
         def packed(a=a, c=c, panels=panels, shift=shift, none=none, items=items):
-            pool.run(lambda *it: G.gemm_tile_range(a, panels, c, *it, none, shift,
-                                                   none.reshape(0, 1), False), items)  # fmt: skip
+            pool.run(
+                lambda *it: G.gemm_tile_range(
+                    a, panels, c, *it, none, shift, none.reshape(0, 1), *IDENTITY
+                ),
+                items,
+            )
 
         for label, fn in (("np.matmul", lambda a=a, b=b, c=c: np.matmul(a, b, out=c)),
                           ("bnlab GEMM", packed)):  # fmt: skip

@@ -126,6 +126,125 @@ def test_cli_bad_input(resnet_file, lenet_file, tmp_path, capsys):
     _refused(["fold", "--weights", str(garbage), "--out", str(out)], capsys, "junk")
     _refused(["fold", "--weights", str(lenet), "--out", str(tmp_path / "o.txt")], capsys, "--out")
     _refused(["fold", "--weights", str(lenet), "--out", str(lenet)], capsys, "--out")
-    _refused(["fold", "--weights", str(lenet), "--out", str(out), "--calibration", str(bad_img)],
-             capsys, "error")  # fmt: skip
+    _refused(
+        ["fold", "--weights", str(lenet), "--out", str(out), "--calibration", str(bad_img)],
+        capsys,
+        "error",
+    )
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- ONNX, runs, paths
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    """A small BN CNN exported to ONNX with its BatchNormalization nodes kept."""
+    pytest.importorskip("onnx")
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, groups=8), nn.BatchNorm2d(16),
+                          nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()  # fmt: skip
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("onnx") / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], opset_version=17,
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                          dynamic_axes={"x": {0: "N"}})  # fmt: skip
+    return path, model
+
+
+def test_fold_and_infer_an_onnx_file(onnx_file, tmp_path, capsys):
+    import onnx
+
+    path, model = onnx_file
+    out, cert = tmp_path / "folded.onnx", tmp_path / "cert.json"
+    assert main(["fold", str(path), "--out", str(out), "--certificate", str(cert)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 BN folded" in printed and "<whole model>" in printed
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    report = json.loads(cert.read_text())
+    assert len(report["pairs"]) == 2 and report["model"]["folded_max_rel"] < 1e-5
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    for f in (path, out):
+        np.testing.assert_allclose(bnlab.inference.compile(f)(x), ref, rtol=0,
+                                   atol=1e-5 * np.abs(ref).max())  # fmt: skip
+    np.save(tmp_path / "x.npy", x)
+    assert main(["infer", str(out), "--input", str(tmp_path / "x.npy"), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "image 0:" and f"class {int(np.argmax(ref[0]))}" in lines[1]
+
+
+def test_fold_and_infer_a_training_run(tmp_path, capsys):
+    """A run folder of `bnlab train` (a checkpoint with the `model.` key prefix)."""
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.models import lenet_bn
+    from bnlab.optim import SGD
+
+    model = lenet_bn(seed=2)
+    for m in model.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean[...] = np.linspace(-0.5, 0.5, m.num_features)
+            m.running_var[...] = np.linspace(0.5, 2, m.num_features)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint", model, SGD(model.parameters(), lr=0.1),
+                    model_name="lenet-bn", epoch=1)  # fmt: skip
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "imgs.npy", images)
+    for source in (run, run / "checkpoint.safetensors"):
+        assert main(["infer", str(source), "--input", str(tmp_path / "imgs.npy")]) == 0
+        assert capsys.readouterr().out.count("image ") == 3
+    out = tmp_path / "lenet_folded.safetensors"
+    assert main(["fold", str(run), "--out", str(out)]) == 0
+    assert "lenet-bn" in capsys.readouterr().out
+    from bnlab import nn
+
+    x = images[:, None].astype(np.float32) / 255
+    with nn.no_grad():
+        ref = model.eval()(x)
+    np.testing.assert_allclose(bnlab.inference.compile(out)(x), ref, rtol=0,
+                               atol=1e-5 * np.abs(ref).max())  # fmt: skip
+
+
+def test_fold_and_infer_refuse_bad_paths_and_values(onnx_file, tmp_path, capsys):
+    path, _ = onnx_file
+    nan = np.zeros((1, 3, 16, 16), np.float32)
+    nan[0, 1, 2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "gray.npy", np.zeros((1, 1, 16, 16), np.float32))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (["infer", str(path), "--input", str(tmp_path / "nan.npy")], "NaN"),
+        (["infer", str(path), "--input", str(tmp_path / "gray.npy")], "3-channel"),
+        (["infer", str(tmp_path / "none.onnx"), "--input", str(tmp_path / "nan.npy")], "NaN"),
+        (["infer", "--input", str(tmp_path / "gray.npy")], "needs a model"),
+        (["fold", str(path), "--out", str(tmp_path / "o.onnx"), "--calibration",
+          str(tmp_path / "nan.npy")], "NaN"),
+        (["fold", str(path), "--out", str(tmp_path / "o.onnx"), "--calibration",
+          str(tmp_path / "gray.npy")], "channels"),
+        (["fold", str(path), "--out", str(tmp_path / "no" / "o.onnx")], "does not exist"),
+        (["fold", str(path), "--out", str(tmp_path)], "must end in"),
+        (["fold", str(path), "--out", str(tmp_path / "o.safetensors")], "must end in .onnx"),
+        (["fold", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "o.onnx")], "none.onnx"),
+        (["fold", str(tmp_path), "--out", str(tmp_path / "o.npz")], "checkpoint"),
+        (["fold", str(path), "--out", str(tmp_path / "o.onnx"), "--certificate",
+          str(tmp_path / "no" / "c.json")], "does not exist"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

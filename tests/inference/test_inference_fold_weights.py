@@ -79,8 +79,9 @@ def test_fold_bn_conv_exact_without_padding(rng, groups, stride):
     b = rng.standard_normal(c_out)
     mean, var, gamma, beta = _bn(rng, c_in)
     x = rng.standard_normal((2, c_in, 8, 7)) * 3 + 1
-    ref = F.conv2d(_t(_bn_ref(x, mean, var, gamma, beta)), _t(w), _t(b), stride=stride,
-                   groups=groups).numpy()  # fmt: skip
+    ref = F.conv2d(
+        _t(_bn_ref(x, mean, var, gamma, beta)), _t(w), _t(b), stride=stride, groups=groups
+    ).numpy()
     w2, b2 = fold_bn_conv(mean, var, EPS, gamma, beta, w, b, padding=0, groups=groups)
     out = F.conv2d(_t(x), _t(w2), _t(b2), stride=stride, groups=groups).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bnlab.inference import _act as A
 from bnlab.inference import _fused as F
 from bnlab.inference import _gemm as G
 
@@ -20,6 +21,7 @@ from bnlab.inference import _gemm as G
         (13, 64, 64, 256),  # layer1's shape, small: 2 full blocks and a partial one
         (50, 512, 1030, 96),  # K2 > 512: three K blocks in the second segment
         (140, 7, 600, 64),  # more rows than one L2 chunk
+        (9, 40, 24, 72),  # a masked last panel (72 = 2·32 + 8)
     ],
 )
 @pytest.mark.parametrize("threads", [1, 3])
@@ -29,11 +31,16 @@ def test_two_segment_gemm_matches_reference(rng, m, k1, k2, n, threads):
     w = rng.standard_normal((k1, n)).astype(np.float32)
     w2 = rng.standard_normal((k2, n)).astype(np.float32)
     shift = rng.standard_normal(n).astype(np.float32)
-    for relu in (True, False):
+    for act in (A.RELU, A.IDENTITY, (A.SILU, 0.0, 0.0)):
         c = np.full((m, n), np.nan, np.float32)  # every entry must be written
-        for item in G.work_items(m, n, k1 + k2, threads):
-            F.gemm2_tile_range(a, G.pack_panels(w), a2, G.pack_panels(w2), c, *item, shift, relu)
-        ref = F.gemm2_reference(a, w, a2, w2, shift, relu)
+        items = G.work_items(m, n, k1 + k2, threads)
+        if threads > 1:  # each row block on its own, too: every split path
+            items = [(b, b + 1, 0, -(-n // G.NR)) for b in range(-(-m // G.MR))]
+        for item in items:
+            F.gemm2_tile_range(
+                a, G.pack_panels(w), a2, G.pack_panels(w2), c, *item, shift, *A.as_params(act)
+            )
+        ref = F.gemm2_reference(a, w, a2, w2, shift, act)
         np.testing.assert_allclose(c, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k1 + k2))
 
 
@@ -43,12 +50,12 @@ def test_engine_fuses_every_downsample_when_folded(rng):
     pytest.importorskip("torch")
     from torch_resnet import randomized_resnet50
 
-    from bnlab.inference.engine import compile_resnet
+    import bnlab.inference
 
     sd = {k: v.numpy().copy() for k, v in randomized_resnet50(seed=2).state_dict().items()}
     x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
-    folded = compile_resnet(sd, gemm="packed", threads=1)
-    kept = compile_resnet(sd, fold_bn=False, gemm="packed", threads=1)
+    folded = bnlab.inference.compile(sd, threads=1)
+    kept = bnlab.inference.compile(sd, fold_bn=False, threads=1)
     out, ref = folded(x), kept(x)
     assert folded._plans[(0, 1, 64, 64)].labels.count("fused_tail 1x1") == 4
     assert "fused_tail 1x1" not in kept._plans[(0, 1, 64, 64)].labels

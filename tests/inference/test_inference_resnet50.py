@@ -66,12 +66,13 @@ def test_engine_matches_torch(engines, images, torch_logits, fold_bn, batch):
     assert_logits_close(out, torch_logits[:batch])
 
 
-def test_packed_gemm_engine_equals_blas_engine(state_dict, images, engines):
-    """The fast path (own AVX-512 GEMM) against the np.matmul reference path, same plan."""
-    blas = bnlab.inference.compile(state_dict, gemm="blas")
-    packed = bnlab.inference.compile(state_dict, gemm="packed", threads=2)
-    ref = blas(images[:2])
-    np.testing.assert_allclose(packed(images[:2]), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+def test_engine_equals_the_reference_evaluation_of_its_graph(state_dict, images, engines):
+    """The engine against bnlab.inference.reference (float64 NumPy) on the same folded graph."""
+    from bnlab.inference import reference
+
+    packed = bnlab.inference.compile(state_dict, threads=2)
+    ref = reference.run(packed.graph, images[:2])
+    np.testing.assert_allclose(packed(images[:2]), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_two_engines_predicting_concurrently(engines, images, torch_logits):
@@ -95,13 +96,12 @@ def test_two_engines_predicting_concurrently(engines, images, torch_logits):
 def test_batch_lanes_equal_shared_layers(state_dict, images, torch_logits):
     """threads=2, batch 4: two lanes of 2 images, each running the whole network on one thread;
     batch 3 (odd): one lane, every layer's items shared. Both equal one-thread logits."""
-    one = bnlab.inference.compile(state_dict, gemm="packed", threads=1)
-    two = bnlab.inference.compile(state_dict, gemm="packed", threads=2)
+    one = bnlab.inference.compile(state_dict, threads=1)
+    two = bnlab.inference.compile(state_dict, threads=2)
     assert two._lanes(4) == 2 and two._lanes(3) == 1 and one._lanes(4) == 1
     for batch in (4, 3):
         ref = one(images[:batch])
-        np.testing.assert_allclose(two(images[:batch]), ref, rtol=0,
-                                   atol=1e-6 * np.abs(ref).max())  # fmt: skip
+        np.testing.assert_allclose(two(images[:batch]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
         assert_logits_close(ref, torch_logits[:batch])
     assert {k[0] for k in two._plans} == {0, 1, 2}  # the lanes' own plans (and buffers)
 
@@ -182,8 +182,6 @@ def test_engine_rejects_bad_layouts(engines, state_dict):
         engines[True](np.zeros((1, 3, 32, 32), np.float32), layout="CHW")
     with pytest.raises(ValueError, match="only engine layout"):
         bnlab.inference.compile(state_dict, layout="NCHW")
-    with pytest.raises(ValueError, match="gemm must be"):
-        bnlab.inference.compile(state_dict, gemm="mkl")
     with pytest.raises(ValueError, match="threads must be"):
         bnlab.inference.compile(state_dict, threads=0)
 

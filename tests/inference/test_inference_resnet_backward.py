@@ -42,8 +42,9 @@ def test_resnet_backward_matches_torch_autograd(rng):
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-7, atol=1e-10)
     tparams = dict(tmodel.named_parameters())
     for name, p in model.named_parameters():
-        np.testing.assert_allclose(p.grad, tparams[name].grad.numpy(), rtol=1e-6, atol=1e-9,
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            p.grad, tparams[name].grad.numpy(), rtol=1e-6, atol=1e-9, err_msg=name
+        )
     assert np.abs(dx).max() > 0
 
 
@@ -54,8 +55,14 @@ def _bottleneck(rng):
     def cv(name, c_in, c_out, k, stride, pad):
         return ConvSpec(f"{name}", f"bn_{name}", c_in, c_out, k, stride, pad)
 
-    blk = Bottleneck(cv("c1", 4, 2, 1, 1, 0), cv("c2", 2, 2, 3, 2, 1), cv("c3", 2, 8, 1, 1, 0),
-                     cv("d", 4, 8, 1, 2, 0), dtype=np.float64, rng=rng)  # fmt: skip
+    blk = Bottleneck(
+        cv("c1", 4, 2, 1, 1, 0),
+        cv("c2", 2, 2, 3, 2, 1),
+        cv("c3", 2, 8, 1, 1, 0),
+        cv("d", 4, 8, 1, 2, 0),
+        dtype=np.float64,
+        rng=rng,
+    )
     for m in blk.modules():
         if hasattr(m, "running_var"):
             m.weight.data[...] = rng.uniform(0.5, 1.5, m.num_features)

@@ -1,43 +1,69 @@
-"""``bnlab infer``: top-k classes of an image with the compiled ResNet engine."""
+"""``bnlab infer``: top-k classes of images with the compiled NHWC engine."""
 
 from __future__ import annotations
 
-HELP = "classify images (.npy or .png) with a ResNet-50 weight file on the fast NHWC engine"
+HELP = "classify images (.npy or .png) with an ONNX file, a weight file or a training run"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--weights", required=True, help="ResNet-50 weights: .safetensors, .npz or .pt"
+        "model",
+        nargs="?",
+        help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
+        "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
     )
+    parser.add_argument("--weights", help="the same as the positional MODEL")
     parser.add_argument(
-        "--input", required=True, help="a .npy (float (N,)3,H,W or uint8 H,W,3) or a .png"
+        "--input", required=True, help="a .npy (float (N,)C,H,W; uint8 H,W,3 or N,H,W) or a .png"
     )
     parser.add_argument("--topk", type=int, default=5, help="how many classes to print (default 5)")
     parser.add_argument("--labels", help="optional text file with one class name per line")
     parser.add_argument("--no-fold", action="store_true", help="keep BN unfolded (for checking)")
+    parser.add_argument("--threads", type=int, help="engine threads (default: all allowed CPUs)")
+
+
+def model_argument(args, command: str):
+    """The model path of ``bnlab infer``/``bnlab fold``: positional or --weights, not both."""
+    from pathlib import Path
+
+    from bnlab.errors import UsageError
+
+    if args.model and args.weights and args.model != args.weights:
+        raise UsageError(f"give the model once: {args.model!r} and --weights {args.weights!r}")
+    source = args.model or args.weights
+    if not source:
+        raise UsageError(
+            f"bnlab {command} needs a model: an .onnx file, a run folder or a weight file"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return path
 
 
 def run(args) -> int:
-    import sys
     from pathlib import Path
 
-    from bnlab.errors import DataFormatError
+    from bnlab.errors import UsageError
 
     if args.topk < 1:
-        print(f"bnlab infer: error: --topk must be >= 1, got {args.topk}", file=sys.stderr)
-        return 2
-    try:
-        import bnlab.inference
-        from bnlab.inference.images import load_images, softmax, topk
+        raise UsageError(f"--topk must be >= 1, got {args.topk}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    import bnlab.inference
+    from bnlab.inference.images import read_input, softmax, to_batch, topk
 
-        labels = _read_labels(Path(args.labels)) if args.labels else None
-        images = load_images(args.input)
-        predict = bnlab.inference.compile(Path(args.weights), fold_bn=not args.no_fold)
-        probs = softmax(predict(images))
-    except (FileNotFoundError, DataFormatError, KeyError, ValueError, TypeError) as err:
-        print(f"bnlab infer: error: {err}", file=sys.stderr)
-        return 2
-    for i, row in enumerate(topk(probs, args.topk)):
+    raw = read_input(args.input)  # the input first: its errors do not depend on the model
+    labels = _read_labels(Path(args.labels)) if args.labels else None
+    source = model_argument(args, "infer")
+    predict = bnlab.inference.compile(source, fold_bn=not args.no_fold, threads=args.threads)
+    images = to_batch(raw, predict.in_channels, args.input)
+    logits = predict(images)
+    if logits.ndim != 2:
+        raise UsageError(
+            f"{source}: the model's output has shape {logits.shape[1:]} per image, not class scores"
+        )
+    for i, row in enumerate(topk(softmax(logits), args.topk)):
         if len(images) > 1:
             print(f"image {i}:")
         for rank, (cls, p) in enumerate(row, 1):
@@ -47,4 +73,9 @@ def run(args) -> int:
 
 
 def _read_labels(path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    from bnlab.errors import DataFormatError
+
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: --labels must be a UTF-8 text file ({err})") from err

@@ -1,59 +1,83 @@
-"""Fast CPU inference: a compiled NHWC engine for bottleneck ResNets with BN folded away.
+"""Fast CPU inference: any BN CNN from bnlab, PyTorch or ONNX, BN folded, on an NHWC engine.
 
-    predict = bnlab.inference.compile(model_or_state_dict)     # ResNet-50 and deeper
-    logits = predict(images)                                   # (N, 3, H, W) float32 -> (N, 1000)
+    predict = bnlab.inference.compile(model_or_path)   # a torch/bnlab model, .onnx, weights
+    logits = predict(images)                            # (N, C, H, W) float32 -> (N, classes)
 
-See :mod:`bnlab.inference.engine` for what is fused and packed, ``docs/inference.md`` for numbers.
+:mod:`bnlab.inference.load` reads the network into a graph (:mod:`.graph`), :mod:`.passes`
+folds BN and fuses activations and residual adds, :mod:`.engine` runs it;
+:mod:`.reference` is the slow NumPy evaluation everything is checked against.
+``docs/inference.md`` has the supported operators and the measured speed.
 """
 
 from __future__ import annotations
 
-from bnlab.inference.engine import CompiledResNet, compile_resnet
+from bnlab.inference.engine import CompiledNet
+from bnlab.inference.graph import Graph, UnsupportedOperatorError
 
-__all__ = ["CompiledResNet", "compile"]
+__all__ = ["CompiledNet", "Graph", "UnsupportedOperatorError", "compile", "fold_graph"]
+
+
+def fold_graph(model_or_path, calibration=None, *, input_shape=None):
+    """``(graph, folded_graph, certificate)``: the network as a graph, the same with every BN
+    folded into its conv/linear (BN-free), and the fold's error certificate on ``calibration``
+    (an input batch; None skips the certificate)."""
+    from bnlab.inference import passes  # noqa: PLC0415
+    from bnlab.inference.load import to_graph  # noqa: PLC0415
+
+    graph = to_graph(model_or_path, input_shape)
+    folded, pairs = passes.fold_batch_norms(graph)
+    cert = None if calibration is None else passes.certify(graph, folded, pairs, calibration)
+    return graph, folded, cert
 
 
 def compile(  # noqa: A001
-    model_or_state_dict,
+    model_or_path,
     layout: str = "NHWC",
     fold_bn: bool = True,
     *,
-    batch_chunk=None,
-    gemm: str = "auto",
     threads: int | None = None,
-) -> CompiledResNet:
-    """Compile a bottleneck ResNet (bnlab model, PyTorch model or state dict) for inference.
+    batch_chunk: int | None = None,
+    input_shape=None,
+    calibration=None,
+    winograd: bool = True,
+) -> CompiledNet:
+    """Compile a CNN for inference on this CPU; returns ``predict(x, layout="NCHW")``.
 
-    ``layout`` is the engine's activation layout; only "NHWC" is implemented (1x1 convs are then
-    plain GEMMs). ``fold_bn=True`` folds every BN into its conv; ``False`` keeps BN as a fused
-    per-channel scale and shift (slower by one multiply, useful to check the fold).
-    ``batch_chunk``: run larger batches this many images at a time (activations then stay in
-    cache; None = the whole batch in one pass). ``gemm="packed"`` runs the convs on bnlab's
-    AVX-512 GEMM with fused epilogue (:mod:`bnlab.inference._gemm`); ``"blas"`` on ``np.matmul``
-    plus a separate epilogue pass (the reference); ``"auto"`` (default) picks "packed" on CPUs
-    with AVX-512, else "blas" (the packed kernel is correct everywhere, fast with zmm registers).
-    ``threads``: worker threads of the packed GEMM (default: the CPUs this process may use).
-
-    Returns a callable ``predict(x, layout="NCHW") -> logits (N, classes)``; the model may be a
-    path to a .safetensors/.npz/.pt file, too.
+    ``model_or_path``: a ``torch.nn.Module`` in eval mode (captured with ``torch.export``;
+    ``input_shape=(C, H, W)`` sets the example input, default the first conv's channels at
+    224x224), a path to an ``.onnx`` file, a bnlab model, a weight file or state dict of a
+    bottleneck ResNet or LeNet(-BN), or a training run folder (``bnlab train``).
+    ``layout`` is the engine's activation layout; only "NHWC" is implemented. ``fold_bn=True``
+    folds every BN into its conv; ``False`` keeps it as a per-channel scale + shift in the conv's
+    epilogue (for checking the fold). ``threads``: worker threads (default: the CPUs this
+    process may use). ``batch_chunk``: run larger batches this many images at a time.
+    ``calibration``: an input batch; then ``predict.certificate`` holds the fold's measured
+    error (:class:`bnlab.fold.FoldCertificate`). ``winograd=False`` runs 3x3 convs directly.
+    An operator the engine does not implement raises :class:`UnsupportedOperatorError`
+    naming it and its node.
     """
+    from bnlab.inference import passes  # noqa: PLC0415
+    from bnlab.inference.load import to_graph  # noqa: PLC0415
+
     if layout != "NHWC":
         raise ValueError(
             f"layout must be 'NHWC' (the only engine layout implemented), got {layout!r}"
         )
     if not isinstance(fold_bn, bool):
         raise TypeError(f"fold_bn must be True or False, got {fold_bn!r}")
-    if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(
-        batch_chunk, int) or batch_chunk < 1):  # fmt: skip
-        raise ValueError(f"batch_chunk must be a positive int or None, got {batch_chunk!r}")
-    if gemm not in ("auto", "packed", "blas"):
-        raise ValueError(f"gemm must be 'auto', 'packed' or 'blas', got {gemm!r}")
-    if gemm == "auto":
-        from bnlab.inference._gemm import host_has_avx512  # noqa: PLC0415
-
-        gemm = "packed" if host_has_avx512() else "blas"
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):  # fmt: skip
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    return compile_resnet(model_or_state_dict, fold_bn=fold_bn, batch_chunk=batch_chunk,
-                          gemm=gemm, threads=threads)  # fmt: skip
+    for name, v in (("batch_chunk", batch_chunk), ("threads", threads)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+    graph = to_graph(model_or_path, input_shape)
+    folded, pairs = passes.fold_batch_norms(graph, fold=fold_bn)
+    cert = None
+    if calibration is not None:
+        cert = passes.certify(graph, folded, pairs, calibration) if fold_bn else None
+    return CompiledNet(
+        passes.fuse(folded),
+        threads=threads,
+        batch_chunk=batch_chunk,
+        winograd=winograd,
+        certificate=cert,
+        folded_pairs=pairs,
+    )

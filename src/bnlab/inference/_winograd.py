@@ -32,7 +32,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from bnlab.inference._gemm import MR, NR, _microkernel_pf, _prefetch_target
+from bnlab.inference._act import CLIP, NONE, activate_rows
+from bnlab.inference._microkernel import MR, NR, microkernel_pf, prefetch_target
 
 TILE = 4  # output tile side (m)
 ALPHA = 6  # input tile side m + r - 1
@@ -89,12 +90,13 @@ def transform_filter(w: np.ndarray) -> np.ndarray:
 
 
 def pack_filter(w: np.ndarray) -> np.ndarray:
-    """(C_out, C_in, 3, 3) -> U panels (36, C_out/32, C_in, 32): what the micro-kernel streams."""
+    """(C_out, C_in, 3, 3) -> U panels (36, ceil(C_out/32), C_in, 32), zero-padded: what the
+    micro-kernel streams."""
     u = transform_filter(w)
     p, c_in, c_out = u.shape
-    if c_out % NR:
-        raise ValueError(f"Winograd needs C_out to be a multiple of {NR}, got {c_out}")
-    return np.ascontiguousarray(u.reshape(p, c_in, c_out // NR, NR).transpose(0, 2, 1, 3))
+    pad = -(-c_out // NR) * NR
+    u = np.concatenate([u, np.zeros((p, c_in, pad - c_out), np.float32)], axis=2)
+    return np.ascontiguousarray(u.reshape(p, c_in, pad // NR, NR).transpose(0, 2, 1, 3))
 
 
 def tile_grid(h: int, w: int) -> tuple[int, int]:
@@ -119,10 +121,12 @@ def _bt6_vec(typingctx, src, s_off, s_step, dst, d_off, d_step):
         src_arr, s_off_v, s_step_v, dst_arr, d_off_v, d_step_v = args
         f32, i64 = ir.FloatType(), ir.IntType(64)
         v16 = ir.VectorType(f32, VW)
-        sbase = builder.gep(context.make_array(signature.args[0])(context, builder, src_arr).data,
-                            [s_off_v])  # fmt: skip
-        dbase = builder.gep(context.make_array(signature.args[3])(context, builder, dst_arr).data,
-                            [d_off_v])  # fmt: skip
+        sbase = builder.gep(
+            context.make_array(signature.args[0])(context, builder, src_arr).data, [s_off_v]
+        )
+        dbase = builder.gep(
+            context.make_array(signature.args[3])(context, builder, dst_arr).data, [d_off_v]
+        )
 
         def at(base, step, i):
             ptr = builder.gep(base, [builder.mul(step, ir.Constant(i64, i))])
@@ -212,12 +216,14 @@ def _input_tile_tail(src, n0, i0, j0, q_lo, tmp, v, row):  # pragma: no cover - 
             v[p + 5, row, q] = F4 * e1 - F5 * e3 + e5
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _output_tile(m, row, j0, j1, tmp, out, nn, oh0, ow0, ho, wo, scale, shift,
-                 relu):  # fmt: skip  # pragma: no cover - compiled
-    """out[(nn, oh0 + y, ow0 + x), j] = act((A^T m[:, row, j] A)[y, x]·scale + shift) for the
-    columns j0 <= j < j1 and the output pixels inside the map. tmp (4, 6, C_out) is scratch."""
-    lo = np.float32(0.0) if relu else np.float32(-np.inf)
+@numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _output_tile(
+    m, row, j0, j1, tmp, out, nn, oh0, ow0, ho, wo, scale, shift, residual, act, pa, pb
+):  # pragma: no cover - compiled
+    """out[(nn, oh0 + y, ow0 + x), j] = act((A^T m[:, row, j] A)[y, x]·scale + shift + residual)
+    for the columns j0 <= j < j1 and the output pixels inside the map. tmp (4, 6, C_out) is
+    scratch; ``residual`` (N·H·W, C_out) or 0 rows for none."""
+    lo, hi = (pa, pb) if act == CLIP else (np.float32(-np.inf), np.float32(np.inf))
     for b in range(ALPHA):  # tmp[:, b] = A^T m[:, b]
         for j in range(j0, j1):
             s0, s1, s2 = m[b, row, j], m[6 + b, row, j], m[12 + b, row, j]
@@ -227,43 +233,48 @@ def _output_tile(m, row, j0, j1, tmp, out, nn, oh0, ow0, ho, wo, scale, shift,
             tmp[2, b, j] = s1 + s2 + F4 * (s3 + s4)
             tmp[3, b, j] = s1 - s2 + F8 * (s3 - s4) + s5
     has_scale = scale.shape[0] > 0
+    has_res = residual.shape[0] > 0
+    nx = min(TILE, wo - ow0)
     for y in range(min(TILE, ho - oh0)):
         base = (nn * ho + oh0 + y) * wo + ow0
-        nx = min(TILE, wo - ow0)
         for j in range(j0, j1):
             e0, e1, e2 = tmp[y, 0, j], tmp[y, 1, j], tmp[y, 2, j]
             e3, e4, e5 = tmp[y, 3, j], tmp[y, 4, j], tmp[y, 5, j]
-            z0 = e0 + e1 + e2 + e3 + e4
-            z1 = e1 - e2 + F2 * (e3 - e4)
-            z2 = e1 + e2 + F4 * (e3 + e4)
-            z3 = e1 - e2 + F8 * (e3 - e4) + e5
+            z = (
+                e0 + e1 + e2 + e3 + e4,
+                e1 - e2 + F2 * (e3 - e4),
+                e1 + e2 + F4 * (e3 + e4),
+                e1 - e2 + F8 * (e3 - e4) + e5,
+            )
             sc = scale[j] if has_scale else np.float32(1.0)
             t = shift[j]
-            out[base, j] = max(z0 * sc + t, lo)
-            if nx > 1:
-                out[base + 1, j] = max(z1 * sc + t, lo)
-            if nx > 2:
-                out[base + 2, j] = max(z2 * sc + t, lo)
-            if nx > 3:
-                out[base + 3, j] = max(z3 * sc + t, lo)
+            for q in range(nx):
+                v = z[q] * sc + t
+                if has_res:
+                    v += residual[base + q, j]
+                out[base + q, j] = min(max(v, lo), hi)
+        if act != NONE and act != CLIP:
+            activate_rows(out, base, base + nx, j0, j1, act, pa, pb)
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # pragma: no cover
-    """Tiles [t0, t1) and output panels [pan0, pan1) of out = act(conv3x3(x)·scale + shift).
+@numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def winograd_tile_range(
+    x, up, out, t0, t1, pan0, pan1, scale, shift, residual, act, pa, pb
+):  # pragma: no cover - compiled
+    """Tiles [t0, t1) and output panels [pan0, pan1) of
+    out = act(conv3x3(x)·scale + shift + residual).
 
-    x (N, H, W, C_in) float32; up (36, C_out/32, C_in, 32) from :func:`pack_filter`;
+    x (N, H, W, C_in) float32; up (36, ceil(C_out/32), C_in, 32) from :func:`pack_filter`;
     out (N·H·W, C_out); tiles are numbered (n, tile row, tile column) over a ceil(H/4) x
-    ceil(W/4) grid per image; ``scale`` (C_out,) or empty.
+    ceil(W/4) grid per image; ``scale`` (C_out,) or empty; ``residual`` like out, or 0 rows.
     """
     n_img, h, w, ch = x.shape
     k_out = out.shape[1]
-    n_pan = k_out // NR
+    n_pan = up.shape[1]
     th, tw = -(-h // TILE), -(-w // TILE)
     nt = t1 - t0
-    ntp = -(-nt // MR) * MR
+    ntp = nt
     v = np.empty((POINTS, ntp, ch), np.float32)
-    v[:, nt:, :] = 0.0  # the padding rows of the last block (zeroing all of v cost a memset)
     m = np.empty((POINTS, ntp, k_out), np.float32)
     patch = np.empty((1, ALPHA, ALPHA, ch), np.float32)
     tmp_in = np.empty((ALPHA, ALPHA, ch), np.float32)
@@ -272,7 +283,8 @@ def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # 
         nn, r = t // (th * tw), t % (th * tw)
         _input_tile(x, nn, (r // tw) * TILE - 1, (r % tw) * TILE - 1, patch, tmp_in, v, t - t0)
     vf, uf, mf = v.reshape(-1), up.reshape(-1), m.reshape(-1)
-    n_blk = ntp // MR
+    none, zero = np.zeros(0, np.float32), np.float32(0.0)  # no epilogue on the GEMMs
+    n_blk = -(-nt // MR)
     for p in range(POINTS):  # M[p] = V[p] @ U[p], one L1-resident weight panel at a time
         for pan in range(pan0, pan1):
             b_off = (p * n_pan + pan) * ch * NR
@@ -281,15 +293,57 @@ def winograd_tile_range(x, up, out, t0, t1, pan0, pan1, scale, shift, relu):  # 
                 nxt = b_off + ch * NR
             elif p + 1 < POINTS:
                 nxt = ((p + 1) * n_pan + pan0) * ch * NR
+            width = min(NR, k_out - pan * NR)
             for blk in range(n_blk):
                 i = blk * MR
-                pf, st = _prefetch_target(b_off, nxt, blk, n_blk, ch)
-                _microkernel_pf(vf, (p * ntp + i) * ch, ch, uf, b_off, mf,
-                                (p * ntp + i) * k_out + pan * NR, k_out, ch, 0, pf, st)  # fmt: skip
+                pf, st = prefetch_target(b_off, nxt, blk, n_blk, ch)
+                microkernel_pf(
+                    vf,
+                    (p * ntp + i) * ch,
+                    ch,
+                    uf,
+                    b_off,
+                    mf,
+                    (p * ntp + i) * k_out + pan * NR,
+                    k_out,
+                    ch,
+                    0,
+                    min(MR, nt - i),
+                    width,
+                    pf,
+                    st,
+                    0,
+                    0,
+                    none,
+                    none,
+                    none,
+                    0,
+                    1,
+                    0,
+                    zero,
+                    zero,
+                )
     for t in range(t0, t1):
         nn, r = t // (th * tw), t % (th * tw)
-        _output_tile(m, t - t0, pan0 * NR, pan1 * NR, tmp_out, out, nn, (r // tw) * TILE,
-                     (r % tw) * TILE, h, w, scale, shift, relu)  # fmt: skip
+        _output_tile(
+            m,
+            t - t0,
+            pan0 * NR,
+            min(pan1 * NR, k_out),
+            tmp_out,
+            out,
+            nn,
+            (r // tw) * TILE,
+            (r % tw) * TILE,
+            h,
+            w,
+            scale,
+            shift,
+            residual,
+            act,
+            pa,
+            pb,
+        )
 
 
 def work_items(n_tiles: int, c_in: int, c_out: int, n_threads: int, chunk: int | None = None):
@@ -302,7 +356,7 @@ def work_items(n_tiles: int, c_in: int, c_out: int, n_threads: int, chunk: int |
     """
     chunk = chunk or chunk_tiles(c_in, c_out)
     chunks = [(t, min(t + chunk, n_tiles)) for t in range(0, n_tiles, chunk)]
-    panels = c_out // NR
+    panels = -(-c_out // NR)
     split = 1
     if len(chunks) < n_threads:
         split = min(panels, -(-n_threads // len(chunks)))

@@ -1,13 +1,15 @@
-"""Reading images for ``bnlab infer``: .npy arrays or .png/.jpg files, ImageNet preprocessing.
+"""Reading images for ``bnlab infer``: .npy arrays or .png/.jpg files, and their preprocessing.
 
-Preprocessing of an 8-bit image (torchvision's ImageNet evaluation transform):
+:func:`read_input` reads a file without knowing the model; :func:`to_batch` then makes the
+model's input. A float ``.npy`` is taken as already preprocessed: (C, H, W) or (N, C, H, W).
+8-bit images (a .png/.jpg, a uint8 ``.npy`` (H, W, 3) RGB or (N, H, W) grayscale) are
+preprocessed for the model's channel count:
 
-    resize so the shorter side is 256 (bilinear) -> center crop 224 x 224 -> x / 255
-    -> (x − mean) / std per channel, mean = (0.485, 0.456, 0.406), std = (0.229, 0.224, 0.225)
-    -> NCHW float32
-
-A float ``.npy`` is taken as already preprocessed: (3, H, W) or (N, 3, H, W). A uint8 ``.npy``
-of shape (H, W, 3) is an 8-bit image and gets the transform above.
+* 3 channels: torchvision's ImageNet evaluation transform: resize so the shorter side is 256
+  (bilinear) -> center crop 224 x 224 -> x / 255 -> (x − mean) / std per channel,
+  mean = (0.485, 0.456, 0.406), std = (0.229, 0.224, 0.225);
+* 1 channel (bnlab's Fashion-MNIST models): grayscale (RGB -> ITU-R 601 luma) -> x / 255, as
+  ``bnlab train`` scales its images, at the image's own size.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnlab.errors import DataFormatError, DTypeError, ShapeError
+from bnlab.errors import DataFormatError, DTypeError, NonFiniteError, ShapeError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -24,15 +26,45 @@ RESIZE, CROP = 256, 224
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_images(path) -> np.ndarray:
-    """(N, 3, H, W) float32 ready for the network, from a .npy or an image file."""
+def load_images(path, channels: int = 3) -> np.ndarray:
+    """(N, channels, H, W) float32 ready for the network, from a .npy or an image file."""
+    return to_batch(read_input(path), channels, path)
+
+
+def read_input(path) -> np.ndarray:
+    """A float (N, C, H, W) batch, or 8-bit images: uint8 (N, H, W, 3) RGB or (N, H, W) gray."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _from_npy(path)
     if suffix in IMAGE_SUFFIXES:
-        return preprocess(_read_image(path))[None]
+        return _read_image(path)[None]
     raise DataFormatError(f"{path}: unknown input suffix {path.suffix!r} (expected .npy or .png)")
+
+
+def to_batch(a: np.ndarray, channels: int, path="input") -> np.ndarray:
+    """The model's float32 (N, channels, H, W) input from what :func:`read_input` returned."""
+    if a.dtype != np.uint8:
+        if a.shape[1] != channels:
+            raise ShapeError(
+                f"{path}: the model takes {channels}-channel images (N, {channels}, "
+                f"H, W), got shape {a.shape}"
+            )
+        return a
+    if channels == 3:
+        if a.ndim != 4:
+            raise ShapeError(f"{path}: the model takes RGB images; grayscale {a.shape} given")
+        return np.stack([preprocess(im) for im in a])
+    if channels == 1:
+        gray = a if a.ndim == 3 else _luma(a)
+        return (gray.astype(np.float32) * np.float32(1 / 255))[:, None]
+    raise ShapeError(f"{path}: 8-bit images have 1 or 3 channels, the model takes {channels}")
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of uint8 RGB (what PIL's convert("L") computes), as uint8."""
+    y = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
 def _from_npy(path: Path) -> np.ndarray:
@@ -45,19 +77,27 @@ def _from_npy(path: Path) -> np.ndarray:
             f"{path}: not a readable .npy array (pickles refused): {err}"
         ) from err
     if a.dtype == np.uint8:
-        if a.ndim != 3 or a.shape[2] != 3:
-            raise ShapeError(f"{path}: a uint8 image must be (H, W, 3) RGB, got shape {a.shape}")
-        return preprocess(a)[None]
+        if a.ndim == 3 and a.shape[2] == 3:
+            return a[None]
+        if a.ndim == 3:
+            return a
+        raise ShapeError(
+            f"{path}: a uint8 array must be an (H, W, 3) RGB image or (N, H, W) "
+            f"grayscale images, got shape {a.shape}"
+        )
     if not np.issubdtype(a.dtype, np.floating):
         raise DTypeError(f"{path}: expected float32 (preprocessed) or uint8 (RGB), got {a.dtype}")
     if a.ndim == 3:
         a = a[None]
-    if a.ndim != 4 or a.shape[1] != 3:
+    if a.ndim != 4 or 0 in a.shape:
         raise ShapeError(
-            f"{path}: a float array must be preprocessed images (3, H, W) or (N, 3, H, W), "
+            f"{path}: a float array must be preprocessed images (C, H, W) or (N, C, H, W), "
             f"got shape {a.shape}"
         )
-    return np.ascontiguousarray(a, dtype=np.float32)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise NonFiniteError(f"{path}: the images contain NaN or Inf")
+    return a
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -70,7 +110,7 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataFormatError(f"{path}: not a readable image: {err}") from err
 
 

@@ -1,9 +1,9 @@
 """The bottleneck-ResNet architecture as data: state_dict names and shapes, checked without torch.
 
 torchvision's naming (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``...)
-and ResNet v1.5 (the stride of a stage's first block sits on its 3x3 conv). Both the engine
-(:mod:`bnlab.inference.engine`) and ``bnlab.models.resnet`` take the architecture from here, so a
-weight file is validated the same way everywhere.
+and ResNet v1.5 (the stride of a stage's first block sits on its 3x3 conv). Both the engine's
+importer of weight files (:mod:`bnlab.inference.import_bnlab`) and ``bnlab.models.resnet`` take
+the architecture from here, so a weight file is validated the same way everywhere.
 
 A conv may come with its BN (``conv1.weight`` + ``bn1.{weight,bias,running_mean,running_var}``)
 or already folded (``conv1.weight`` + ``conv1.bias``, no ``bn1.*``): ``bnlab fold`` writes the
@@ -68,8 +68,9 @@ def resnet_spec(layers=RESNET50_LAYERS, num_classes: int = 1000) -> ResNetSpec:
             out = width * EXPANSION
             ds = None
             if b == 0 and (stride != 1 or inplanes != out):
-                ds = ConvSpec(f"{name}.downsample.0", f"{name}.downsample.1", inplanes, out, 1,
-                              stride, 0)  # fmt: skip
+                ds = ConvSpec(
+                    f"{name}.downsample.0", f"{name}.downsample.1", inplanes, out, 1, stride, 0
+                )
             blocks.append(
                 BlockSpec(
                     name,
@@ -186,8 +187,10 @@ def check_state_dict(sd: dict[str, np.ndarray], spec: ResNetSpec) -> None:
     ]
     if not (missing or unexpected or wrong or bad_dtype):
         return
-    lines = ["weights do not match a bottleneck ResNet "
-             f"(layers={tuple(_layer_counts(spec))}, {spec.num_classes} classes):"]  # fmt: skip
+    lines = [
+        "weights do not match a bottleneck ResNet "
+        f"(layers={tuple(_layer_counts(spec))}, {spec.num_classes} classes):"
+    ]
     for title, items in (
         ("missing keys", missing),
         ("unexpected keys", unexpected),
