@@ -64,7 +64,7 @@ CASES = [
         ShapeError,
         ["out", "C-contiguous"],
     ),
-    ("dy-shape", lambda a: bwd(a, dy=a["dy"][:, :, :4]), ShapeError, ["dy3", "shape of x3"]),
+    ("dy-shape", lambda a: bwd(a, dy=a["dy"][:, :, :4]), ShapeError, ["dy3", "shape of x"]),
     ("rstd-size", lambda a: bwd(a, rstd=a["rstd"][:1]), ShapeError, ["(3,)"]),
     (
         "eval-dy-dtype",

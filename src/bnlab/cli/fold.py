@@ -7,23 +7,30 @@ WEIGHT_SUFFIXES = (".safetensors", ".npz")
 
 
 def add_arguments(parser) -> None:
+    from bnlab.cli._args import input_file, input_path, output_file
+
     parser.add_argument(
         "model",
         nargs="?",
+        type=input_path,
         help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
         "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
     )
-    parser.add_argument("--weights", help="the same as the positional MODEL")
+    parser.add_argument("--weights", type=input_path, help="the same as the positional MODEL")
     parser.add_argument(
         "--out",
         required=True,
+        type=output_file,
         help="the folded model: .onnx for an ONNX input, else .safetensors or .npz",
     )
     parser.add_argument(
         "--calibration",
+        type=input_file,
         help="a .npy input batch (N, C, H, W) for the certificate (default: seeded random)",
     )
-    parser.add_argument("--certificate", help="also write the certificate as JSON to this path")
+    parser.add_argument(
+        "--certificate", type=output_file, help="also write the certificate as JSON to this path"
+    )
     parser.add_argument(
         "--no-certificate", action="store_true", help="skip the float64 check (faster)"
     )

@@ -6,20 +6,32 @@ HELP = "classify images (.npy or .png) with an ONNX file, a weight file or a tra
 
 
 def add_arguments(parser) -> None:
+    from bnlab.cli._args import input_file, input_path, positive_int
+
     parser.add_argument(
         "model",
         nargs="?",
+        type=input_path,
         help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
         "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
     )
-    parser.add_argument("--weights", help="the same as the positional MODEL")
+    parser.add_argument("--weights", type=input_path, help="the same as the positional MODEL")
     parser.add_argument(
-        "--input", required=True, help="a .npy (float (N,)C,H,W; uint8 H,W,3 or N,H,W) or a .png"
+        "--input",
+        required=True,
+        type=input_file,
+        help="a .npy (float (N,)C,H,W; uint8 H,W,3 or N,H,W) or a .png",
     )
-    parser.add_argument("--topk", type=int, default=5, help="how many classes to print (default 5)")
-    parser.add_argument("--labels", help="optional text file with one class name per line")
+    parser.add_argument(
+        "--topk", type=positive_int, default=5, help="how many classes to print (default 5)"
+    )
+    parser.add_argument(
+        "--labels", type=input_file, help="optional text file with one class name per line"
+    )
     parser.add_argument("--no-fold", action="store_true", help="keep BN unfolded (for checking)")
-    parser.add_argument("--threads", type=int, help="engine threads (default: all allowed CPUs)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="engine threads (default: all allowed CPUs)"
+    )
 
 
 def model_argument(args, command: str):
@@ -46,10 +58,6 @@ def run(args) -> int:
 
     from bnlab.errors import UsageError
 
-    if args.topk < 1:
-        raise UsageError(f"--topk must be >= 1, got {args.topk}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     import bnlab.inference
     from bnlab.inference.images import read_input, softmax, to_batch, topk
 

@@ -23,6 +23,7 @@ import copy
 
 import numpy as np
 
+from bnlab.errors import DTypeError
 from bnlab.fold.certificate import FoldCertificate, PairError, error_row
 from bnlab.fold.weights import fold_conv_bn
 
@@ -118,7 +119,7 @@ def certify(model, folded, pairs, calibration) -> FoldCertificate:
     nn = _nn()
     x = np.asarray(calibration)
     if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"calibration must be a float array batch, got dtype {x.dtype}")
+        raise DTypeError(f"calibration must be a float array batch, got dtype {x.dtype}")
     model64 = copy.deepcopy(model).to(np.float64)
     mods64 = dict(model64.named_modules())
     inputs = _record_inputs(model64, [mods64[q] for q, *_ in pairs])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlab.errors import DTypeError
 from bnlab.fold.certificate import FoldCertificate, error_row
 from bnlab.fold.weights import bn_scale_shift, fold_conv_bn
 from bnlab.inference import _act
@@ -201,7 +202,7 @@ def certify(graph: Graph, folded: Graph, pairs, calibration, whole_model=None) -
 
     x = np.asarray(calibration)
     if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"calibration must be a float array batch, got dtype {x.dtype}")
+        raise DTypeError(f"calibration must be a float array batch, got dtype {x.dtype}")
     values = R.run(graph, x, np.float64, keep=True)
     by_name = {nd.name: nd for nd in graph.nodes}
     folded_by_name = {nd.name: nd for nd in folded.nodes}
