@@ -76,8 +76,12 @@ def test_explain_says_what_runs_and_why():
 
 def test_machine_facts_come_from_the_os(tmp_path):
     for index, (level, kind, size) in enumerate(
-        [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
-         (3, "Unified", "96M")]  # fmt: skip
+        [
+            (1, "Data", "48K"),
+            (1, "Instruction", "32K"),
+            (2, "Unified", "2048K"),
+            (3, "Unified", "96M"),
+        ]  # fmt: skip
     ):
         d = tmp_path / f"index{index}"
         d.mkdir()

@@ -73,6 +73,20 @@ def test_update_that_overflows_float32_buffers_is_refused_untouched(policy):
         with pytest.raises(NonFiniteError, match="overflows the buffers' dtype"):
             update_running_stats(*args, blend=blend_running)
     else:
-        with pytest.warns(NonFiniteBatchWarning, match="largest new variance 5.556e\\+38"):
+        with pytest.warns(
+            NonFiniteBatchWarning, match="new running_var up to 5.556e\\+38 does not fit float32"
+        ):
             assert update_running_stats(*args, blend=blend_running) is False
     assert np.all(rm == 0) and np.all(rv == 1) and int(tracked) == 7
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+def test_buffer_already_non_finite_is_named_not_called_an_overflow(buffer):
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    (rm if buffer == "running_mean" else rv)[1] = np.inf
+    before = rm.copy(), rv.copy()
+    args = (rm, rv, np.zeros(3), np.ones(3), 10, 0.5, get_convention("pytorch"), None, "raise")
+    with pytest.raises(NonFiniteError, match=f"{buffer} already holds NaN or Inf"):
+        update_running_stats(*args, blend=blend_running)
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])

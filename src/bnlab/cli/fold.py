@@ -7,16 +7,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".npz")
 
 
 def add_arguments(parser) -> None:
-    from bnlab.cli._args import input_file, input_path, output_file
+    from bnlab.cli._args import input_file, output_file
 
     parser.add_argument(
         "model",
         nargs="?",
-        type=input_path,
         help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
         "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
     )
-    parser.add_argument("--weights", type=input_path, help="the same as the positional MODEL")
+    parser.add_argument("--weights", help="the same as the positional MODEL")
     parser.add_argument(
         "--out",
         required=True,

@@ -6,16 +6,15 @@ HELP = "classify images (.npy or .png) with an ONNX file, a weight file or a tra
 
 
 def add_arguments(parser) -> None:
-    from bnlab.cli._args import input_file, input_path, positive_int
+    from bnlab.cli._args import input_file, positive_int
 
     parser.add_argument(
         "model",
         nargs="?",
-        type=input_path,
         help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
         "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
     )
-    parser.add_argument("--weights", type=input_path, help="the same as the positional MODEL")
+    parser.add_argument("--weights", help="the same as the positional MODEL")
     parser.add_argument(
         "--input",
         required=True,
@@ -35,9 +34,11 @@ def add_arguments(parser) -> None:
 
 
 def model_argument(args, command: str):
-    """The model path of ``bnlab infer``/``bnlab fold``: positional or --weights, not both."""
-    from pathlib import Path
+    """The model path of ``bnlab infer``/``bnlab fold``: positional or --weights, not both; an
+    existing file or folder (not a FIFO or a device)."""
+    from argparse import ArgumentTypeError
 
+    from bnlab.cli._args import input_path
     from bnlab.errors import UsageError
 
     if args.model and args.weights and args.model != args.weights:
@@ -47,18 +48,17 @@ def model_argument(args, command: str):
         raise UsageError(
             f"bnlab {command} needs a model: an .onnx file, a run folder or a weight file"
         )
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    return path
+    try:  # checked after the images, whose errors do not depend on the model
+        return input_path(str(source))
+    except ArgumentTypeError as err:
+        raise UsageError(str(err)) from None
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from bnlab.errors import UsageError
-
     import bnlab.inference
+    from bnlab.errors import UsageError
     from bnlab.inference.images import read_input, softmax, to_batch, topk
 
     raw = read_input(args.input)  # the input first: its errors do not depend on the model

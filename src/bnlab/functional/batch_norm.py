@@ -159,12 +159,14 @@ def batch_norm_forward(
         training: normalize with the batch statistics (True) or the running ones (False).
         running_mean, running_var: (C,) buffers. Training: updated in place when given.
             Inference: required.
-        momentum: in the *convention's* meaning (pytorch: weight of the new batch, default 0.1;
-            keras/flax/cs231n/d2l: weight of the old value). ``"preset"`` (default) takes the
+        momentum: in the *convention's* meaning (pytorch, d2l-1.0: weight of the new batch,
+            default 0.1; keras/flax: weight of the old value, 0.99; cs231n, d2l-0.17 (alias d2l):
+            weight of the old value, 0.9). ``"preset"`` (default) takes the
             convention's default; ``None`` is the cumulative moving average, which needs
             ``num_batches_tracked``.
         eps: added to the variance inside the square root.
-        convention: ``pytorch`` | ``keras`` | ``flax`` | ``cs231n`` | ``d2l``.
+        convention: ``pytorch`` | ``keras`` | ``flax`` | ``cs231n`` | ``d2l-0.17`` (= ``d2l``) |
+            ``d2l-1.0`` (see ``docs/conventions.md``).
         num_batches_tracked: optional 0-d integer array, incremented in place per training update.
         on_nonfinite: a training batch with NaN/Inf never reaches the buffers; ``"warn"`` (default)
             warns and returns the (non-finite) output, ``"raise"`` raises NonFiniteError.

@@ -113,13 +113,28 @@ def _blend_numpy(running_mean, running_var, batch_mean, batch_var, w, count, unb
 
 
 def _refuse_overflow(running_mean, running_var, batch_mean, batch_var, w, count, unbiased, policy):
-    _, new_var = _new_values(running_mean, running_var, batch_mean, batch_var, w, count, unbiased)
-    msg = (
-        "the running-statistics update overflows the buffers' dtype "
-        f"({running_mean.dtype}/{running_var.dtype}; "
-        f"largest new variance {new_var.max():.4g}): "
-        "the running statistics were left unchanged; keep buffers in float32"
-    )
+    new = _new_values(running_mean, running_var, batch_mean, batch_var, w, count, unbiased)
+    msg = _overflow_message((running_mean, running_var), new)
     if policy == "raise":
         raise NonFiniteError(msg)
     warnings.warn(msg, NonFiniteBatchWarning, stacklevel=4)
+
+
+def _overflow_message(buffers, new_values) -> str:
+    """Why an update was refused: a buffer that already holds NaN/Inf, or which new value
+    does not fit its buffer's dtype (with its largest magnitude)."""
+    unchanged = "the running statistics were left unchanged"
+    names = ("running_mean", "running_var")
+    for name, buf in zip(names, buffers, strict=True):
+        if not np.isfinite(buf).all():
+            return f"{name} already holds NaN or Inf: {unchanged}; reset or reload the buffers"
+    for name, buf, new in zip(names, buffers, new_values, strict=True):
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(new.astype(buf.dtype))
+        if not fits.all():
+            return (
+                f"the running-statistics update overflows the buffers' dtype: new {name} up "
+                f"to {np.abs(new).max():.4g} does not fit {buf.dtype}; {unchanged}; "
+                "keep buffers in float32"
+            )
+    return f"the running-statistics update is not finite: {unchanged}"

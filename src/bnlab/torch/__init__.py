@@ -3,8 +3,12 @@
 Optional: ``import bnlab`` never imports torch; only ``import bnlab.torch`` does.
 
 =========================== =====================================================================
-``batch_norm``, ``BatchNorm``  d2l's from-scratch function and module, with an explicit ``training``
-                             flag and the moving statistics registered as buffers
+``batch_norm``, ``BatchNorm``  d2l's from-scratch function (d2l's positional signature; its
+                             momentum is the weight of the old value, 0.9) and module, with a
+                             ``training=`` flag (d2l's ``torch.is_grad_enabled()`` guess, with a
+                             one-time warning, when it is not given) and the moving statistics
+                             registered as buffers
+``batch_norm_v1``            the same for d2l 1.0's text (momentum = weight of the new batch, 0.1)
 ``BatchNorm1d/2d/3d``        drop-in ``torch.nn.BatchNorm1d/2d/3d`` whose math is bnlab's kernels
 ``convert`` / ``revert``     swap every ``nn.BatchNorm1d/2d/3d`` of a model for bnlab's and back
 ``SyncBatchNorm``            batch statistics over a ``torch.distributed`` group (gloo on CPU)
@@ -36,7 +40,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
 
 from bnlab.buffers import empty_buffer_cache, set_buffer_cache_limit
 from bnlab.torch import dispatch, functional, ops
-from bnlab.torch.d2l import BatchNorm, batch_norm
+from bnlab.torch.d2l import BatchNorm, batch_norm, batch_norm_v1
 from bnlab.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
 from bnlab.torch.sync import SyncBatchNorm, convert_sync_batchnorm
@@ -50,6 +54,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "SyncBatchNorm",
     "batch_norm",
+    "batch_norm_v1",
     "convert",
     "convert_sync_batchnorm",
     "dispatch",
