@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BNLAB := $(VENV)/bin/bnlab
 STAMP := $(VENV)/.bnlab-installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup data demo test check experiments reliability bench lint clean
 
