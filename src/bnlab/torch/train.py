@@ -39,7 +39,7 @@ from bnlab.errors import TrainingDiverged, UsageError
 from bnlab.runs import RunFolder, check_mode, data_mismatch, resume_error
 from bnlab.torch.models import lenet_bn
 from bnlab.torch.sync import convert_sync_batchnorm
-from bnlab.train import (
+from bnlab.train_common import (
     Splits,
     TrainConfig,
     announce_dropped,
