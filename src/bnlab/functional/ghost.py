@@ -48,15 +48,17 @@ from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
 from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import Layout, check_input
-from bnlab.functional.batch_norm import (
+from bnlab.functional._bn_args import (
     PRESET,
-    BatchNormCache,
-    batch_norm_backward,
-    batch_norm_forward,
     check_cumulative_counter,
     check_running_buffers,
     resolve_momentum,
+)
+from bnlab.functional._layout import Layout, check_input
+from bnlab.functional.batch_norm import (
+    BatchNormCache,
+    batch_norm_backward,
+    batch_norm_forward,
 )
 from bnlab.functional.running import batch_is_finite, update_running_stats
 from bnlab.functional.stats import reduction_size
