@@ -8,14 +8,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".npz")
 
 def add_arguments(parser) -> None:
     from bnlab.cli._args import input_file, output_file
+    from bnlab.cli._model import add_model_arguments
 
-    parser.add_argument(
-        "model",
-        nargs="?",
-        help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
-        "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
-    )
-    parser.add_argument("--weights", help="the same as the positional MODEL")
+    add_model_arguments(parser)
     parser.add_argument(
         "--out",
         required=True,
@@ -38,7 +33,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from bnlab.cli.infer import model_argument
+    from bnlab.cli._model import model_argument
     from bnlab.errors import UsageError
 
     src = Path(args.model or args.weights or "")

@@ -7,14 +7,9 @@ HELP = "classify images (.npy or .png) with an ONNX file, a weight file or a tra
 
 def add_arguments(parser) -> None:
     from bnlab.cli._args import input_file, positive_int
+    from bnlab.cli._model import add_model_arguments
 
-    parser.add_argument(
-        "model",
-        nargs="?",
-        help="an .onnx file, a training run folder (or its checkpoint), or a weight file "
-        "(.safetensors/.npz/.pt) of a bottleneck ResNet or LeNet(-BN)",
-    )
-    parser.add_argument("--weights", help="the same as the positional MODEL")
+    add_model_arguments(parser)
     parser.add_argument(
         "--input",
         required=True,
@@ -33,31 +28,11 @@ def add_arguments(parser) -> None:
     )
 
 
-def model_argument(args, command: str):
-    """The model path of ``bnlab infer``/``bnlab fold``: positional or --weights, not both; an
-    existing file or folder (not a FIFO or a device)."""
-    from argparse import ArgumentTypeError
-
-    from bnlab.cli._args import input_path
-    from bnlab.errors import UsageError
-
-    if args.model and args.weights and args.model != args.weights:
-        raise UsageError(f"give the model once: {args.model!r} and --weights {args.weights!r}")
-    source = args.model or args.weights
-    if not source:
-        raise UsageError(
-            f"bnlab {command} needs a model: an .onnx file, a run folder or a weight file"
-        )
-    try:  # checked after the images, whose errors do not depend on the model
-        return input_path(str(source))
-    except ArgumentTypeError as err:
-        raise UsageError(str(err)) from None
-
-
 def run(args) -> int:
     from pathlib import Path
 
     import bnlab.inference
+    from bnlab.cli._model import model_argument
     from bnlab.errors import UsageError
     from bnlab.inference.images import read_input, softmax, to_batch, topk
 

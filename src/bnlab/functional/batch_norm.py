@@ -23,6 +23,14 @@ from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
 from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
+from bnlab.functional._bn_args import (
+    PRESET,
+    check_cumulative_counter,
+    check_running_buffers,
+    check_training_batch,
+    per_channel_count,
+    resolve_momentum,
+)
 from bnlab.functional._layout import Layout, check_input
 from bnlab.functional.running import batch_is_finite, report_nonfinite, update_running_stats
 from bnlab.functional.stats import (
@@ -30,11 +38,8 @@ from bnlab.functional.stats import (
     inverse_std,
     normalize,
     normalize_backward,
-    reduction_size,
     standardize,
 )
-
-PRESET = "preset"  # momentum=PRESET: use the convention's own default momentum
 
 
 @dataclass
@@ -57,51 +62,6 @@ class BatchNormCache:
     @property
     def input_dtype(self) -> np.dtype:
         return self.x.dtype if self.dtype is None else self.dtype
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _per_channel_count(x: np.ndarray, lay: Layout) -> int:
-    return reduction_size(x.shape, lay.reduce_axes)
-
-
-def resolve_momentum(momentum, conv) -> float | None:
-    """``momentum="preset"`` becomes the convention's default; then a float in [0, 1] or None."""
-    if isinstance(momentum, str) and momentum == PRESET:
-        momentum = conv.momentum
-    return v.check_momentum(momentum)
-
-
-def check_running_buffers(running_mean, running_var, num_batches_tracked, c: int, training: bool):
-    """The running-statistics arguments shared by batch norm, Ghost BN and Batch Renorm: (C,)
-    float buffers, given together, writable when training; an optional 0-d integer counter."""
-    v.check_vector(running_mean, "running_mean", c, writable=training)
-    v.check_vector(running_var, "running_var", c, writable=training)
-    v.check_counter(num_batches_tracked)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
-
-
-def check_cumulative_counter(momentum, num_batches_tracked, tracking: bool) -> None:
-    """momentum=None (cumulative average) weighs the k-th batch 1/k: it needs the counter."""
-    if tracking and momentum is None and num_batches_tracked is None:
-        raise ValueError(
-            "momentum=None (cumulative moving average) needs num_batches_tracked, "
-            "a 0-d integer array counting the batches"
-        )
-
-
-def check_training_batch(x: np.ndarray, lay: Layout) -> int:
-    m = _per_channel_count(x, lay)
-    if m == 0:
-        raise ShapeError(f"x must not be empty when training, got shape {x.shape}")
-    if m == 1:
-        raise ShapeError(
-            f"Expected more than 1 value per channel when training, got input of shape {x.shape} "
-            f"(layout {lay.name!r}): batch statistics of a single value are undefined"
-        )
-    return m
 
 
 def _affine_vectors(gamma, beta, c: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -344,7 +304,7 @@ def batch_norm_backward_graph(dout: np.ndarray, cache: BatchNormCache):
         return batch_norm_backward(dout, cache)
     lay = cache.layout
     axes = lay.reduce_axes
-    m = _per_channel_count(cache.x, lay)
+    m = per_channel_count(cache.x, lay)
     acc = cache.mean.dtype
     x = _kept_x(cache).astype(acc, copy=False)
     d = dout.astype(acc, copy=False)

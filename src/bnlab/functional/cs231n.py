@@ -185,11 +185,17 @@ def _bn_backward(dout, cache, graph: bool, forward: str):
         dx = np.zeros(cache.shape, np.result_type(d.dtype, aff.dtype))
         return (dx, *affine_grads(d, cache.xhat, aff, flat))
     backward = batch_norm_backward_graph if graph else batch_norm_backward
+    return _backward_through_affine(backward, d, cache.bn, cache.xhat, aff, flat)
+
+
+def _backward_through_affine(backward, d, norm_cache, xhat, aff: Affine, flat: bool):
+    """(dx, dγ, dβ) of γ·x̂ + β: a per-channel γ goes through the norm's own ``backward``; any
+    other shape of γ scales ``d`` first and takes its gradients from x̂."""
     if aff.per_channel:
-        dx, dg, db = backward(d, cache.bn)
+        dx, dg, db = backward(d, norm_cache)
         return dx, as_given(dg, aff.gamma_shape, flat), as_given(db, aff.beta_shape, flat)
-    dx = backward(d * aff.gamma_b, cache.bn)[0]
-    return (dx, *affine_grads(d, cache.xhat, aff, flat))
+    dx = backward(d * aff.gamma_b, norm_cache)[0]
+    return (dx, *affine_grads(d, xhat, aff, flat))
 
 
 def batchnorm_forward(x, gamma, beta, bn_param):
@@ -252,12 +258,7 @@ def _norm_backward(dout, cache, kind: str, backward, flat: bool):
     if cache.kind != kind:
         raise TypeError(f"cache must be the cache returned by {kind}_forward, got {cache.kind}'s")
     d = float_dout(dout, cache.shape)
-    aff = cache.affine
-    if aff.per_channel:
-        dx, dg, db = backward(d, cache.norm)
-        return dx, as_given(dg, aff.gamma_shape, flat), as_given(db, aff.beta_shape, flat)
-    dx = backward(d * aff.gamma_b, cache.norm)[0]
-    return (dx, *affine_grads(d, cache.xhat, aff, flat))
+    return _backward_through_affine(backward, d, cache.norm, cache.xhat, cache.affine, flat)
 
 
 def layernorm_forward(x, gamma, beta, ln_param):

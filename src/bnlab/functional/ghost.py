@@ -48,15 +48,17 @@ from bnlab.conventions import get_convention
 from bnlab.errors import ShapeError
 from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import Layout, check_input
-from bnlab.functional.batch_norm import (
+from bnlab.functional._bn_args import (
     PRESET,
-    BatchNormCache,
-    batch_norm_backward,
-    batch_norm_forward,
     check_cumulative_counter,
     check_running_buffers,
     resolve_momentum,
+)
+from bnlab.functional._layout import Layout, check_input
+from bnlab.functional.batch_norm import (
+    BatchNormCache,
+    batch_norm_backward,
+    batch_norm_forward,
 )
 from bnlab.functional.running import batch_is_finite, update_running_stats
 from bnlab.functional.stats import reduction_size
@@ -64,7 +66,9 @@ from bnlab.functional.stats import reduction_size
 __all__ = [
     "RUNNING_UPDATES",
     "GhostCache",
+    "check_ghost_options",
     "check_virtual_batch_size",
+    "ghost_options_repr",
     "ghost_batch_norm_backward",
     "ghost_batch_norm_forward",
     "training_slices",
@@ -93,6 +97,16 @@ def check_running_update(running_update) -> str:
     if running_update not in RUNNING_UPDATES:
         raise ValueError(f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}")
     return running_update
+
+
+def check_ghost_options(virtual_batch_size, running_update) -> tuple[int, str]:
+    """What Ghost BN adds to batch norm's arguments, checked in this order (forward and modules)."""
+    return check_virtual_batch_size(virtual_batch_size), check_running_update(running_update)
+
+
+def ghost_options_repr(virtual_batch_size: int, running_update: str) -> str:
+    """The part of a Ghost BN module's repr that batch norm's lacks (NumPy and torch modules)."""
+    return f"virtual_batch_size={virtual_batch_size}, running_update={running_update!r}"
 
 
 def virtual_batches(n: int, virtual_batch_size: int) -> list[slice]:
@@ -201,8 +215,7 @@ def ghost_batch_norm_forward(
     """
     lay = check_input(x, layout)
     training = v.check_training(training)
-    vbs = check_virtual_batch_size(virtual_batch_size)
-    check_running_update(running_update)
+    vbs, running_update = check_ghost_options(virtual_batch_size, running_update)
     conv = get_convention(convention)
     momentum = resolve_momentum(momentum, conv)
     c = x.shape[lay.channel_axis]

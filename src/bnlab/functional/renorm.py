@@ -44,16 +44,18 @@ import numpy as np
 from bnlab.conventions import get_convention
 from bnlab.functional import _dispatch
 from bnlab.functional import _validate as v
-from bnlab.functional._layout import Layout, check_input
-from bnlab.functional.batch_norm import (
+from bnlab.functional._bn_args import (
     PRESET,
-    BatchNormCache,
-    batch_norm_backward,
-    batch_norm_forward,
     check_cumulative_counter,
     check_running_buffers,
     check_training_batch,
     resolve_momentum,
+)
+from bnlab.functional._layout import Layout, check_input
+from bnlab.functional.batch_norm import (
+    BatchNormCache,
+    batch_norm_backward,
+    batch_norm_forward,
 )
 from bnlab.functional.running import batch_is_finite, report_nonfinite, update_running_stats
 from bnlab.functional.stats import moments

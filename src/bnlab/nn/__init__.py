@@ -4,8 +4,9 @@
     net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Sigmoid(), nn.AvgPool2d(2, 2))
     y = net(x); dx = net.backward(dy)   # dparams land in p.grad
 
-Files: ``module`` (Parameter, Module, Sequential, no_grad), ``conv``, ``linear`` (Linear, Flatten,
-Identity), ``norm`` (BatchNorm1d/2d, LayerNorm, GroupNorm), ``activation``, ``pooling``, ``loss``.
+Files: ``module`` (Module, Sequential, no_grad), ``parameter``, ``conv``, ``linear`` (Linear,
+Flatten, Identity), ``norm`` (BatchNorm1d/2d, LayerNorm, GroupNorm), ``activation``, ``pooling``,
+``loss``.
 """
 
 from bnlab.nn.activation import ReLU, Sigmoid

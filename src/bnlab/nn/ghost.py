@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from bnlab.functional.ghost import (
-    check_running_update,
-    check_virtual_batch_size,
+    check_ghost_options,
     ghost_batch_norm_backward,
     ghost_batch_norm_forward,
+    ghost_options_repr,
 )
 from bnlab.nn._util import check_x
 from bnlab.nn.norm import BatchNorm1d, BatchNorm2d, _accumulate_affine
@@ -41,8 +41,7 @@ class _GhostMixin:
         dtype=np.float32,
         backend: str | None = None,
     ):
-        vbs = check_virtual_batch_size(virtual_batch_size)
-        check_running_update(running_update)
+        vbs, running_update = check_ghost_options(virtual_batch_size, running_update)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats,
             layout=layout, dtype=dtype, backend=backend,
@@ -51,10 +50,8 @@ class _GhostMixin:
         self.running_update = running_update
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
-            f"running_update={self.running_update!r}"
-        )
+        ghost = ghost_options_repr(self.virtual_batch_size, self.running_update)
+        return f"{super().extra_repr()}, {ghost}"
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         check_x(x, tuple(self._layouts), type(self).__name__, self._expected)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import numpy as np
 
 from bnlab.errors import DTypeError, ShapeError, StateDictError
+from bnlab.nn._state_dict import IncompatibleKeys, as_numpy, state_problem
+from bnlab.nn.parameter import Parameter
+
+__all__ = ["IncompatibleKeys", "Module", "Parameter", "Sequential", "no_grad"]
 
 _GRAD = {"enabled": True}
 
@@ -34,70 +37,6 @@ def no_grad():
         yield
     finally:
         _GRAD["enabled"] = old
-
-
-class Parameter:
-    """A learnable array: ``.data`` (ndarray) and ``.grad`` (ndarray of the same shape, or None)."""
-
-    __slots__ = ("data", "grad", "requires_grad")
-
-    def __init__(self, data: np.ndarray, requires_grad: bool = True):
-        if not isinstance(data, np.ndarray):
-            raise DTypeError(f"Parameter data must be a numpy.ndarray, got {type(data).__name__}")
-        self.data = data
-        self.grad: np.ndarray | None = None
-        self.requires_grad = bool(requires_grad)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.data.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.data.dtype
-
-    def accumulate(self, g: np.ndarray) -> None:
-        """``grad += g`` (or ``grad = g`` when there is none yet), in the parameter's dtype."""
-        if not self.requires_grad:
-            return
-        if self.grad is None:
-            self.grad = np.array(g, dtype=self.data.dtype, copy=True).reshape(self.data.shape)
-        else:
-            self.grad += g.reshape(self.data.shape)
-
-    def __repr__(self) -> str:
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
-
-
-def _state_problem(value: np.ndarray, slot: np.ndarray, finite: bool = True) -> str | None:
-    """Shape, kind and (``finite``) finiteness of a loaded value against the slot it goes into:
-    float slots take floats only (integers would be cast silently), integer slots integers."""
-    if value.shape != slot.shape:
-        return f"expected shape {slot.shape}, got {value.shape}"
-    if slot.dtype.kind == "f":
-        if value.dtype.kind != "f":
-            return f"expected a floating-point array, got dtype {value.dtype}"
-        if finite and not np.isfinite(value).all():
-            return "contains NaN or Inf"
-    elif value.dtype.kind not in "iu":
-        return f"expected an integer array, got dtype {value.dtype}"
-    return None
-
-
-class IncompatibleKeys(NamedTuple):
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-def _as_numpy(value, key: str) -> np.ndarray:
-    """Accept ndarrays and anything with ``.detach().cpu().numpy()`` (a torch tensor)."""
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        return value.detach().cpu().numpy()
-    if isinstance(value, (int, float, np.number)):
-        return np.asarray(value)
-    raise DTypeError(f"state_dict[{key!r}] must be a numpy array, got {type(value).__name__}")
 
 
 class Module:
@@ -327,8 +266,8 @@ class Module:
         for key, (mod, name, arr) in slots.items():
             if key not in state_dict:
                 continue
-            val = _as_numpy(state_dict[key], key)
-            problem = _state_problem(val, arr, check_values) or (
+            val = as_numpy(state_dict[key], key)
+            problem = state_problem(val, arr, check_values) or (
                 check_values and mod._state_value_problem(name, val)
             )
             if problem:

@@ -33,8 +33,6 @@ from torch import nn
 from bnlab.conventions import get_convention, momentum_lookalike
 from bnlab.errors import NonFiniteBatchWarning, ShapeError
 
-D2L_MOMENTUM = 0.9  # the default of the "d2l" preset (d2l-0.17): weight of the old moving value
-
 
 class GradModeWarning(UserWarning):
     """batch_norm was called without ``training=``: the mode follows torch.is_grad_enabled()."""

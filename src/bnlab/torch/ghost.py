@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from bnlab.functional.ghost import (
-    check_running_update,
-    check_virtual_batch_size,
+    check_ghost_options,
+    ghost_options_repr,
     training_slices,
     update_ghost_running_stats,
 )
@@ -45,17 +45,14 @@ class _GhostMixin:
         *,
         running_update: str = "mean",
     ):
-        vbs = check_virtual_batch_size(virtual_batch_size)
-        check_running_update(running_update)
+        vbs, running_update = check_ghost_options(virtual_batch_size, running_update)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = vbs
         self.running_update = running_update
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
-            f"running_update={self.running_update!r}"
-        )
+        ghost = ghost_options_repr(self.virtual_batch_size, self.running_update)
+        return f"{super().extra_repr()}, {ghost}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
