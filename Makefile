@@ -38,10 +38,7 @@ reliability: setup
 
 bench: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) benchmarks/bench_norm.py
-	$(PY) benchmarks/bench_torch.py
-	$(PY) benchmarks/bench_lenet.py
-	$(PY) benchmarks/bench_resnet50.py
+	PY=$(PY) bash benchmarks/run_all.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -147,6 +147,9 @@ def make_peers(model, path: Path, threads: int, with_compile: bool) -> tuple[dic
     peers["PyTorch eager"] = eager
     if with_compile:
         try:
+            # torchvision's ResNets share one forward: without a reset their recompiles add up to
+            # dynamo's cache limit and later models silently run eagerly
+            torch._dynamo.reset()
             compiled = torch.compile(model)
 
             def comp(x):

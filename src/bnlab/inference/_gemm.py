@@ -39,7 +39,6 @@ from bnlab.inference._pool import (
     MIN_ITEM_FLOPS,
     WorkPool,
     default_threads,
-    host_has_avx512,
     n_items,
     shared_pool,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "epilogue_rows",
     "gemm_reference",
     "gemm_tile_range",
-    "host_has_avx512",
     "pack_panels",
     "shared_pool",
     "work_items",

@@ -98,7 +98,6 @@ def strip_intrinsic(name: str, codegen, doc: str):
 
 STRIP_GEO = "x x_off pix_step tap_step row_step w w_off w_tap w_row rows_k kw out out_off out_step"
 STRIP_EPI = "shift scale col act pa pb"
-STRIP_ARGS = "geo npix lanes epi"  # geo and epi: tuples of the fields above
 
 
 def _strip_args(builder, signature, args):
