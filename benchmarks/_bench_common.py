@@ -37,7 +37,7 @@ def time_call(fn: Callable[[], object]) -> float:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeat: int = 7, warmup: int = 1
+    fns: dict[str, Callable[[], object]], repeat: int = 7, warmup: int = 1, gap_s: float = 0.0
 ) -> dict[str, dict]:
     """Median / min / all times (ms) of each named callable, run round-robin ``repeat`` times after
     ``warmup`` untimed rounds. The first warm-up call of each is reported as ``first_ms``.
@@ -45,7 +45,11 @@ def time_interleaved(
     Each round runs the peers in a fresh order (seeded shuffle), so no peer always follows the
     same one. (In a fixed order — or a rotated one, which keeps who-follows-whom — whoever ran
     right after a copy of x found x in cache, and whoever ran after PyTorch found the cache full
-    of PyTorch's buffers: a bias of up to 0.3 ms per call for cache-sized tensors.)"""
+    of PyTorch's buffers: a bias of up to 0.3 ms per call for cache-sized tensors.)
+
+    ``gap_s``: a pause before each timed call, so that the threads a peer leaves polling for
+    work after its call (bnlab's engine, ONNX Runtime, OpenMP) are asleep again and do not take
+    a core from the next peer."""
     first = {name: time_call(fn) for name, fn in fns.items()}
     for _ in range(warmup - 1):
         for fn in fns.values():
@@ -55,6 +59,8 @@ def time_interleaved(
     runs: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in order.sample(items, len(items)):
+            if gap_s:
+                time.sleep(gap_s)
             runs[name].append(time_call(fn))
     return {
         name: {

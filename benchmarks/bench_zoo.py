@@ -204,6 +204,7 @@ def run_model(name: str, args, peaks: dict, tmp: Path) -> list[dict]:
                 {k: (lambda f=f, x=x: f(x)) for k, f in peers.items()},
                 repeat=args.repeats,
                 warmup=2,
+                gap_s=0.02,  # every peer's idle threads asleep before the next peer runs
             )
             row = {
                 "model": name,
