@@ -430,7 +430,7 @@ def check_targets(rows, best: bool = False, ratios: dict | None = None) -> list[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
     p.add_argument("--repeat", type=int, default=15, help="interleaved rounds per measurement")
     p.add_argument("--numpy-repeat", type=int, default=3, help="rounds for the slow reference")

@@ -12,7 +12,6 @@ found by the suite (listed with its reason); it counts as tried, not passed. Exi
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import subprocess
@@ -103,9 +102,8 @@ def provenance(seconds: float) -> str:
         ).stdout.strip()
     except OSError:
         commit = "unknown"
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"Generated {when} at commit `{commit}` by `python tests/reliability/report.py` "
+        f"Generated at commit `{commit}` by `python tests/reliability/report.py` "
         f"(Python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"suite ran in {seconds:.0f} s)."
     )
