@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,25 +104,6 @@ def flops_per_image(graph, size: int) -> float:
 # --------------------------------------------------------------------------- peers
 
 
-def export_onnx(model, size: int, path: Path) -> None:
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, size, size),),
-            str(path),
-            dynamo=False,
-            input_names=["x"],
-            output_names=["logits"],
-            opset_version=17,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
-        )
-
-
 def make_peers(model, path: Path, threads: int, with_compile: bool) -> tuple[dict, dict]:
     """(name -> predict(x) callable, name -> why it is missing)."""
     import onnxruntime as ort
@@ -185,11 +165,11 @@ def check(peers: dict, x: np.ndarray) -> dict[str, float]:
 
 
 def run_model(name: str, args, peaks: dict, tmp: Path) -> list[dict]:
-    from zoo import build
+    from zoo import build, export_onnx
 
     model = build(name)
     path = tmp / f"{name}.onnx"
-    export_onnx(model, args.size, path)
+    export_onnx(model, path, args.size)
     rows = []
     for threads in args.threads:
         peers, missing = make_peers(model, path, threads, not args.no_compile)

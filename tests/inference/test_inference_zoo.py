@@ -9,11 +9,9 @@ engine, not rounding amplified through 100 random layers.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
-from zoo import ZOO, build, torchvision_models
+from zoo import ZOO, build, export_onnx, torchvision_models
 
 import bnlab.inference
 
@@ -69,23 +67,6 @@ def test_network_from_torch_matches_pytorch(models, name):
         assert "se_gemm 1x1" in labels
     if name.startswith("resnext"):
         assert "strip_conv 3x3" in labels  # the grouped kernel, no block-diagonal GEMM
-
-
-def export_onnx(model, path, size):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, size, size),),
-            str(path),
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y"],
-            opset_version=17,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            dynamic_axes={"x": {0: "N"}},
-        )
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -103,3 +103,26 @@ def build(name: str, seed: int = 0, calibration_size: int = 64):
             m.running_mean.add_(torch.randn(c, generator=g) * 0.1 * m.running_var.sqrt())
             m.running_var.mul_(torch.rand(c, generator=g) * 0.4 + 0.8)
     return model.eval()
+
+
+def export_onnx(model, path, size: int) -> None:
+    """``model`` as an ONNX file (opset 17, BN kept as BatchNormalization, batch size dynamic),
+    the file the tests and ``benchmarks/bench_zoo.py`` give to bnlab and ONNX Runtime alike."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["logits"],
+            opset_version=17,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
+        )
