@@ -45,8 +45,6 @@ def run(args) -> int:
     src = model_argument(args, "fold")
     if out.exists() and out.resolve() == src.resolve():
         raise UsageError("--out must differ from the model (the input is never overwritten)")
-    for path in filter(None, (out, args.certificate and Path(args.certificate))):
-        check_writable(path)
     if args.no_certificate and args.calibration:
         raise UsageError("--calibration and --no-certificate contradict each other")
     calibration = None if args.calibration is None else read_calibration(Path(args.calibration))
@@ -62,22 +60,6 @@ def run(args) -> int:
 
             atomic_write_json(args.certificate, cert.to_dict())
     return 0
-
-
-def check_writable(path) -> None:
-    """A path a file can be written to (atomically, next to it): its folder exists and is
-    writable, and it is not a folder itself."""
-    import os
-
-    from bnlab.errors import UsageError
-
-    folder = path.parent
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder, not a file to write")
-    if not folder.is_dir():
-        raise UsageError(f"{path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: the folder {folder} is not writable")
 
 
 def read_calibration(path):
